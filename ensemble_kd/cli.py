@@ -1,0 +1,144 @@
+"""`ensemble-kd run | clusters | export | predict | report`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+EPILOG = "Run a command with --help for its options. Docs: README.md; run directory layout: artifacts/README.md."
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from .pipeline import STAGES
+
+    parser.add_argument("--config", type=Path, help="TOML config (see pipelines/configs/); defaults are for digits")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set generalist.train.epochs=5 (repeatable)")
+    parser.add_argument("--out", type=Path, help="run directory (default artifacts/<data>-seed<seed>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out, reusing finished work")
+    parser.add_argument("--overwrite", action="store_true", help="delete what --out holds and start again")
+    parser.add_argument("--until", choices=STAGES, default=STAGES[-1],
+                        help="stop after this stage (e.g. clusters, to inspect them before training specialists)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ensemble-kd", epilog=EPILOG, description=(
+        "Train a generalist, cluster the classes it confuses, train a specialist per cluster, combine them, "
+        "and distil the ensemble into one compact exported student."))
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline (all stages, or --until a stage)")
+    _add_run_arguments(run)
+    clusters = commands.add_parser("clusters", help="show a run's clusters and write confusion.png")
+    clusters.add_argument("run_dir", type=Path)
+    clusters.add_argument("--json", action="store_true", help="print clusters.json instead of the table")
+    export = commands.add_parser("export", help="export a run's student")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", default="torchscript,onnx,state_dict",
+                        help="comma-separated: torchscript, export, onnx, state_dict")
+    export.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
+    predict = commands.add_parser("predict", help="top-k classes of image files or a .npy batch")
+    predict.add_argument("model", type=Path, help="an exported student file, or an export folder")
+    predict.add_argument("files", type=Path, nargs="+", help="image files (PNG, JPEG, ...) or .npy batches")
+    predict.add_argument("--top-k", type=int, default=3, help="how many classes to show per input")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    report = commands.add_parser("report", help="print a run's report table (and rewrite report.md)")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline, start_run
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
+    run_dir = start_run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    logging.getLogger(__name__).info("run directory: %s", run_dir)
+    report = run_pipeline(cfg, run_dir, until=args.until, progress=not args.quiet)
+    if args.until == "clusters":
+        cmd_clusters(argparse.Namespace(run_dir=run_dir, json=False))
+        print(f"\nInspect the clusters, then continue with: ensemble-kd run --out {run_dir} --resume "
+              "[--set clusters.k=...]")
+    exports = report.get("exports", {}).get("formats", {})
+    if exports:
+        print("\nexported student:")
+        for fmt, entry in exports.items():
+            print(f"  {fmt:12s} {entry['path']}")
+    print(f"\nreport: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from .confusion import show_clusters
+
+    text, heatmap = show_clusters(args.run_dir, as_json=args.json)
+    print(text)
+    if not args.json:
+        print(f"\nheatmap: {heatmap}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_from_run_dir
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    result = export_from_run_dir(args.run_dir, formats, args.out)
+    for fmt, entry in result["formats"].items():
+        print(f"{fmt:12s} {entry['path']}  ({entry['bytes']:,} bytes, max |diff| vs eager {entry['max_abs_diff']:.2e})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import format_predictions, predict_files
+
+    results = predict_files(args.model, args.files, top_k=args.top_k)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import artifacts
+    from .report import format_table, write_report
+
+    report = artifacts.read_json(Path(args.run_dir) / artifacts.REPORT_JSON)
+    write_report(args.run_dir, report)
+    print(format_table(report))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "clusters": cmd_clusters, "export": cmd_export, "predict": cmd_predict,
+            "report": cmd_report}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .artifacts import ArtifactError
+    from .confusion import ClusterError
+    from .data import DataError
+    from .export import ExportError, InputError
+    from .specialists import SpecialistError
+    from .train import NonFiniteLossError
+
+    return (ConfigError, ArtifactError, ClusterError, DataError, ExportError, InputError, SpecialistError,
+            NonFiniteLossError, FileNotFoundError, ImportError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished work is saved: rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

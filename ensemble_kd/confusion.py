@@ -1,0 +1,533 @@
+"""Confusability: which classes the generalist mixes up, grouped into clusters for specialists.
+
+Stages 2 and 3 of DESIGN.md. From the generalist's predictions on held-out data we build
+a C x C matrix (`hard_confusion`, `soft_confusion` or Hinton's label-free
+`prediction_covariance`), turn it into a symmetric non-negative affinity between classes
+(`confusability`), and let `ClassClusterer` (k-means from scikit-learn, plus a repair step
+for size limits) group the classes into k clusters of mutually confusable classes. The
+report helpers write the clusters as JSON, as a text table and as a heatmap reordered so
+the clusters sit as blocks on the diagonal.
+
+Choices worth knowing:
+
+* Covariance affinity. For probability vectors every off-diagonal covariance is pulled
+  below zero by the sum-to-one constraint: two classes the generalist never confuses still
+  co-vary at about -mu_i * mu_j (when one is predicted the other is not). Within the
+  examples of a confusable pair p_i and p_j trade mass, so they co-vary negatively there
+  too, but over *all* examples the pair is predicted together (both non-zero on the same
+  inputs) far more than a pair that is never confused, so its covariance sits *above*
+  that floor. We undo the floor without labels: v_i solving v_i (1 - v_i) = Var_i is the
+  rate class i would be predicted at if predictions were one-hot, Cov_ij + v_i v_j then
+  estimates the co-prediction E[p_i p_j], and dividing by sqrt(v_i v_j) makes it a cosine
+  between the classes' prediction columns, so frequent classes do not dominate. Soft
+  predictions make v a slight underestimate, which shifts every pair about equally, so
+  we measure each pair from the least co-predicted pair:
+  A_ij = c_ij - min_{k != l} c_kl, diagonal zero. Never-confused pairs land near 0. On
+  simulated predictions this recovered planted groups more reliably than shifted raw
+  covariances or correlations, notably with imbalanced classes and confident models.
+  Its limit: classes predicted far more sharply than the rest look a little co-predicted
+  with each other; the hard and soft matrices, which use labels, have no such bias.
+* Features for k-means. Each class is described by its row of the affinity matrix with a
+  self-loop as strong as its strongest link, normalised to sum to one (a lazy random walk
+  step). Without the self-loop the two members of a confusable pair would have disjoint
+  rows (i points at j, j at i) and k-means would split them.
+* Confusion share (for `min_confusion`): a class's row sum of the affinity divided by the
+  largest row sum, so 1.0 is the most confused class and the same threshold means the same
+  thing for all three matrix kinds.
+* Inside share: the part of a class's affinity that goes to members of its own cluster. A
+  class with no confusion at all, or one excluded from every cluster, gets 0.0, so a
+  cluster of classes the generalist never confuses does not look perfect.
+* Size limits keep k fixed (k is the number of specialists): too large clusters give away
+  their least attached classes to the cluster with room they are most attached to, too
+  small ones take the classes most attached to them from clusters that can spare one.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import textwrap
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+
+from .artifacts import write_bytes
+from .config import ClustersConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import Config
+    from .data import Splits
+
+log = logging.getLogger(__name__)
+
+MATRIX_KINDS = ("hard", "soft", "covariance")
+_DECIMALS = 6  # floats in the JSON report are rounded to this many decimals (deterministic bytes)
+
+
+class ClusterError(ValueError):
+    """The classes cannot be clustered as asked: bad inputs or limits no clustering can meet."""
+
+
+# ---------------------------------------------------------------- input checks
+
+def _check_labels(y_true: np.ndarray, num_classes: int, what: str = "y_true") -> np.ndarray:
+    labels = np.asarray(y_true)
+    if labels.ndim != 1:
+        raise ClusterError(f"{what} must be a 1-D array of class ids, got shape {labels.shape}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ClusterError(f"{what} must hold integer class ids, got dtype {labels.dtype}; "
+                           "pass labels, not probabilities or one-hot rows")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ClusterError(f"{what} must be in [0, {num_classes}); found {bad.size} labels outside, "
+                           f"e.g. {labels[bad[0]]} at index {bad[0]}; check num_classes and the label column")
+    return labels.astype(np.int64)
+
+
+def _check_probs(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 1:
+        raise ClusterError(f"probs must be a 2-D array (examples x classes), got shape {probs.shape}")
+    if not np.all(np.isfinite(probs)):
+        raise ClusterError("probs contains NaN or infinite values; check the generalist's outputs")
+    if probs.size and (probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3):
+        raise ClusterError("probs rows must be probability vectors (non-negative, summing to 1); "
+                           "apply softmax to the logits first")
+    return probs
+
+
+# ---------------------------------------------------------------- the matrices (pure functions)
+
+def _mean_rows_by_class(y_true: np.ndarray, rows: np.ndarray, num_classes: int) -> np.ndarray:
+    """Row i = mean of `rows` over the examples of class i (a zero row for a class with none)."""
+    sums = np.zeros((num_classes, rows.shape[1]))
+    np.add.at(sums, y_true, rows)
+    counts = np.bincount(y_true, minlength=num_classes).astype(np.float64)
+    return sums / np.maximum(counts, 1.0)[:, None]
+
+
+def hard_confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(i, j) = fraction of the examples of true class i predicted as j; rows sum to 1 (0 if no examples)."""
+    y_true = _check_labels(y_true, num_classes)
+    y_pred = _check_labels(y_pred, num_classes, "y_pred")
+    if y_true.shape != y_pred.shape:
+        raise ClusterError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}; pass one prediction per example")
+    return _mean_rows_by_class(y_true, np.eye(num_classes)[y_pred], num_classes)
+
+
+def soft_confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(i, j) = mean predicted probability of class j over the examples of true class i."""
+    probs = _check_probs(probs)
+    y_true = _check_labels(y_true, probs.shape[1])
+    if y_true.size != probs.shape[0]:
+        raise ClusterError(f"y_true has {y_true.size} labels but probs has {probs.shape[0]} rows; pass one row per example")
+    return _mean_rows_by_class(y_true, probs, probs.shape[1])
+
+
+def prediction_covariance(probs: np.ndarray) -> np.ndarray:
+    """Hinton's label-free matrix: covariance (ddof=1) of the predicted probability vectors, C x C."""
+    probs = _check_probs(probs)
+    if probs.shape[0] < 2:
+        raise ClusterError(f"the covariance of predictions needs at least 2 examples, got {probs.shape[0]}")
+    centred = probs - probs.mean(axis=0)
+    return centred.T @ centred / (probs.shape[0] - 1)
+
+
+def _covariance_affinity(covariance: np.ndarray) -> np.ndarray:
+    """Label-free co-prediction, measured from the least co-predicted pair (see the module docstring)."""
+    variance = np.clip(np.diag(covariance), 0.0, 0.25)
+    rate = (1.0 - np.sqrt(1.0 - 4.0 * variance)) / 2.0  # v with v (1 - v) = variance: the one-hot prediction rate
+    off_diagonal = ~np.eye(len(covariance), dtype=bool)
+    scale = np.sqrt(np.outer(rate, rate))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        co_prediction = (covariance + np.outer(rate, rate)) / scale
+    never_predicted = rate <= 1e-12  # constant predictions carry no information about confusion
+    valid = off_diagonal & ~never_predicted[:, None] & ~never_predicted[None, :]
+    floor = co_prediction[valid].min() if valid.any() else 0.0
+    co_prediction[~valid] = floor
+    return np.where(off_diagonal, co_prediction - floor, 0.0)
+
+
+def confusability(matrix: np.ndarray, kind: str) -> np.ndarray:
+    """Symmetric, non-negative class-to-class affinity with a zero diagonal, the input of clustering.
+
+    hard / soft: (M + M.T) / 2, the confusion of i as j and of j as i averaged.
+    covariance: estimated co-prediction cosine, shifted so the least co-predicted pair is 0.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ClusterError(f"a confusability matrix must be square (C x C), got shape {matrix.shape}")
+    if not np.all(np.isfinite(matrix)):
+        raise ClusterError("the confusability matrix contains NaN or infinite values; rebuild it from finite predictions")
+    if kind == "covariance":
+        affinity = _covariance_affinity(matrix)
+    elif kind in ("hard", "soft"):
+        if matrix.min() < 0:
+            raise ClusterError(f"a {kind} confusion matrix cannot have negative entries; "
+                               "did you mean kind='covariance'?")
+        affinity = (matrix + matrix.T) / 2
+    else:
+        raise ClusterError(f"matrix kind {kind!r} is not one of {', '.join(MATRIX_KINDS)}")
+    np.fill_diagonal(affinity, 0.0)
+    return np.clip((affinity + affinity.T) / 2, 0.0, None)
+
+
+def build_matrices(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """All three matrices from held-out labels and the generalist's probabilities."""
+    probs = _check_probs(probs)
+    if probs.shape[1] != num_classes:
+        raise ClusterError(f"probs has {probs.shape[1]} columns but num_classes is {num_classes}; "
+                           "pass the generalist's probabilities over all classes")
+    return {
+        "hard": hard_confusion(y_true, probs.argmax(axis=1), num_classes),
+        "soft": soft_confusion(y_true, probs),
+        "covariance": prediction_covariance(probs),
+    }
+
+
+def confusion_share(affinity: np.ndarray) -> np.ndarray:
+    """Each class's row sum of the affinity over the largest row sum (1.0 = the most confused class)."""
+    totals = np.asarray(affinity, dtype=np.float64).sum(axis=1)
+    return totals / totals.max() if totals.size and totals.max() > 0 else np.zeros_like(totals)
+
+
+def inside_shares(affinity: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class: its affinity to its own cluster's members over its total (0 if none or excluded)."""
+    affinity = np.asarray(affinity, dtype=np.float64)
+    labels = np.asarray(labels)
+    same_cluster = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+    inside = (affinity * same_cluster).sum(axis=1)
+    totals = affinity.sum(axis=1)
+    return np.divide(inside, totals, out=np.zeros_like(totals), where=totals > 0)
+
+
+# ---------------------------------------------------------------- clustering
+
+def _class_features(affinity: np.ndarray) -> np.ndarray:
+    """Row i = class i's affinity plus a self-loop as strong as its strongest link, summing to 1."""
+    augmented = affinity + np.diag(affinity.max(axis=1))
+    totals = augmented.sum(axis=1, keepdims=True)
+    features = np.divide(augmented, totals, out=np.zeros_like(augmented), where=totals > 0)
+    unconfused = totals[:, 0] <= 0
+    features[unconfused, unconfused.nonzero()[0]] = 1.0  # a class with no confusion stands alone
+    return features
+
+
+def _attachment(affinity: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(classes x k): each class's total affinity to the members of each cluster."""
+    return affinity @ np.eye(k)[labels]
+
+
+def _shrink_large_clusters(affinity: np.ndarray, labels: np.ndarray, k: int, max_size: int) -> int:
+    """Move the least attached classes out of clusters above max_size; returns the number of moves."""
+    moves = 0
+    while True:
+        sizes = np.bincount(labels, minlength=k)
+        too_large = np.flatnonzero(sizes > max_size)
+        if not too_large.size:
+            return moves
+        source = too_large[0]
+        members = np.flatnonzero(labels == source)
+        attachment = _attachment(affinity, labels, k)[members]
+        to_roomy = np.where(sizes < max_size, attachment, -np.inf)
+        destination = to_roomy.argmax(axis=1)
+        gain = to_roomy[np.arange(len(members)), destination] - attachment[:, source]
+        pick = int(gain.argmax())  # ties go to the lowest class id
+        labels[members[pick]] = destination[pick]
+        moves += 1
+
+
+def _fill_small_clusters(affinity: np.ndarray, labels: np.ndarray, k: int, min_size: int) -> int:
+    """Pull the most attached classes into clusters below min_size; returns the number of moves."""
+    moves = 0
+    while True:
+        sizes = np.bincount(labels, minlength=k)
+        too_small = np.flatnonzero(sizes < min_size)
+        if not too_small.size:
+            return moves
+        target = too_small[0]
+        candidates = np.flatnonzero(sizes[labels] > min_size)  # their cluster can spare one
+        attachment = _attachment(affinity, labels, k)[candidates]
+        gain = attachment[:, target] - attachment[np.arange(len(candidates)), labels[candidates]]
+        labels[candidates[int(gain.argmax())]] = target
+        moves += 1
+
+
+class ClassClusterer:
+    """k-means over classes' confusability, with size limits and exclusion of unconfused classes.
+
+    Fitted attributes: `clusters_` (sorted lists of class ids, ordered by their smallest id),
+    `labels_` (cluster per class, -1 = excluded), `inside_share_`, `confusion_share_`,
+    `excluded_` (class ids in no cluster), `repair_moves_` (classes moved to meet size limits).
+    """
+
+    def __init__(self, k: int, min_size: int = 1, max_size: int = 0, min_confusion: float = 0.0,
+                 n_init: int = 20, random_state: int = 0) -> None:
+        self.k = k
+        self.min_size = min_size
+        self.max_size = max_size
+        self.min_confusion = min_confusion
+        self.n_init = n_init
+        self.random_state = random_state
+
+    def fit(self, affinity: np.ndarray) -> "ClassClusterer":
+        affinity = self._validate_affinity(affinity)
+        self._validate_params()
+        num_classes = len(affinity)
+        self.confusion_share_ = confusion_share(affinity)
+        eligible = np.flatnonzero(self.confusion_share_ >= self.min_confusion)
+        self.excluded_ = [int(i) for i in np.flatnonzero(self.confusion_share_ < self.min_confusion)]
+        self._check_feasible(num_classes, len(eligible))
+        if not affinity.any():
+            log.warning("the affinity is all zeros (no class is ever confused): the clusters are arbitrary")
+        sub_affinity = affinity[np.ix_(eligible, eligible)]
+        sub_labels = self._kmeans(_class_features(sub_affinity))
+        self.repair_moves_ = 0
+        if self.max_size:
+            self.repair_moves_ += _shrink_large_clusters(sub_affinity, sub_labels, self.k, self.max_size)
+        self.repair_moves_ += _fill_small_clusters(sub_affinity, sub_labels, self.k, self.min_size)
+        clusters = [sorted(int(i) for i in eligible[sub_labels == c]) for c in range(self.k)]
+        self.clusters_ = sorted(clusters, key=lambda members: members[0])
+        self.labels_ = np.full(num_classes, -1, dtype=np.int64)
+        for cluster_id, members in enumerate(self.clusters_):
+            self.labels_[members] = cluster_id
+        self.inside_share_ = inside_shares(affinity, self.labels_)
+        log.info("clustered %d classes into %d clusters of sizes %s (%d excluded, %d moved to meet size limits)",
+                 len(eligible), self.k, [len(c) for c in self.clusters_], len(self.excluded_), self.repair_moves_)
+        return self
+
+    def _validate_affinity(self, affinity: np.ndarray) -> np.ndarray:
+        affinity = np.array(affinity, dtype=np.float64)  # a copy: the diagonal is zeroed below
+        if affinity.ndim != 2 or affinity.shape[0] != affinity.shape[1] or affinity.shape[0] == 0:
+            raise ClusterError(f"the affinity must be a non-empty square matrix (C x C), got shape {affinity.shape}")
+        if not np.all(np.isfinite(affinity)):
+            raise ClusterError("the affinity contains NaN or infinite values; rebuild it with confusability()")
+        np.fill_diagonal(affinity, 0.0)  # a class's affinity to itself carries no information
+        if affinity.min() < 0 or not np.allclose(affinity, affinity.T, rtol=1e-6, atol=1e-12):
+            raise ClusterError("the affinity must be symmetric and non-negative; "
+                               "build it with confusability(matrix, kind), not from the raw matrix")
+        return affinity
+
+    def _validate_params(self) -> None:
+        checks = [
+            (isinstance(self.k, (int, np.integer)) and self.k >= 1, f"k must be an integer >= 1, got {self.k!r}"),
+            (self.min_size >= 1, f"min_size must be >= 1, got {self.min_size}"),
+            (self.max_size == 0 or self.max_size >= self.min_size,
+             f"max_size must be 0 (no limit) or >= min_size ({self.min_size}), got {self.max_size}"),
+            (0.0 <= self.min_confusion <= 1.0, f"min_confusion must be in [0, 1], got {self.min_confusion}"),
+            (self.n_init >= 1, f"n_init must be >= 1, got {self.n_init}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ClusterError(message)
+
+    def _check_feasible(self, num_classes: int, num_eligible: int) -> None:
+        excluded = num_classes - num_eligible
+        pool = (f"{num_eligible} classes to cluster ({num_classes} in all, {excluded} excluded by "
+                f"min_confusion={self.min_confusion})" if excluded else f"{num_classes} classes to cluster")
+        fewer = "clusters.min_confusion, " if excluded else ""
+        if self.k > num_eligible:
+            raise ClusterError(f"k={self.k} clusters but only {pool}; lower {fewer}clusters.k")
+        if self.k * self.min_size > num_eligible:
+            raise ClusterError(f"k={self.k} clusters of at least min_size={self.min_size} need "
+                               f"{self.k * self.min_size} classes but there are {pool}; "
+                               f"lower {fewer}clusters.k or clusters.min_size")
+        if self.max_size and self.k * self.max_size < num_eligible:
+            raise ClusterError(f"k={self.k} clusters of at most max_size={self.max_size} hold only "
+                               f"{self.k * self.max_size} classes but there are {pool}; raise clusters.k, "
+                               "clusters.max_size (0 = no limit) or clusters.min_confusion")
+
+    def _kmeans(self, features: np.ndarray) -> np.ndarray:
+        kmeans = KMeans(n_clusters=self.k, n_init=self.n_init, random_state=self.random_state)
+        with warnings.catch_warnings():
+            # duplicate rows can leave fewer distinct clusters than k; the size repair fills them
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return kmeans.fit_predict(features).astype(np.int64)
+
+
+def clusterer_from_config(cfg: ClustersConfig, random_state: int = 0) -> ClassClusterer:
+    """A ClassClusterer with the limits of the `[clusters]` config section."""
+    return ClassClusterer(k=cfg.k, min_size=cfg.min_size, max_size=cfg.max_size,
+                          min_confusion=cfg.min_confusion, n_init=cfg.n_init, random_state=random_state)
+
+
+# ---------------------------------------------------------------- the report
+
+def _round(value: float) -> float:
+    return round(float(value), _DECIMALS) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def clusters_to_json(clusterer: ClassClusterer, class_names: list[str], matrix_kind: str,
+                     affinity: np.ndarray) -> dict[str, Any]:
+    """The clusters as plain, rounded Python values: identical bytes for identical fits."""
+    if not hasattr(clusterer, "labels_"):
+        raise ClusterError("the clusterer is not fitted; call clusterer.fit(affinity) first")
+    num_classes = len(clusterer.labels_)
+    if len(class_names) != num_classes:
+        raise ClusterError(f"{len(class_names)} class names for {num_classes} classes; pass one name per class")
+    affinity = np.asarray(affinity, dtype=np.float64)
+    if affinity.shape != (num_classes, num_classes):
+        raise ClusterError(f"the affinity has shape {affinity.shape} but the clusterer was fitted on "
+                           f"{num_classes} classes; pass the affinity it was fitted on")
+    shares = inside_shares(affinity, clusterer.labels_)
+    confusion = confusion_share(affinity)
+    clusters = [{
+        "id": cluster_id,
+        "ids": [int(i) for i in members],
+        "names": [str(class_names[i]) for i in members],
+        "inside_share": _round(shares[members].mean()),
+    } for cluster_id, members in enumerate(clusterer.clusters_)]
+    classes = [{
+        "id": i,
+        "name": str(class_names[i]),
+        "cluster": int(clusterer.labels_[i]) if clusterer.labels_[i] >= 0 else None,
+        "inside_share": _round(shares[i]),
+        "confusion_share": _round(confusion[i]),
+    } for i in range(num_classes)]
+    return {"matrix": str(matrix_kind), "k": int(clusterer.k), "clusters": clusters,
+            "classes": classes, "excluded": [int(i) for i in clusterer.excluded_]}
+
+
+def format_cluster_table(clusters_json: dict[str, Any]) -> str:
+    """A readable table: one block per cluster with its size, mean inside share and classes."""
+    share_by_id = {c["id"]: c["inside_share"] for c in clusters_json["classes"]}
+    name_by_id = {c["id"]: c["name"] for c in clusters_json["classes"]}
+    lines = [f"clusters of confusable classes ({clusters_json['matrix']} matrix, k={clusters_json['k']}); "
+             "inside = share of a class's confusion that stays in its cluster",
+             f"{'cluster':>8}  {'size':>4}  {'inside':>6}  classes (inside share)"]
+    indent = " " * 24
+    for cluster in clusters_json["clusters"]:
+        members = ", ".join(f"{name_by_id[i]} ({share_by_id[i]:.2f})" for i in cluster["ids"])
+        head = f"{cluster['id']:>8}  {len(cluster['ids']):>4}  {cluster['inside_share']:>6.2f}  "
+        lines.append(textwrap.fill(members, width=100, initial_indent=head, subsequent_indent=indent))
+    excluded = clusters_json.get("excluded", [])
+    if excluded:
+        names = ", ".join(name_by_id[i] for i in excluded)
+        lines.append(textwrap.fill(names, width=100, initial_indent=f"{'excluded':>8}  {len(excluded):>4}  {'':>6}  ",
+                                   subsequent_indent=indent))
+    return "\n".join(lines)
+
+
+def reorder_by_cluster(clusters_json: dict[str, Any], num_classes: int) -> list[int]:
+    """Class ids with each cluster as a contiguous block, in cluster order; excluded classes last."""
+    order = [i for cluster in clusters_json["clusters"] for i in cluster["ids"]]
+    order += [i for i in clusters_json.get("excluded", []) if i not in order]
+    if len(set(order)) != len(order) or any(not 0 <= i < num_classes for i in order):
+        raise ClusterError(f"the clusters JSON names a class twice or one outside [0, {num_classes}); "
+                           "recreate it with clusters_to_json for this data set")
+    seen = set(order)
+    return order + [i for i in range(num_classes) if i not in seen]
+
+
+def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_names: list[str],
+                   path: str | Path) -> Path:
+    """Heatmap of `matrix` reordered by cluster, cluster blocks outlined, diagonal hidden; PNG at `path`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    matrix = np.asarray(matrix, dtype=np.float64)
+    num_classes = len(class_names)
+    if matrix.shape != (num_classes, num_classes):
+        raise ClusterError(f"the matrix has shape {matrix.shape} but there are {num_classes} class names; "
+                           "pass one name per class")
+    order = reorder_by_cluster(clusters_json, num_classes)
+    shown = matrix[np.ix_(order, order)]
+    np.fill_diagonal(shown, np.nan)  # the diagonal (accuracy / variance) would swamp the confusion
+    off_diagonal = shown[np.isfinite(shown)]
+    low, high = (float(off_diagonal.min()), float(off_diagonal.max())) if off_diagonal.size else (0.0, 1.0)
+    if low < 0:  # covariance: blue below zero, red above, white at zero
+        bound = max(abs(low), high, 1e-12)
+        cmap, norm = "RdBu_r", TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
+    else:
+        cmap, norm = "viridis", None
+    side = min(4.0 + 0.2 * num_classes, 22.0)  # inches; 100 classes fill about 2,200 pixels
+    cell_points = side * 72 * 0.75 / max(num_classes, 1)  # the axes take about 3/4 of the figure
+    fontsize = float(np.clip(0.7 * cell_points, 3.0, 10.0))
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
+                      vmin=None if norm else 0.0, vmax=None if norm else max(high, 1e-12))
+    ax.set_facecolor("#d9d9d9")  # the masked diagonal shows as grey
+    start = 0
+    for cluster in clusters_json["clusters"]:
+        size = len(cluster["ids"])
+        ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="#ff7f0e", linewidth=2))
+        start += size
+    names = [str(class_names[i]) for i in order]
+    ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(num_classes), names, fontsize=fontsize)
+    ax.set_xlabel("predicted / co-predicted class")
+    ax.set_ylabel("true class" if clusters_json.get("matrix") != "covariance" else "class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(f"{clusters_json.get('matrix', '')} confusability, reordered by cluster "
+                 f"(k={clusters_json.get('k', len(clusters_json['clusters']))}; diagonal hidden)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- stages 2 and 3 of a run
+
+MATRICES_FILE = "matrices.npz"  # in the run's confusion/ folder: the three matrices, affinity, val labels
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes(path, buffer.getvalue())
+
+
+def find_clusters(cfg: Config, data: Splits, run_dir: str | Path, generalist: torch.nn.Module) -> dict[str, Any]:
+    """Confusability matrices from the generalist on the validation split, clusters.json and the heatmap."""
+    import json
+
+    import torch
+
+    from . import artifacts
+    from .train import predict_logits
+
+    run_dir = Path(run_dir)
+    probs = torch.softmax(predict_logits(generalist, data.x_val), 1).double().numpy()
+    y_val = data.y_val.numpy()
+    matrices = build_matrices(y_val, probs, data.num_classes)
+    kind = cfg.clusters.matrix
+    affinity = confusability(matrices[kind], kind)
+    clusterer = clusterer_from_config(cfg.clusters, random_state=cfg.seed).fit(affinity)
+    clusters = clusters_to_json(clusterer, list(data.class_names), kind, affinity)
+    _save_npz(run_dir / artifacts.CONFUSION_DIR / MATRICES_FILE, affinity=affinity, y_val=y_val, **matrices)
+    path = run_dir / artifacts.CLUSTERS_FILE
+    if path.exists() and artifacts.read_json(path) != json.loads(json.dumps(clusters)):
+        log.warning("the clusters differ from those in %s (config changed?): writing the new ones", path)
+    artifacts.write_json(path, clusters)
+    plot_confusion(matrices[kind], clusters, list(data.class_names), run_dir / artifacts.HEATMAP_FILE)
+    log.info("clusters:\n%s", format_cluster_table(clusters))
+    return clusters
+
+
+def show_clusters(run_dir: str | Path, as_json: bool = False) -> tuple[str, Path]:
+    """`ensemble-kd clusters`: the table (or JSON) of a run's clusters; rewrites its heatmap."""
+    import json
+
+    from . import artifacts
+
+    run_dir = Path(run_dir)
+    clusters = artifacts.read_json(run_dir / artifacts.CLUSTERS_FILE)
+    matrices_path = run_dir / artifacts.CONFUSION_DIR / MATRICES_FILE
+    if not matrices_path.is_file():
+        raise artifacts.ArtifactError(f"{matrices_path} is missing; rerun the clusters stage: "
+                                      f"ensemble-kd run --out {run_dir} --resume --until clusters")
+    with np.load(matrices_path) as saved:
+        matrix = saved[clusters["matrix"]]
+    names = [c["name"] for c in clusters["classes"]]
+    heatmap = plot_confusion(matrix, clusters, names, run_dir / artifacts.HEATMAP_FILE)
+    text = json.dumps(clusters, indent=2) if as_json else format_cluster_table(clusters)
+    return text, heatmap

@@ -1,0 +1,618 @@
+"""Data sets as in-memory tensors, their validation, and batched augmentation.
+
+`load_data(cfg, seed)` returns a `Splits`: float32 inputs in [0, 1] (images as (N, C, H, W),
+flat features as (N, D)), int64 labels, a stratified validation hold-out taken from the
+training data (for the confusion analysis), the test set, class names and the training
+set's per-channel (or per-feature) mean and std.
+
+Data sets (`data.name`):
+- `digits`: scikit-learn's 8x8 digits; the test set is a fixed stratified 25% (the same for
+  every seed).
+- `mnist`, `fashion-mnist`, `cifar10`, `cifar100`: torchvision's files under `data.root`,
+  converted to tensors in one go (no per-image PIL transforms).
+- `imagefolder`: `data.root` holds `train/<class>/*` and `test/<class>/*` image files, or is a
+  .tar.gz of them. Archives are extracted once into a cache folder, and the decoded images
+  of each split are cached there as uint8 tensors (`ENSEMBLE_KD_CACHE`, default
+  `~/.cache/ensemble-kd`).
+- `synthetic`: Gaussian classes in planted confusable groups, for tests (`planted_groups`).
+
+Training is meant to run on tensors kept on the device, with `augment_batch` doing flips
+and padded random crops for a whole batch at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .artifacts import save_torch
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad or missing data the user can fix; the message names the file, class or count and the fix."""
+
+
+# ---------------------------------------------------------------- the splits
+
+@dataclass
+class Splits:
+    """Train / validation / test tensors of one data set, with what a model needs to know about them."""
+
+    x_train: Tensor  # float32 in [0, 1], (N, *input_shape)
+    y_train: Tensor  # int64 class ids
+    x_val: Tensor  # stratified hold-out from the training data (data.val_fraction)
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    class_names: list[str]
+    mean: list[float]  # of x_train: one per channel for images, one per feature for flat data
+    std: list[float]  # matching standard deviations, clamped to >= 1e-6
+    name: str  # the data set's name (data.name)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """Short sha256 over name, class names, input shape and label counts (train+val, test).
+
+        Train and validation counts are summed so that the fingerprint names the data set,
+        not the seed's way of splitting it.
+        """
+        counts = lambda y: torch.bincount(y, minlength=self.num_classes).tolist()  # noqa: E731
+        summary = {
+            "name": self.name,
+            "classes": list(self.class_names),
+            "input_shape": list(self.input_shape),
+            "train_val_counts": counts(torch.cat([self.y_train, self.y_val])),
+            "test_counts": counts(self.y_test),
+        }
+        return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_data(cfg: DataConfig, seed: int) -> Splits:
+    """Load `cfg.name`, subsample (`train_limit`), hold out validation data, check every split."""
+    loaders = {
+        "digits": lambda: _load_digits(),
+        "synthetic": lambda: _load_synthetic(cfg, seed),
+        "imagefolder": lambda: _load_imagefolder(cfg),
+        **{name: (lambda name=name: _load_torchvision(name, cfg)) for name in _TORCHVISION},
+    }
+    if cfg.name not in loaders:
+        raise DataError(f"unknown data set data.name = {cfg.name!r}; choose from {', '.join(loaders)}")
+    x_train, y_train, x_test, y_test, class_names = loaders[cfg.name]()
+    _check_test_classes_in_train(y_train, y_test, class_names)
+    if cfg.train_limit > 0:
+        x_train, y_train = _stratified_subsample(x_train, y_train, cfg.train_limit, seed)
+    x_train, y_train, x_val, y_val = _stratified_val_split(x_train, y_train, cfg.val_fraction, seed)
+    for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
+        validate_split(x, y, len(class_names), split, class_names=class_names)
+    mean, std = channel_stats(x_train)
+    log.info("data %s: %d train, %d val, %d test examples of shape %s, %d classes", cfg.name,
+             len(y_train), len(y_val), len(y_test), tuple(x_train.shape[1:]), len(class_names))
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(class_names), mean, std, cfg.name)
+
+
+# ---------------------------------------------------------------- validation
+
+def validate_split(x: Tensor, y: Tensor, num_classes: int, split: str,
+                   class_names: Sequence[str] | None = None) -> None:
+    """Raise DataError when a split cannot be trained or evaluated on; say what is wrong and how to fix it."""
+    if x.ndim not in (2, 4):
+        raise DataError(f"{split} inputs have shape {tuple(x.shape)}; expected (N, D) features or "
+                        "(N, C, H, W) images; reshape them (a grayscale image set needs a channel axis)")
+    if y.ndim != 1:
+        raise DataError(f"{split} labels have shape {tuple(y.shape)}; expected one class id per example (N,)")
+    if len(x) != len(y):
+        raise DataError(f"{split} has {len(x)} inputs but {len(y)} labels; every input needs exactly one label")
+    if len(y) == 0:
+        raise DataError(f"{split} split is empty; add examples (or lower data.val_fraction for the val split)")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"{split} labels have dtype {y.dtype}; labels must be integer class ids "
+                        "(int64 in [0, num_classes)); convert them with .long()")
+    if not x.dtype.is_floating_point:
+        raise DataError(f"{split} inputs have dtype {x.dtype}; expected float32 in [0, 1] "
+                        "(for uint8 pixels use x.float() / 255)")
+    _check_label_range(y, num_classes, split)
+    _check_finite(x, split)
+    if split == "train":
+        _check_every_class_present(y, num_classes, class_names)
+
+
+def _check_label_range(y: Tensor, num_classes: int, split: str) -> None:
+    outside = ((y < 0) | (y >= num_classes)).nonzero().flatten()
+    if len(outside):
+        first = int(outside[0])
+        raise DataError(f"{split} labels must be in [0, {num_classes}); found {len(outside)} labels outside, "
+                        f"e.g. {int(y[first])} at index {first}; check the labels or the class list")
+
+
+def _check_finite(x: Tensor, split: str, chunk: int = 8192) -> None:
+    if bool(torch.isfinite(x.sum())):  # fast path: any NaN or inf makes the sum non-finite
+        return
+    bad_count, first_bad = 0, -1
+    for start in range(0, len(x), chunk):
+        bad_rows = (~torch.isfinite(x[start:start + chunk])).flatten(1).sum(dim=1)
+        bad_count += int(bad_rows.sum())
+        if first_bad < 0 and bool(bad_rows.any()):
+            first_bad = start + int(bad_rows.nonzero()[0])
+    if bad_count:
+        raise DataError(f"{split} inputs contain {bad_count} NaN or infinite values (first in example "
+                        f"{first_bad}); fix or drop those examples")
+
+
+def _check_every_class_present(y: Tensor, num_classes: int, class_names: Sequence[str] | None) -> None:
+    counts = torch.bincount(y, minlength=num_classes)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        names = [repr(class_names[c]) if class_names else str(c) for c in missing]
+        raise DataError(f"class {names[0]} has no training examples ({len(missing)} classes empty: "
+                        f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); add examples of it "
+                        "or remove the class (and raise data.train_limit if it is set)")
+
+
+def _check_test_classes_in_train(y_train: Tensor, y_test: Tensor, class_names: Sequence[str]) -> None:
+    num_classes = len(class_names)
+    in_range = lambda y: y[(y >= 0) & (y < num_classes)]  # noqa: E731  (range errors are reported later)
+    train_counts = torch.bincount(in_range(y_train), minlength=num_classes)
+    test_counts = torch.bincount(in_range(y_test), minlength=num_classes)
+    only_in_test = ((train_counts == 0) & (test_counts > 0)).nonzero().flatten().tolist()
+    if only_in_test:
+        c = only_in_test[0]
+        raise DataError(f"class {class_names[c]!r} has {int(test_counts[c])} test examples but none in train; "
+                        "add training examples of it or remove it from the test set")
+
+
+# ---------------------------------------------------------------- splitting and statistics
+
+def _stratified_indices(y: Tensor, size: int | float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) indices, stratified by label; `size` is the held-out part (count or fraction)."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(y))
+    try:
+        kept, held = train_test_split(indices, test_size=size, stratify=y.numpy(), random_state=seed % 2**32)
+    except ValueError as err:  # too few examples per class, or fewer held-out slots than classes
+        raise DataError(f"cannot make the stratified {what} from {len(y)} examples of "
+                        f"{int(torch.unique(y).numel())} classes: {err}") from err
+    return np.sort(kept), np.sort(held)
+
+
+def _stratified_subsample(x: Tensor, y: Tensor, limit: int, seed: int) -> tuple[Tensor, Tensor]:
+    if limit >= len(y):
+        return x, y
+    _, kept = _stratified_indices(  # the held-out part of size `limit` is what we keep
+        y, limit, seed, f"subsample (data.train_limit = {limit}; it needs at least 1 example per class, "
+                        "so raise it or set it to 0 for all)")
+    kept_t = torch.from_numpy(kept)
+    return x[kept_t], y[kept_t]
+
+
+def _stratified_val_split(x: Tensor, y: Tensor, fraction: float,
+                          seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    train, val = _stratified_indices(
+        y, fraction, seed, f"validation split (data.val_fraction = {fraction}; each class needs at least 2 "
+                           "training examples and the hold-out at least one per class, so adjust "
+                           "data.val_fraction or data.train_limit)")
+    train_t, val_t = torch.from_numpy(train), torch.from_numpy(val)
+    return x[train_t], y[train_t], x[val_t], y[val_t]
+
+
+def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Mean and std (population, clamped to >= 1e-6) per channel of (N, C, H, W) or per feature of (N, D).
+
+    Accumulated in float64 over chunks of examples, so large image sets need no full-size copy.
+    """
+    reduce_dims = [0] + list(range(2, x.ndim))
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk].to("cpu", torch.float64)
+        total += part.sum(dim=reduce_dims)
+        total_sq += part.square().sum(dim=reduce_dims)
+    count = x.numel() / x.shape[1]
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp(min=0)
+    return mean.tolist(), var.sqrt().clamp(min=1e-6).tolist()
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment_batch(x: Tensor, flip: bool, crop_pad: int, generator: torch.Generator) -> Tensor:
+    """Random horizontal flips and padded random crops of a whole (N, C, H, W) batch on x's device.
+
+    Each image is flipped with probability 1/2, then zero-padded by `crop_pad` pixels on every
+    side and cropped back to (H, W) at an offset drawn uniformly per image. The random numbers
+    come from `generator` (on its own device) so a seeded generator gives the same batch.
+    Returns a new tensor and leaves x unchanged; returns x itself when both are off.
+    """
+    if not flip and crop_pad <= 0:
+        return x
+    if x.ndim != 4:
+        raise DataError(f"data.flip and data.crop_pad need image batches (N, C, H, W), got shape "
+                        f"{tuple(x.shape)}; set data.flip=false and data.crop_pad=0 for flat features")
+    n, channels, height, width = x.shape
+    out = x
+    if flip:
+        mirrored = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
+        out = torch.where(mirrored.view(n, 1, 1, 1), x.flip(3), x)
+    if crop_pad > 0:
+        span = 2 * crop_pad + 1
+        offset_y = torch.randint(span, (n,), generator=generator, device=generator.device).to(x.device)
+        offset_x = torch.randint(span, (n,), generator=generator, device=generator.device).to(x.device)
+        padded = F.pad(out, (crop_pad, crop_pad, crop_pad, crop_pad))
+        rows = offset_y.view(n, 1) + torch.arange(height, device=x.device)  # (N, H) rows of the padded image
+        cols = offset_x.view(n, 1) + torch.arange(width, device=x.device)  # (N, W)
+        out = padded[torch.arange(n, device=x.device).view(n, 1, 1, 1),
+                     torch.arange(channels, device=x.device).view(1, channels, 1, 1),
+                     rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
+    return out
+
+
+# ---------------------------------------------------------------- digits
+
+def _load_digits() -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """scikit-learn's 8x8 digits; the test set is a fixed stratified 25% (random_state=0) for every seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    train, test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=digits.target, random_state=0)
+    train, test = torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
+    return x[train], y[train], x[test], y[test], [str(d) for d in range(10)]
+
+
+# ---------------------------------------------------------------- torchvision
+
+_TORCHVISION = {  # data.name -> (torchvision class, the folder it reads under data.root)
+    "mnist": ("MNIST", "MNIST/raw/"),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw/"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR100", "cifar-100-python/"),
+}
+
+
+def _load_torchvision(name: str, cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    import torchvision
+
+    class_name, folder = _TORCHVISION[name]
+    dataset_class = getattr(torchvision.datasets, class_name)
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = dataset_class(root=cfg.root, train=train, download=cfg.download)
+        except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found..."; downloads: URLError
+            raise DataError(
+                f"{name} files not found or unreadable in {Path(cfg.root).resolve() / folder} ({err}); "
+                f"set data.download=true (needs network) or point data.root at a folder holding {folder} "
+                "(the real copies on these machines are at ../shared/data)") from err
+        splits.append(_tensors_from_torchvision(dataset))
+    (x_train, y_train), (x_test, y_test) = splits
+    return x_train, y_train, x_test, y_test, list(dataset.classes)
+
+
+def _tensors_from_torchvision(dataset) -> tuple[Tensor, Tensor]:
+    """`.data` / `.targets` straight to tensors: uint8 (N, H, W) or (N, H, W, 3) -> float (N, C, H, W) / 255."""
+    pixels = torch.as_tensor(np.asarray(dataset.data))
+    pixels = pixels.unsqueeze(1) if pixels.ndim == 3 else pixels.permute(0, 3, 1, 2)
+    x = pixels.contiguous().float().div_(255.0)
+    y = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)
+    return x, y
+
+
+# ---------------------------------------------------------------- synthetic
+
+_SYNTHETIC_TAG = 0x5E1F  # mixed into the seeds so the synthetic streams differ from other uses of the seed
+GROUP_RADIUS = 10.0  # distance of each group centre from the origin (noise std is 1): groups never mix
+CLASS_RADIUS = 2.0  # distance of a class centre from its group centre: classes within a group overlap
+
+
+def planted_groups(cfg: DataConfig) -> list[list[int]]:
+    """The synthetic set's confusable groups: group g holds the classes c with c % synthetic_groups == g.
+
+    Interleaved rather than contiguous ids, so that a clusterer that merely groups
+    neighbouring class ids cannot recover them by accident.
+    """
+    classes, groups = cfg.synthetic_classes, cfg.synthetic_groups
+    if not 1 <= groups <= classes:
+        raise DataError(f"data.synthetic_groups = {groups} must be between 1 and data.synthetic_classes "
+                        f"= {classes}; lower the groups or raise the classes")
+    return [[c for c in range(classes) if c % groups == g] for g in range(groups)]
+
+
+def _directions(count: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` unit vectors in `dim` dimensions: orthonormal when count <= dim, else random."""
+    raw = rng.standard_normal((dim, count))
+    if count <= dim:
+        q, r = np.linalg.qr(raw)
+        return (q * np.sign(np.diag(r))).T
+    return (raw / np.linalg.norm(raw, axis=0, keepdims=True)).T
+
+
+def _load_synthetic(cfg: DataConfig, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """Gaussian classes (unit noise) around centres = group centre + a small class offset.
+
+    The centres and the test set are fixed (the same for every seed, like digits' test set);
+    the training examples are drawn from `seed`. The test set has half as many per class.
+    """
+    groups = planted_groups(cfg)
+    classes, dim, per_class = cfg.synthetic_classes, cfg.synthetic_dim, cfg.synthetic_per_class
+    if dim < 1 or per_class < 2:
+        raise DataError(f"data.synthetic_dim = {dim} and data.synthetic_per_class = {per_class} must be "
+                        ">= 1 and >= 2; raise them")
+    fixed = np.random.default_rng([_SYNTHETIC_TAG, 0])
+    directions = _directions(len(groups) + classes, dim, fixed)
+    group_of = np.arange(classes) % len(groups)
+    centres = GROUP_RADIUS * directions[group_of] + CLASS_RADIUS * directions[len(groups):]
+    x_test, y_test = _sample_gaussians(centres, max(1, per_class // 2), fixed)
+    train_rng = np.random.default_rng([_SYNTHETIC_TAG, 1, seed % 2**64])
+    x_train, y_train = _sample_gaussians(centres, per_class, train_rng)
+    return x_train, y_train, x_test, y_test, [f"c{c}" for c in range(classes)]
+
+
+def _sample_gaussians(centres: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    labels = np.repeat(np.arange(len(centres)), per_class)
+    points = centres[labels] + rng.standard_normal((len(labels), centres.shape[1]))
+    return torch.from_numpy(points.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------- imagefolder
+
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_LAYOUT_HINT = "an imagefolder needs train/<class>/<image> and test/<class>/<image> files"
+
+
+def cache_root() -> Path:
+    """Where extracted archives and decoded tensors are kept: $ENSEMBLE_KD_CACHE or ~/.cache/ensemble-kd."""
+    return Path(os.environ.get("ENSEMBLE_KD_CACHE") or Path.home() / ".cache" / "ensemble-kd")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _load_imagefolder(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    source = Path(cfg.root).expanduser()
+    if not source.exists():
+        raise DataError(f"data.root = {cfg.root!r} does not exist; point it at a folder with train/ and "
+                        "test/ (or a .tar.gz of them)")
+    if source.is_file():
+        cache_dir, folder = _extract_archive(source)
+    else:
+        cache_dir, folder = cache_root() / f"{source.resolve().name}-{_short_hash(str(source.resolve()))}", source
+    folder = _find_split_parent(folder, source)
+    class_names = _class_folders(folder / "train")
+    train_files = _list_images(folder / "train", class_names, class_names, "train")
+    test_classes = _class_folders(folder / "test")
+    unknown = sorted(set(test_classes) - set(class_names))
+    if unknown:
+        raise DataError(f"class folder test/{unknown[0]} in {folder} has no matching train/{unknown[0]}; "
+                        "add training images of it or remove it from test/")
+    test_files = _list_images(folder / "test", test_classes, class_names, "test")
+    x_train, y_train = _decoded_split(train_files, cfg.image_size, cache_dir, "train", class_names, folder)
+    x_test, y_test = _decoded_split(test_files, cfg.image_size, cache_dir, "test", class_names, folder)
+    x_train, x_test = _same_channels(x_train, x_test)
+    if x_train.shape[2:] != x_test.shape[2:]:
+        raise DataError(f"train images are {_size_text(x_train.shape[2:])} but test images are "
+                        f"{_size_text(x_test.shape[2:])} (e.g. {train_files[0][0]} and {test_files[0][0]} in "
+                        f"{folder}); set data.image_size (e.g. data.image_size={x_train.shape[-1]}) to resize "
+                        "all images")
+    return x_train.float().div_(255.0), y_train, x_test.float().div_(255.0), y_test, class_names
+
+
+def _size_text(hw: Sequence[int]) -> str:
+    return f"{hw[1]}x{hw[0]}"  # width x height, as image viewers say it
+
+
+def _archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in _ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _extract_archive(archive: Path) -> tuple[Path, Path]:
+    """Extract once into <cache>/<stem>-<hash>/extracted (temp dir, then rename); return (cache dir, extracted)."""
+    if not tarfile.is_tarfile(archive):
+        raise DataError(f"data.root = {archive} is a file but not a tar archive; give a folder with train/ and "
+                        "test/ or a .tar.gz of them")
+    stat = archive.stat()
+    identity = f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # a replaced archive gets a new folder
+    cache_dir = cache_root() / f"{_archive_stem(archive)}-{_short_hash(identity)}"
+    extracted = cache_dir / "extracted"
+    if extracted.is_dir():
+        return cache_dir, extracted
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=cache_dir))
+    except OSError as err:
+        raise DataError(f"cannot create the cache folder {cache_dir} ({err}); set ENSEMBLE_KD_CACHE to a "
+                        "writable folder") from err
+    log.info("extracting %s into %s (once)", archive, extracted)
+    try:
+        with tarfile.open(archive) as tar:
+            _safe_extract(tar, staging)
+        os.replace(staging, extracted)  # atomic: a half-done extraction never appears as `extracted`
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if extracted.is_dir():  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+            return cache_dir, extracted
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"cannot extract {archive} ({type(err).__name__}: {err}); check that the archive is "
+                        "complete, and that the cache folder (ENSEMBLE_KD_CACHE) is writable") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return cache_dir, extracted
+
+
+def _safe_extract(tar: tarfile.TarFile, target: Path) -> None:
+    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ / 3.10.12+: refuses absolute paths, .., device files
+        tar.extractall(target, filter="data")
+        return
+    root = target.resolve()
+    for member in tar.getmembers():
+        destination = (target / member.name).resolve()
+        if not destination.is_relative_to(root) or member.issym() or member.islnk() or member.isdev():
+            raise DataError(f"archive member {member.name!r} is a link, a device or points outside the "
+                            "archive; refusing to extract it, repack the archive with plain files")
+    tar.extractall(target)
+
+
+def _find_split_parent(folder: Path, source: Path) -> Path:
+    """The folder holding train/ and test/: `folder` itself or its only subfolder (an archive's top folder)."""
+    if (folder / "train").is_dir() or (folder / "test").is_dir():
+        candidate = folder
+    else:
+        subfolders = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+        candidate = subfolders[0] if len(subfolders) == 1 else folder
+    for split in ("train", "test"):
+        if not (candidate / split).is_dir():
+            raise DataError(f"{source} has no {split}/ folder; {_LAYOUT_HINT}")
+    return candidate
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"{split_dir} has no class folders; {_LAYOUT_HINT}")
+    return names
+
+
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _list_images(split_dir: Path, classes: Sequence[str], all_classes: Sequence[str],
+                 split: str) -> list[tuple[str, int]]:
+    """(path relative to split_dir's parent, class id) of every image under split_dir/<class>/, sorted.
+
+    Class ids index `all_classes`; paths are plain strings (60,000 Path objects cost seconds).
+    """
+    extensions = _image_extensions()
+    label_of = {name: i for i, name in enumerate(all_classes)}
+    files: list[tuple[str, int]] = []
+    skipped = 0
+    for name in classes:
+        class_files = []
+        class_dir = os.path.join(split, name)
+        for directory, subdirs, filenames in os.walk(split_dir / name):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            relative_dir = os.path.join(class_dir, os.path.relpath(directory, split_dir / name))
+            for filename in sorted(filenames):
+                if filename.startswith("."):
+                    continue
+                if os.path.splitext(filename)[1].lower() not in extensions:
+                    skipped += 1
+                    continue
+                class_files.append((os.path.normpath(os.path.join(relative_dir, filename)), label_of[name]))
+        if not class_files:
+            raise DataError(f"class folder {split}/{name} ({split_dir / name}) holds no image files; add images "
+                            "or remove the folder")
+        files += class_files
+    if skipped:
+        log.warning("%s: skipped %d files that are not images (by extension)", split_dir, skipped)
+    return files
+
+
+def _listing_signature(files: Sequence[tuple[str, int]], folder: Path, class_names: Sequence[str],
+                       image_size: int) -> str:
+    """Changes whenever a file is added, removed, replaced or relabelled, or the size or classes change."""
+    digest = hashlib.sha256(json.dumps([list(class_names), image_size]).encode())
+    for relative, label in files:
+        stat = os.stat(os.path.join(folder, relative))
+        digest.update(f"{relative}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _decoded_split(files: Sequence[tuple[str, int]], image_size: int, cache_dir: Path, split: str,
+                   class_names: Sequence[str], folder: Path) -> tuple[Tensor, Tensor]:
+    """uint8 (N, C, H, W) images and int64 labels, from the tensor cache when the files are unchanged."""
+    signature = _listing_signature(files, folder, class_names, image_size)
+    cache_file = cache_dir / "tensors" / f"{split}-size{image_size}-{signature}.pt"
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            return cached["x"], cached["y"]
+        except Exception as err:  # a torn or foreign file: decode again
+            log.warning("ignoring unreadable tensor cache %s (%s); decoding the images again", cache_file, err)
+    log.info("decoding %d %s images from %s", len(files), split, folder)
+    x = _decode_images([path for path, _ in files], image_size, folder)
+    y = torch.tensor([label for _, label in files], dtype=torch.int64)
+    try:
+        for stale in cache_file.parent.glob(f"{split}-size{image_size}-*.pt"):
+            stale.unlink(missing_ok=True)
+        save_torch(cache_file, {"x": x, "y": y})
+    except OSError as err:
+        log.warning("could not write the tensor cache %s (%s); the images will be decoded again next time",
+                    cache_file, err)
+    return x, y
+
+
+def _decode_image(relative: str, image_size: int, folder: Path) -> np.ndarray:
+    """(H, W) for grayscale images, (H, W, 3) for everything else; resized to image_size if it is set."""
+    from PIL import Image
+
+    try:
+        with Image.open(os.path.join(folder, relative)) as image:
+            image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
+            if image_size > 0 and image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        class_name = Path(relative).parts[1]
+        raise DataError(f"cannot read image {relative} (class {class_name!r}, in {folder}): {err}; "
+                        "remove or replace the file") from err
+
+
+def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> Tensor:
+    """Decode plainly, in order, into one uint8 (N, C, H, W) tensor.
+
+    Small JPEGs decode at ~13k/s on one core; a thread pool only added GIL contention.
+    """
+    arrays = [_decode_image(path, image_size, folder) for path in paths]
+    first_size = arrays[0].shape[:2]
+    for path, array in zip(paths, arrays):
+        if array.shape[:2] != first_size:
+            raise DataError(f"images differ in size: {paths[0]} is {_size_text(first_size)} "
+                            f"but {path} is {_size_text(array.shape[:2])} (in {folder}); set data.image_size "
+                            f"(e.g. data.image_size={first_size[0]}) to resize all images to one square size")
+    all_gray = all(array.ndim == 2 for array in arrays)
+    channels = 1 if all_gray else 3
+    stacked = np.empty((len(arrays), *first_size, channels), dtype=np.uint8)
+    for i, array in enumerate(arrays):
+        stacked[i] = array[..., None] if array.ndim == 2 else array  # gray broadcasts to RGB when mixed
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def _same_channels(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
+    """Grayscale stays one channel only when both splits are all grayscale; otherwise repeat it to RGB."""
+    if x_train.shape[1] == x_test.shape[1]:
+        return x_train, x_test
+    expand = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
+    return expand(x_train), expand(x_test)

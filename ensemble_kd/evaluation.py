@@ -1,0 +1,116 @@
+"""Evaluation of every model of a run on the test set: accuracy, per cluster, by coverage, speed, size.
+
+`by_coverage` is the form of Table 4 in Hinton et al. (2015): test examples grouped by
+how many active specialists cover their true class, with the ensemble's gain in correct
+answers over the generalist in each group.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .config import Config
+from .data import Splits
+from .models import count_params
+
+
+@torch.no_grad()
+def ms_per_image(model: nn.Module, x: torch.Tensor, batch_size: int = 256, repeats: int = 3,
+                 max_images: int = 2048) -> float:
+    """Best-of-`repeats` batched inference time per image, in milliseconds."""
+    model.eval()
+    x = x[:max_images]
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for chunk in x.split(batch_size):
+            model(chunk)
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / max(len(x), 1)
+
+
+def per_cluster_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
+                         clusters: list[list[int]]) -> list[dict[str, Any]]:
+    """Accuracy on the test examples whose true class lies in each cluster."""
+    rows = []
+    for k, subset in enumerate(clusters):
+        mask = torch.isin(labels, torch.tensor(subset))
+        n = int(mask.sum())
+        acc = float((predictions[mask] == labels[mask]).double().mean()) if n else float("nan")
+        rows.append({"cluster": k, "classes": list(subset), "n": n, "accuracy": acc})
+    return rows
+
+
+def coverage_counts(active: torch.Tensor, membership: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """For each example, how many active specialists cover its true class."""
+    return (active & membership[:, labels].T).sum(1)
+
+
+def by_coverage(coverage: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
+                baseline_predictions: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Paper Table 4: per number of covering specialists, examples, accuracy and the change in correct."""
+    rows = []
+    for count in sorted(set(coverage.tolist())):
+        mask = coverage == count
+        correct = int((predictions[mask] == labels[mask]).sum())
+        row = {"specialists_covering": int(count), "n": int(mask.sum()), "accuracy": correct / int(mask.sum())}
+        if baseline_predictions is not None:
+            base = int((baseline_predictions[mask] == labels[mask]).sum())
+            row["delta_correct"] = correct - base
+            row["relative_accuracy_change"] = (correct - base) / base if base else float("nan")
+        rows.append(row)
+    return rows
+
+
+def model_entry(predictions: torch.Tensor, labels: torch.Tensor, clusters: list[list[int]], params: int,
+                ms: float, size_bytes: int, **extra: Any) -> dict[str, Any]:
+    accuracy = float((predictions == labels).double().mean())
+    return {"test_accuracy": accuracy, "test_errors": int((predictions != labels).sum()), "params": int(params),
+            "ms_per_image": ms, "size_bytes": int(size_bytes),
+            "per_cluster": per_cluster_accuracy(predictions, labels, clusters), **extra}
+
+
+def _file_size(*paths: Path) -> int:
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.Module,
+                 ensemble: nn.Module | None = None, with_students: bool = False) -> dict[str, Any]:
+    """Report entries for the generalist, the ensemble (if given) and the students (if trained)."""
+    from .distill import FROM_GENERALIST, HARD_LABELS, STUDENT, load_student_model
+    from .ensemble import membership_matrix
+    from .specialists import read_clusters, specialist_dir
+
+    run_dir = Path(run_dir)
+    clusters = read_clusters(run_dir)
+    x, y = data.x_test, data.y_test
+    entries: dict[str, Any] = {}
+    generalist_file = run_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE
+    with torch.no_grad():
+        g_pred = torch.cat([generalist(c).argmax(1) for c in x.split(1024)])
+    entries["generalist"] = model_entry(g_pred, y, clusters, count_params(generalist), ms_per_image(generalist, x),
+                                        _file_size(generalist_file))
+    if ensemble is not None:
+        with torch.no_grad():
+            details = [ensemble.forward_details(c) for c in x.split(1024)]
+        e_pred = torch.cat([d["q"].argmax(1) for d in details])
+        active = torch.cat([d["active"] for d in details])
+        coverage = coverage_counts(active, membership_matrix(clusters, data.num_classes), y)
+        files = [generalist_file] + [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(len(clusters))]
+        entries["ensemble"] = model_entry(e_pred, y, clusters, count_params(ensemble), ms_per_image(ensemble, x),
+                                          _file_size(*files), by_coverage=by_coverage(coverage, e_pred, y, g_pred))
+        entries["generalist"]["by_coverage"] = by_coverage(coverage, g_pred, y)
+    if with_students:
+        for name in (STUDENT, FROM_GENERALIST, HARD_LABELS):
+            student = load_student_model(cfg, data, run_dir, name)
+            with torch.no_grad():
+                s_pred = torch.cat([student(c).argmax(1) for c in x.split(1024)])
+            entries[name] = model_entry(s_pred, y, clusters, count_params(student), ms_per_image(student, x),
+                                        _file_size(run_dir / name / artifacts.MODEL_FILE))
+    return entries

@@ -1,0 +1,412 @@
+"""Export the student alone and load it back through one interface.
+
+`export_student` writes the student as TorchScript (`student.ts`), a `torch.export`
+program (`student.pt2`), ONNX (`student.onnx`) and/or a state dict with its metadata
+(`student_state.pt`), plus `student.json` (class names, input shape, normalisation, the
+run config) beside them. Every file is written atomically and then loaded back and
+compared with the eager model on a check batch; a format whose outputs differ by more
+than `atol` is an error. The model normalises its own inputs, so every format takes
+float32 pixels in [0, 1] of shape (N, *input_shape) and returns (N, C) logits.
+
+`load_student` opens any of these files (or the export directory) as a `LoadedStudent`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from .artifacts import atomic_write, save_torch, write_bytes, write_json
+from .config import ModelConfig
+from .models import Classifier, build_model
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .data import Splits
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "export", "onnx", "state_dict")
+FILE_NAMES = {
+    "torchscript": "student.ts",
+    "export": "student.pt2",
+    "onnx": "student.onnx",
+    "state_dict": "student_state.pt",
+}
+META_FILE = "student.json"  # the metadata, human readable, beside the exported files
+META_KEY = "meta.json"  # name of the embedded metadata (extra file / ONNX metadata_props key)
+LOAD_PREFERENCE = ("state_dict", "torchscript", "onnx", "export")  # what load_student(dir) opens first
+STATE_FORMAT = "ensemble-kd-student"
+STATE_VERSION = 1
+ONNX_HINT = "ONNX export needs the onnx extra: pip install 'ensemble-kd[onnx]'"
+ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExportError(RuntimeError):
+    """An export failed or an exported file is missing, corrupt or foreign."""
+
+
+class InputError(ValueError):
+    """Inputs given to an exported student have the wrong shape, type or content."""
+
+
+@dataclass
+class StudentMeta:
+    class_names: list[str]  # one name per output, in output order
+    input_shape: list[int]  # one example's shape, without the batch dim
+    model_config: dict  # dataclasses.asdict(ModelConfig) of the student
+    mean: list[float]  # normalisation baked into the model (for information)
+    std: list[float]
+    config: dict = field(default_factory=dict)  # the whole run config the student came from
+    data_fingerprint: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StudentMeta:
+        if not isinstance(d, dict):
+            raise ExportError(f"student metadata must be a JSON object, got {type(d).__name__}; re-export the student")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ExportError(f"student metadata lacks {', '.join(missing)}; re-export the student with this version")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values["class_names"] = [str(c) for c in values["class_names"]]
+        values["input_shape"] = [int(s) for s in values["input_shape"]]
+        return cls(**values)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"{ONNX_HINT} (missing: {', '.join(missing)})")
+
+
+def _batch_dim() -> tuple[dict[int, Any]]:
+    return ({0: torch.export.Dim("batch")},)
+
+
+def _write_torchscript(model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export but still works
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files={META_KEY: meta_json}))
+
+
+def _write_export(model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim())
+    atomic_write(path, lambda f: torch.export.save(program, f, extra_files={META_KEY: meta_json}))
+
+
+def _write_onnx(model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
+    program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, dynamic_shapes=_batch_dim(),
+                                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta_json
+    write_bytes(path, proto.SerializeToString())
+
+
+def _write_state_dict(model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_torch(path, {"format": STATE_FORMAT, "version": STATE_VERSION, "state_dict": state,
+                      "meta": json.loads(meta_json)})
+
+
+WRITERS: dict[str, Callable[[Classifier, torch.Tensor, str, Path], None]] = {
+    "torchscript": _write_torchscript,
+    "export": _write_export,
+    "onnx": _write_onnx,
+    "state_dict": _write_state_dict,
+}
+
+
+def _check_formats(formats: list[str]) -> list[str]:
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ExportError(f"unknown export format(s) {', '.join(map(repr, unknown))}; "
+                          f"choose from {', '.join(FORMATS)}")
+    if not formats:
+        raise ExportError(f"no export formats given; choose one or more of {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))  # drop repeats, keep order
+
+
+def _meta_json(meta: StudentMeta) -> str:
+    try:
+        return json.dumps(meta.to_dict(), indent=2)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"student metadata is not JSON-serialisable ({err}); "
+                          "pass plain dicts, lists, strings and numbers in StudentMeta") from err
+
+
+def _check_batch_on_cpu(check_batch: torch.Tensor, meta: StudentMeta) -> torch.Tensor:
+    batch = torch.as_tensor(check_batch).detach().to("cpu", torch.float32)
+    if batch.dim() != len(meta.input_shape) + 1 or list(batch.shape[1:]) != meta.input_shape or len(batch) == 0:
+        raise ExportError(f"check batch has shape {tuple(batch.shape)}, expected (N>=1, "
+                          f"{', '.join(map(str, meta.input_shape))}); pass a few real inputs of the student")
+    return batch
+
+
+def _example(batch: torch.Tensor) -> torch.Tensor:
+    """Two rows: tracing with a batch of 1 would let torch.export specialise the batch size to 1."""
+    return batch[:2] if len(batch) >= 2 else torch.cat([batch, batch])
+
+
+def parity(student: LoadedStudent, batch: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max |loaded - expected|, share of rows with the same argmax) on `batch`."""
+    got = student.logits(batch)
+    max_abs_diff = float((got - expected).abs().max())
+    top1_agreement = float((got.argmax(1) == expected.argmax(1)).float().mean())
+    return max_abs_diff, top1_agreement
+
+
+def _export_one(fmt: str, model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
+    try:
+        WRITERS[fmt](model, example, meta_json, path)
+    except ExportError:
+        raise
+    except Exception as err:  # exporters raise many kinds on unsupported models
+        raise ExportError(f"{fmt} export of the student failed ({type(err).__name__}: {err}); "
+                          f"drop {fmt!r} from export.formats or use another format") from err
+
+
+def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, formats: list[str],
+                   check_batch: torch.Tensor, atol: float = 1e-4) -> dict:
+    """Write the student in each of `formats` into `out_dir`, each checked against eager PyTorch.
+
+    Returns {"formats": {fmt: {"path", "bytes", "max_abs_diff", "top1_agreement"}}, "meta": {...}}.
+    The caller's model is not changed (a CPU copy in eval mode is exported).
+    """
+    formats = _check_formats(list(formats))
+    if "onnx" in formats:
+        _require_onnx()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_json = _meta_json(meta)
+    batch = _check_batch_on_cpu(check_batch, meta)
+    student = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        expected = student(batch)
+    write_json(out_dir / META_FILE, json.loads(meta_json))
+    results: dict[str, dict[str, Any]] = {}
+    for fmt in formats:
+        path = out_dir / FILE_NAMES[fmt]
+        _export_one(fmt, student, _example(batch), meta_json, path)
+        max_abs_diff, top1_agreement = parity(load_student(path), batch, expected)
+        if not max_abs_diff <= atol:
+            path.unlink(missing_ok=True)  # never leave a file that gives other answers than the student
+            raise ExportError(f"{fmt} export differs from eager PyTorch by {max_abs_diff:.3g} > atol {atol:g} "
+                              f"(top-1 agreement {top1_agreement:.3f}); raise export.parity_atol if this is "
+                              f"float rounding, or drop {fmt!r} from export.formats")
+        results[fmt] = {"path": str(path), "bytes": path.stat().st_size,
+                        "max_abs_diff": max_abs_diff, "top1_agreement": top1_agreement}
+        logger.info("exported %s to %s (%d bytes, max |diff| %.2g, top-1 agreement %.3f)",
+                    fmt, path, results[fmt]["bytes"], max_abs_diff, top1_agreement)
+    return {"formats": results, "meta": meta.to_dict()}
+
+
+# ---------------------------------------------------------------- loading
+
+
+class LoadedStudent:
+    """An exported student of any format: float32 pixels in [0, 1] -> logits on CPU."""
+
+    def __init__(self, meta: StudentMeta, format: str, path: Path, run: Runner) -> None:
+        self.meta = meta
+        self.format = format
+        self.path = path
+        self._run = run
+
+    def __repr__(self) -> str:
+        return (f"LoadedStudent(format={self.format!r}, path='{self.path}', "
+                f"classes={len(self.meta.class_names)}, input_shape={self.meta.input_shape})")
+
+    def _as_input(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"expected a tensor or numpy array, got {type(x).__name__}")
+        expected = f"(N, {', '.join(map(str, self.meta.input_shape))})"
+        if not x.is_floating_point():
+            raise InputError(f"expected float32 pixels in [0, 1] of shape {expected}, got dtype {x.dtype}; "
+                             "divide 8-bit pixels by 255 first (predict.load_inputs does this)")
+        if x.dim() != len(self.meta.input_shape) + 1 or list(x.shape[1:]) != self.meta.input_shape:
+            hint = ("; add a batch dimension, e.g. x[None]" if list(x.shape) == self.meta.input_shape
+                    else "; resize the inputs to the shape the student was trained on")
+            raise InputError(f"expected input of shape {expected}, got {tuple(x.shape)}{hint}")
+        return x.detach().to("cpu", torch.float32).contiguous()
+
+    def logits(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(N, *input_shape) float pixels in [0, 1] -> (N, C) float32 logits on CPU."""
+        x = self._as_input(x)
+        if len(x) == 0:
+            return torch.empty(0, len(self.meta.class_names))
+        with torch.no_grad():
+            out = self._run(x)
+        return torch.as_tensor(out).detach().to("cpu", torch.float32)
+
+    def predict_proba(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
+
+
+def _corrupt(path: Path, err: Exception, what: str) -> ExportError:
+    return ExportError(f"{path} is corrupt or not {what} ({type(err).__name__}: {str(err)[:300]}); "
+                       "re-export the student (ensemble-kd export) to recreate it")
+
+
+def _load_torchscript(path: Path) -> tuple[Runner, dict | None]:
+    extra = {META_KEY: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as err:
+        raise _corrupt(path, err, "a TorchScript student") from err
+    return module.eval(), _parse_embedded(extra[META_KEY], path)
+
+
+def _load_export(path: Path) -> tuple[Runner, dict | None]:
+    extra = {META_KEY: ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+        module = program.module()
+    except Exception as err:
+        raise _corrupt(path, err, "a torch.export student") from err
+    return module, _parse_embedded(extra[META_KEY], path)
+
+
+def _load_onnx(path: Path) -> tuple[Runner, dict | None]:
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ExportError(f"loading {path} needs onnxruntime: pip install 'ensemble-kd[onnx]'") from err
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise _corrupt(path, err, "an ONNX student") from err
+    input_name = session.get_inputs()[0].name
+    embedded = session.get_modelmeta().custom_metadata_map.get(META_KEY, "")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+
+    return run, _parse_embedded(embedded, path)
+
+
+def _load_state_dict(path: Path) -> tuple[Runner, dict | None]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise _corrupt(path, err, "a state-dict student") from err
+    if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
+        raise ExportError(f"{path} is not an ensemble-kd student export (no format={STATE_FORMAT!r} marker); "
+                          "give the student_state.pt written by `ensemble-kd export`")
+    if blob.get("version") != STATE_VERSION:
+        raise ExportError(f"{path} has student format version {blob.get('version')!r}, this ensemble-kd reads "
+                          f"version {STATE_VERSION}; re-export the student with this version")
+    meta = StudentMeta.from_dict(blob.get("meta"))
+    try:
+        model = build_model(ModelConfig(**meta.model_config), meta.input_shape, len(meta.class_names),
+                            meta.mean, meta.std)
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as err:
+        raise ExportError(f"{path}: the weights do not fit the model its metadata describes "
+                          f"({type(err).__name__}: {str(err)[:300]}); re-export the student") from err
+    return model.eval(), meta.to_dict()
+
+
+LOADERS: dict[str, Callable[[Path], tuple[Runner, dict | None]]] = {
+    "torchscript": _load_torchscript,
+    "export": _load_export,
+    "onnx": _load_onnx,
+    "state_dict": _load_state_dict,
+}
+SUFFIXES = {".ts": "torchscript", ".pt2": "export", ".onnx": "onnx", ".pt": "state_dict"}
+
+
+def _parse_embedded(text: str | bytes, path: Path) -> dict | None:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path} holds unreadable metadata ({err}); re-export the student") from err
+
+
+def _meta_beside(path: Path) -> dict:
+    meta_path = path.parent / META_FILE
+    if not meta_path.is_file():
+        raise ExportError(f"{path} has no embedded metadata and {meta_path} is missing; "
+                          f"keep {META_FILE} next to the model or re-export the student")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{meta_path} is not valid JSON ({err}); re-export the student") from err
+
+
+def _resolve(path: Path) -> tuple[Path, str]:
+    if path.is_dir():
+        for fmt in LOAD_PREFERENCE:
+            if (path / FILE_NAMES[fmt]).is_file():
+                return path / FILE_NAMES[fmt], fmt
+        raise ExportError(f"{path} holds no exported student (looked for "
+                          f"{', '.join(FILE_NAMES[f] for f in LOAD_PREFERENCE)}); run `ensemble-kd export` first")
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ExportError(f"{path}: unknown model file type {path.suffix!r}; give a .ts, .pt2, .onnx or "
+                          "student_state.pt file, or the export directory")
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist; run `ensemble-kd export` first or check the path")
+    return path, fmt
+
+
+def load_student(path: str | Path) -> LoadedStudent:
+    """Open an exported student (.ts, .pt2, .onnx, .pt, or the export directory)."""
+    path, fmt = _resolve(Path(path))
+    run, embedded = LOADERS[fmt](path)
+    meta = StudentMeta.from_dict(embedded if embedded is not None else _meta_beside(path))
+    return LoadedStudent(meta, fmt, path, run)
+
+
+# ---------------------------------------------------------------- stage 7 of a run
+
+
+def export_run(cfg: "Config", data: "Splits", run_dir: str | Path, student: Classifier,
+               formats: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
+    """Export a run's student, checked against eager PyTorch on the whole test set."""
+    meta = StudentMeta(class_names=list(data.class_names), input_shape=list(data.input_shape),
+                       model_config=dataclasses.asdict(cfg.student.model), mean=list(data.mean),
+                       std=list(data.std), config=dataclasses.asdict(cfg), data_fingerprint=data.fingerprint())
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+    return export_student(student, meta, out_dir, list(formats or cfg.export.formats), data.x_test,
+                          cfg.export.parity_atol)
+
+
+def export_from_run_dir(run_dir: str | Path, formats: list[str], out_dir: str | Path | None = None) -> dict:
+    """`ensemble-kd export`: export the student of a finished run directory."""
+    from .config import load_config
+    from .data import load_data
+    from .distill import load_student_model
+
+    cfg = load_config(Path(run_dir) / "config.toml")
+    data = load_data(cfg.data, cfg.seed)
+    return export_run(cfg, data, run_dir, load_student_model(cfg, data, run_dir), formats, out_dir)

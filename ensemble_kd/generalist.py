@@ -1,0 +1,59 @@
+"""Stage 1: the generalist, one classifier over all classes."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from . import artifacts
+from .config import Config, ModelConfig
+from .data import Splits, augment_batch
+from .models import Classifier, build_model
+from .train import TrainSet, fit, load_finished, resolve_device, set_seed
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(model_cfg: ModelConfig, data: Splits, seed: int, **extra: Any) -> dict[str, Any]:
+    """What a saved model must agree on to be reused by this run."""
+    return {"arch": dataclasses.asdict(model_cfg), "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape), "data": data.fingerprint(), "seed": seed, **extra}
+
+
+def generalist_fingerprint(cfg: Config, data: Splits) -> dict[str, Any]:
+    return model_fingerprint(cfg.generalist.model, data, cfg.seed, train=dataclasses.asdict(cfg.generalist.train),
+                             flip=cfg.data.flip, crop_pad=cfg.data.crop_pad)
+
+
+def make_augment(cfg: Config):
+    """The batched augmentation from `data.flip` / `data.crop_pad`, or None when both are off."""
+    if not cfg.data.flip and cfg.data.crop_pad == 0:
+        return None
+    return lambda x, gen: augment_batch(x, cfg.data.flip, cfg.data.crop_pad, gen)
+
+
+def new_generalist(cfg: Config, data: Splits) -> Classifier:
+    set_seed(cfg.seed)
+    return build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std)
+
+
+def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: bool = True) -> Path:
+    """Train (or resume, or reuse) the generalist; returns the path of its model file."""
+    stage_dir = Path(run_dir) / artifacts.GENERALIST_DIR
+    model = new_generalist(cfg, data)
+    fit(model, TrainSet(data.x_train, data.y_train), cfg.generalist.train, stage_dir, stage="generalist",
+        seed=cfg.seed, fingerprint=generalist_fingerprint(cfg, data),
+        augment=make_augment(cfg), val=TrainSet(data.x_val, data.y_val),
+        device=resolve_device(cfg.device), progress=progress)
+    return stage_dir / artifacts.MODEL_FILE
+
+
+def load_generalist(cfg: Config, data: Splits, run_dir: str | Path) -> Classifier:
+    """The trained generalist of this run, in eval mode; an error if it has not been trained."""
+    path = Path(run_dir) / artifacts.GENERALIST_DIR
+    model = new_generalist(cfg, data)
+    fingerprint = dict(generalist_fingerprint(cfg, data), stage="generalist")
+    if not load_finished(model, path, fingerprint):
+        raise artifacts.ArtifactError(f"no trained generalist in {path}; run `ensemble-kd run` first")
+    return model.eval()

@@ -1,0 +1,132 @@
+"""Distillation losses and the specialist "dustbin" helpers, as pure functions.
+
+- `kd_loss`: Hinton's distillation loss, hard-label cross-entropy plus the T^2-scaled
+  KL divergence between temperature-softened teacher and student distributions.
+- `soft_cross_entropy`: cross-entropy against a full target distribution.
+- `fold_probs` / `fold_labels`: map a C-class distribution or class ids onto a
+  specialist's |S| + 1 outputs (its classes in the order of `subset`, then the dustbin).
+- `dustbin_log_correction`: the prior correction of a specialist's dustbin logit after
+  training on a set where its own classes were oversampled.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None,
+            alpha: float, temperature: float) -> Tensor:
+    """Knowledge-distillation loss (Hinton et al. 2015), averaged over the batch.
+
+        loss = alpha * CE(labels, softmax(s))
+             + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+    with s = student_logits, t = teacher_logits (both (N, C)) and T = temperature. The
+    KL term is computed from log-softmaxes (`F.kl_div(..., log_target=True,
+    reduction="batchmean")`) so it stays finite for very confident teachers; T^2 keeps
+    its gradient on the same scale as the hard term when T changes. The teacher is
+    detached: gradients reach the student only. A term whose weight is zero is not
+    computed, so `labels` may be None when alpha == 0.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}; it is the weight of the hard-label term")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; 1 means no softening, Hinton used 2-20")
+    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits must both be (N, C) with the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; "
+                         "check that the teacher and student predict the same classes")
+    loss = student_logits.new_zeros(())
+    if alpha > 0:
+        if labels is None:
+            raise ValueError(f"labels are required when alpha > 0 (alpha = {alpha}); "
+                             "pass the hard labels or set alpha = 0 for a pure soft-target loss")
+        if labels.shape != student_logits.shape[:1]:
+            raise ValueError(f"labels must be (N,) = ({student_logits.shape[0]},), got {tuple(labels.shape)}")
+        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+    if alpha < 1:
+        log_student = F.log_softmax(student_logits / temperature, dim=1)
+        log_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+        soft = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+        loss = loss + (1.0 - alpha) * temperature**2 * soft
+    return loss
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """Cross-entropy against a target distribution: -(p * log_softmax(logits)).sum(1).mean().
+
+    Equals KL(p || softmax(logits)) plus the (constant) entropy of p.
+    """
+    if logits.ndim != 2 or logits.shape != target_probs.shape:
+        raise ValueError(f"logits and target_probs must both be (N, C) with the same shape, got "
+                         f"{tuple(logits.shape)} and {tuple(target_probs.shape)}")
+    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def _as_subset(subset: Tensor | Sequence[int], num_classes: int, device: torch.device) -> Tensor:
+    """`subset` as a 1-D long tensor on `device`, checked: non-empty, in range, no repeats."""
+    subset = torch.as_tensor(subset, dtype=torch.long, device=device).reshape(-1)
+    if subset.numel() == 0:
+        raise ValueError("subset is empty; a specialist needs at least one class of its own")
+    if int(subset.min()) < 0 or int(subset.max()) >= num_classes:
+        raise ValueError(f"subset class ids must be in [0, {num_classes}); got {subset.tolist()}; "
+                         "check the clusters against the number of classes")
+    if torch.unique(subset).numel() != subset.numel():
+        raise ValueError(f"subset has repeated class ids: {subset.tolist()}; each class may appear once")
+    return subset
+
+
+def fold_probs(probs: Tensor, subset: Tensor | Sequence[int]) -> Tensor:
+    """Fold a distribution over C classes onto a specialist's outputs.
+
+    probs (N, C) -> (N, |S| + 1): column i is probs[:, subset[i]] (the order of `subset`),
+    the last column is the dustbin, sum of probs over every class not in S.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be (N, C), got shape {tuple(probs.shape)}")
+    subset = _as_subset(subset, probs.shape[1], probs.device)
+    in_subset = torch.zeros(probs.shape[1], dtype=torch.bool, device=probs.device)
+    in_subset[subset] = True
+    dustbin = probs.masked_fill(in_subset, 0.0).sum(dim=1, keepdim=True)
+    return torch.cat([probs[:, subset], dustbin], dim=1)
+
+
+def fold_labels(labels: Tensor, subset: Tensor | Sequence[int], num_classes: int) -> Tensor:
+    """Class ids -> specialist targets.
+
+    A label y becomes its position i in `subset` (subset[i] == y) when y is in S, and
+    |S| (the dustbin) otherwise. Done with a lookup table of num_classes entries.
+    """
+    subset = _as_subset(subset, num_classes, labels.device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
+        raise ValueError(f"labels must be in [0, {num_classes}); found {bad.numel()} outside, e.g. "
+                         f"{int(labels.flatten()[bad[0]])} at index {int(bad[0])}; check num_classes")
+    table = torch.full((num_classes,), subset.numel(), dtype=torch.long, device=labels.device)
+    table[subset] = torch.arange(subset.numel(), device=labels.device)
+    return table[labels.long()]
+
+
+def dustbin_log_correction(subset_prior: float, in_cluster_fraction: float) -> float:
+    """Amount to add to a specialist's dustbin logit to undo oversampling of its classes.
+
+    With pi = subset_prior (true share of examples whose class is in S) and
+    f = in_cluster_fraction (their share in the specialist's training set), Bayes' rule
+    moves each logit by log(true prior / training prior): log((1 - pi) / (1 - f)) for the
+    dustbin and log(pi / f) for the classes of S. Softmax ignores a common shift, so only
+    the dustbin moves, by
+
+        shift = log((1 - pi) / (1 - f)) - log(pi / f) = log(((1 - pi) * f) / ((1 - f) * pi)).
+
+    Positive when S was oversampled (f > pi); e.g. pi = 0.1, f = 0.5 gives log 9.
+    """
+    for name, value in (("subset_prior", subset_prior), ("in_cluster_fraction", in_cluster_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be strictly between 0 and 1, got {value}; it is a share of examples "
+                             "(a cluster with all or none of the data has no dustbin to correct)")
+    pi, f = subset_prior, in_cluster_fraction
+    return math.log(((1.0 - pi) * f) / ((1.0 - f) * pi))

@@ -1,0 +1,92 @@
+"""The whole pipeline, stage after stage, each reading the previous stage's artifacts.
+
+data -> generalist -> confusability -> clusters -> specialists -> ensemble -> student -> export.
+A stage whose outputs are already in the run directory is not redone, so a run that
+stopped anywhere continues with `resume=True`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import artifacts
+from .config import Config, ConfigError, to_toml
+from .data import Splits, load_data
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generalist", "clusters", "specialists", "ensemble", "student", "export")
+
+
+def _timed(run_dir: Path, stage: str, work: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    result = work()
+    artifacts.mark_stage(run_dir, stage, time.perf_counter() - started)
+    return result
+
+
+def start_run(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Prepare the run directory and save the resolved config in it."""
+    run_dir = artifacts.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    artifacts.write_text(run_dir / artifacts.CONFIG_FILE, to_toml(cfg))
+    return run_dir
+
+
+def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:
+    """Run every stage up to and including `until`; returns the report (as written to report.json)."""
+    from .confusion import find_clusters
+    from .distill import load_student_model, train_students
+    from .ensemble import build_ensemble
+    from .evaluation import evaluate_run
+    from .export import export_run
+    from .generalist import load_generalist, train_generalist
+    from .report import format_table, write_report
+    from .specialists import train_all_specialists
+
+    if until not in STAGES:
+        raise ConfigError(f"--until {until!r} is not a stage; choose from {', '.join(STAGES)}")
+    run_dir = Path(run_dir)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    stop = STAGES.index(until)
+    data = load_data(cfg.data, cfg.seed)
+    log.info("data %s: %d train, %d val, %d test, %d classes, input %s", cfg.data.name, len(data.y_train),
+             len(data.y_val), len(data.y_test), data.num_classes, tuple(data.input_shape))
+    _check_clusters_fit(cfg, data)
+
+    _timed(run_dir, "generalist", lambda: train_generalist(cfg, data, run_dir, progress))
+    generalist = load_generalist(cfg, data, run_dir)
+    clusters = _timed(run_dir, "clusters", lambda: find_clusters(cfg, data, run_dir, generalist))
+    report: dict[str, Any] = {"run": run_dir.name, "data": cfg.data.name, "seed": cfg.seed,
+                              "num_classes": data.num_classes, "class_names": data.class_names,
+                              "clusters": [c["names"] for c in clusters["clusters"]]}
+    if stop >= STAGES.index("specialists"):
+        _timed(run_dir, "specialists", lambda: train_all_specialists(cfg, run_dir))
+    ensemble = None
+    if stop >= STAGES.index("ensemble"):
+        ensemble = build_ensemble(cfg, data, run_dir, generalist)
+    if stop >= STAGES.index("student"):
+        _timed(run_dir, "student", lambda: train_students(cfg, data, run_dir, ensemble, generalist, progress))
+    report.update(evaluate_run(cfg, data, run_dir, generalist, ensemble, with_students=stop >= STAGES.index("student")))
+    if stop >= STAGES.index("export"):
+        student = load_student_model(cfg, data, run_dir)
+        report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
+    write_report(run_dir, report)
+    if stop >= STAGES.index("ensemble"):
+        print(format_table(report))
+    return report
+
+
+def _check_clusters_fit(cfg: Config, data: Splits) -> None:
+    """Impossible cluster settings are an error before any training."""
+    c = cfg.clusters
+    if c.k > data.num_classes:
+        raise ConfigError(f"clusters.k = {c.k} but the data has only {data.num_classes} classes; "
+                          f"choose k <= {data.num_classes}")
+    if c.k * c.min_size > data.num_classes:
+        raise ConfigError(f"clusters.k = {c.k} clusters of at least clusters.min_size = {c.min_size} classes need "
+                          f"{c.k * c.min_size} classes, the data has {data.num_classes}; lower k or min_size")

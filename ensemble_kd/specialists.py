@@ -1,0 +1,235 @@
+"""Stage 4: one specialist per cluster of confusable classes, trained in parallel.
+
+A specialist for class subset S starts as a copy of the generalist with a head of
+|S| + 1 outputs (the last is the "dustbin" for every class outside S). It trains on an
+*enriched* stream (by default half its own classes, half random others), first on hard
+labels, then on the generalist's soft targets folded onto S + dustbin, which keeps it
+from overfitting its few classes. Finally its dustbin logit is shifted by the log of
+the oversampling ratio (Hinton et al. 2015, section 5).
+
+Specialists are independent, so `train_all_specialists` runs them through joblib
+(loky processes, or Dask via joblib's backend); a finished one is never trained again.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import artifacts
+from .artifacts import ArtifactError
+from .config import Config
+from .data import Splits, load_data
+from .generalist import generalist_fingerprint, load_generalist, make_augment
+from .losses import dustbin_log_correction, fold_labels, fold_probs, kd_loss
+from .models import Classifier, build_model, replace_head
+from .train import TrainSet, fit, load_finished, predict_logits, resolve_device, save_model
+
+log = logging.getLogger(__name__)
+
+
+class SpecialistError(RuntimeError):
+    """A specialist failed; names its cluster id and the cause."""
+
+
+def specialist_seed(seed: int, cluster_id: int) -> int:
+    """Derived from the run seed and the cluster id only, so the schedule of workers does not matter."""
+    digest = hashlib.sha256(f"{seed}/specialist/{cluster_id}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def specialist_dir(run_dir: str | Path, cluster_id: int) -> Path:
+    return Path(run_dir) / artifacts.SPECIALISTS_DIR / f"specialist_{cluster_id:02d}"
+
+
+def read_clusters(run_dir: str | Path) -> list[list[int]]:
+    clusters = artifacts.read_json(Path(run_dir) / artifacts.CLUSTERS_FILE)["clusters"]
+    return [list(c["ids"]) for c in clusters]
+
+
+def enriched_indices(in_subset: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Shuffled indices with every example of S plus random others, so S makes up `fraction` of them.
+
+    Others are drawn without replacement when there are enough, else with replacement.
+    """
+    inside = in_subset.nonzero().flatten()
+    outside = (~in_subset).nonzero().flatten()
+    n_out = round(len(inside) * (1 - fraction) / fraction)
+    if n_out <= len(outside):
+        picked = outside[torch.randperm(len(outside), generator=generator)[:n_out]]
+    else:
+        picked = outside[torch.randint(len(outside), (n_out,), generator=generator)]
+    chosen = torch.cat([inside, picked])
+    return chosen[torch.randperm(len(chosen), generator=generator)]
+
+
+def specialist_head(generalist: Classifier, subset: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows for S copied from the generalist's head; the dustbin row starts as the mean of the
+    other classes' rows with bias log-sum-exp of their biases, so its initial logit is close to
+    the log of the generalist's total probability outside S (exact when those rows agree)."""
+    weight, bias = generalist.head.weight.detach(), generalist.head.bias.detach()
+    others = torch.ones(len(bias), dtype=torch.bool)
+    others[subset] = False
+    dust_w = weight[others].mean(0, keepdim=True)
+    dust_b = torch.logsumexp(bias[others], 0, keepdim=True)
+    return torch.cat([weight[subset], dust_w]), torch.cat([bias[subset], dust_b])
+
+
+def new_specialist(generalist: Classifier, subset: list[int]) -> Classifier:
+    model = copy.deepcopy(generalist)
+    return replace_head(model, *specialist_head(generalist, subset))
+
+
+def _soft_targets(generalist_logits: torch.Tensor, subset_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher logits at temperature T for S + dustbin: T * log(fold(softmax(g / T)))."""
+    folded = fold_probs(torch.softmax(generalist_logits / temperature, 1), subset_t)
+    return temperature * folded.clamp_min(1e-12).log()
+
+
+def train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Splits | None = None,
+                     threads: int = 0, progress: bool = False) -> Path:
+    """Train specialist `cluster_id` of this run (both phases) and write its model file."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    data = data or load_data(cfg.data, cfg.seed)
+    subset = read_clusters(run_dir)[cluster_id]
+    out_dir = specialist_dir(run_dir, cluster_id)
+    seed = specialist_seed(cfg.seed, cluster_id)
+    fingerprint = specialist_fingerprint(cfg, data, cluster_id, subset)
+    generalist = load_generalist(cfg, data, run_dir)
+    model = new_specialist(generalist, subset)
+    if load_finished(model, out_dir, dict(fingerprint, stage=f"specialist {cluster_id}")):
+        return out_dir / artifacts.MODEL_FILE
+    (out_dir / "STARTED").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "STARTED").write_text(str(os.getpid()))
+    device = resolve_device(cfg.device)
+    subset_t = torch.tensor(subset)
+    fraction = cfg.specialists.in_cluster_fraction
+    in_subset = torch.isin(data.y_train, subset_t)
+    labels = fold_labels(data.y_train, subset_t, data.num_classes)
+    val_idx = enriched_indices(torch.isin(data.y_val, subset_t), fraction, torch.Generator().manual_seed(seed))
+    val = TrainSet(data.x_val[val_idx], fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
+    indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
+    common = dict(seed=seed, fingerprint=fingerprint, epoch_indices=indices, augment=make_augment(cfg),
+                  val=val, device=device, progress=progress)
+    fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard",
+        stage=f"specialist {cluster_id} hard", **common)
+    if cfg.specialists.soft_epochs > 0:
+        model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir, common, cluster_id)
+    shift = dustbin_log_correction(float(in_subset.double().mean()), fraction)
+    with torch.no_grad():
+        model.head.bias[-1] += shift
+    save_model(model, out_dir, dict(fingerprint, stage=f"specialist {cluster_id}"), subset=subset,
+               dustbin_shift=shift)
+    log.info("specialist %d (classes %s) trained in %.1fs", cluster_id, subset, time.perf_counter() - started)
+    return out_dir / artifacts.MODEL_FILE
+
+
+def _soft_phase(cfg: Config, model: Classifier, generalist: Classifier, data: Splits, labels: torch.Tensor,
+                subset_t: torch.Tensor, out_dir: Path, common: dict[str, Any], cluster_id: int) -> Classifier:
+    spec = cfg.specialists
+    soft_cfg = copy.deepcopy(spec.train)
+    soft_cfg.epochs, soft_cfg.lr, soft_cfg.warmup_epochs = spec.soft_epochs, spec.soft_lr, 0
+    augment = common["augment"]
+    teacher = None if augment is None else _FoldedTeacher(generalist, subset_t, spec.temperature)
+    targets = None if augment is not None else _soft_targets(
+        predict_logits(generalist, data.x_train, device=common["device"]), subset_t, spec.temperature)
+    loss = lambda s, y, t: kd_loss(s, t, y, spec.soft_alpha, spec.temperature)  # noqa: E731
+    return fit(model, TrainSet(data.x_train, labels, targets), soft_cfg, out_dir / "soft",
+               stage=f"specialist {cluster_id} soft", loss_fn=loss, teacher=teacher, **common)
+
+
+class _FoldedTeacher(torch.nn.Module):
+    """The generalist's soft targets folded onto S + dustbin, for augmented batches."""
+
+    def __init__(self, generalist: Classifier, subset_t: torch.Tensor, temperature: float) -> None:
+        super().__init__()
+        self.generalist, self.temperature = generalist.eval(), temperature
+        self.register_buffer("subset_t", subset_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _soft_targets(self.generalist(x), self.subset_t, self.temperature)
+
+
+def specialist_fingerprint(cfg: Config, data: Splits, cluster_id: int, subset: list[int]) -> dict[str, Any]:
+    return dict(generalist_fingerprint(cfg, data), cluster_id=cluster_id, subset=list(subset),
+                specialist=specialist_recipe(cfg))
+
+
+def specialist_recipe(cfg: Config) -> dict[str, Any]:
+    """The specialists settings that change their weights (not how they are scheduled)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.specialists).items() if k not in _RUNTIME_KEYS}
+
+
+_RUNTIME_KEYS = ("n_jobs", "backend", "scheduler")  # how specialists are scheduled does not change them
+
+
+def load_specialist(cfg: Config, data: Splits, run_dir: str | Path, cluster_id: int,
+                    generalist: Classifier | None = None) -> Classifier:
+    """A finished specialist (dustbin correction included), in eval mode."""
+    subset = read_clusters(run_dir)[cluster_id]
+    generalist = generalist or build_model(cfg.generalist.model, data.input_shape, data.num_classes,
+                                           data.mean, data.std)
+    model = new_specialist(generalist, subset)
+    fingerprint = dict(specialist_fingerprint(cfg, data, cluster_id, subset), stage=f"specialist {cluster_id}")
+    if not load_finished(model, specialist_dir(run_dir, cluster_id), fingerprint):
+        raise ArtifactError(f"specialist {cluster_id} has not been trained ({specialist_dir(run_dir, cluster_id)}); "
+                            "run `ensemble-kd run --resume`")
+    return model.eval()
+
+
+def is_finished(run_dir: str | Path, cluster_id: int) -> bool:
+    return (specialist_dir(run_dir, cluster_id) / artifacts.MODEL_FILE).exists()
+
+
+def _worker(cfg: Config, run_dir: str, cluster_id: int, threads: int) -> str:
+    try:
+        return str(train_specialist(cfg, run_dir, cluster_id, threads=threads))
+    except Exception as err:
+        raise SpecialistError(f"specialist {cluster_id} failed: {type(err).__name__}: {err}") from err
+
+
+def train_all_specialists(cfg: Config, run_dir: str | Path) -> list[Path]:
+    """Train every unfinished specialist, `specialists.n_jobs` at a time; returns all model paths."""
+    from joblib import Parallel, delayed, parallel_config
+
+    run_dir = Path(run_dir)
+    n_clusters = len(read_clusters(run_dir))
+    todo = [k for k in range(n_clusters) if not is_finished(run_dir, k)]
+    if len(todo) < n_clusters:
+        log.info("specialists %s already trained; not training them again",
+                 [k for k in range(n_clusters) if k not in todo])
+    if todo:
+        n_jobs = _effective_jobs(cfg.specialists.n_jobs, len(todo))
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_jobs)
+        log.info("training %d specialists, %d at a time, %d threads each", len(todo), n_jobs, threads)
+        with _backend(cfg, n_jobs):
+            Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads) for k in todo)
+    return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
+
+
+def _effective_jobs(n_jobs: int, n_tasks: int) -> int:
+    available = os.cpu_count() or 1
+    wanted = available if n_jobs < 0 else max(1, n_jobs)
+    return max(1, min(wanted, n_tasks))
+
+
+def _backend(cfg: Config, n_jobs: int):
+    from joblib import parallel_config
+
+    if cfg.specialists.backend == "dask":
+        try:
+            from dask.distributed import Client
+        except ImportError as err:
+            raise ImportError("specialists.backend = 'dask' needs the dask extra: pip install 'ensemble-kd[dask]'") from err
+        Client(cfg.specialists.scheduler)  # registers itself as the default client for joblib's dask backend
+        return parallel_config(backend="dask")
+    return parallel_config(backend="loky" if n_jobs > 1 else "sequential")
