@@ -297,11 +297,12 @@ def validate_config(cfg: Config) -> None:
          "specialists.backend = 'dask' needs specialists.scheduler = 'tcp://host:port'"),
         (cfg.student.max_params_ratio > 0, "student.max_params_ratio must be > 0"),
     ]
-    for section in (cfg.generalist.train, cfg.specialists.train, cfg.student.train):
+    for name in ("generalist", "specialists", "student"):
+        section = getattr(cfg, name).train
         checks += [
-            (section.epochs >= 1, "train.epochs must be >= 1"),
-            (section.batch_size >= 1, "train.batch_size must be >= 1"),
-            (section.lr > 0, "train.lr must be > 0"),
+            (section.epochs >= 1, f"{name}.train.epochs must be >= 1, got {section.epochs}"),
+            (section.batch_size >= 1, f"{name}.train.batch_size must be >= 1, got {section.batch_size}"),
+            (section.lr > 0, f"{name}.train.lr must be > 0, got {section.lr}"),
         ]
     for ok, message in checks:
         if not ok:

@@ -135,9 +135,12 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
             fingerprint: dict[str, Any]) -> int:
     """Restore the last checkpoint; returns the number of epochs already done (0 if none)."""
     path = stage_dir / artifacts.CHECKPOINT_FILE
-    if not path.exists():
+    if not path.exists():  # starting afresh: lines of an epoch whose checkpoint never landed are stale
+        (stage_dir / artifacts.METRICS_FILE).unlink(missing_ok=True)
         return 0
     ckpt = artifacts.load_torch(path)
+    if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler"} <= set(ckpt):
+        raise ArtifactError(f"{path} is not an ensemble-kd checkpoint; delete it and rerun with --resume")
     _check_fingerprint(path, ckpt.get("fingerprint", {}), fingerprint)
     _load_state(model, ckpt["model"], path)
     _load_state(optimizer, ckpt["optimizer"], path)

@@ -1,0 +1,166 @@
+"""load_config: defaults < TOML file < --set overrides, type and value checks, and the TOML round trip."""
+from pathlib import Path
+
+import pytest
+
+from ensemble_kd.config import Config, ConfigError, config_from_dict, load_config, to_dict, to_toml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_and_equal_the_dataclass_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.name == "digits"
+    assert cfg.generalist.train.epochs == 30
+    assert cfg.specialists.train.epochs == 8  # the specialists' own default, not TrainConfig's
+
+
+def test_toml_file_sets_nested_sections_and_keeps_other_defaults(tmp_path):
+    path = write(tmp_path, """
+seed = 7
+[data]
+name = "mnist"
+[generalist.model]
+arch = "cnn"
+channels = [8, 16]
+[generalist.train]
+epochs = 3
+lr = 1
+""")
+    cfg = load_config(path)
+    assert cfg.seed == 7
+    assert cfg.data.name == "mnist"
+    assert cfg.generalist.model.arch == "cnn"
+    assert cfg.generalist.model.channels == [8, 16]
+    assert cfg.generalist.train.epochs == 3
+    assert cfg.generalist.train.lr == 1.0 and isinstance(cfg.generalist.train.lr, float)
+    assert cfg.generalist.train.batch_size == 64  # untouched key keeps its default
+    assert cfg.student.train.epochs == 30  # an untouched section with the same fields is not affected
+
+
+def test_overrides_parse_each_kind_of_value():
+    cfg = load_config(overrides=[
+        "seed=3",
+        "student.alpha=1",
+        "data.download=true",
+        "generalist.model.hidden=[32,16]",
+        "data.name=fashion-mnist",
+        "generalist.train.epochs=5",
+        "specialists.scheduler=tcp://host:8786",
+    ])
+    assert cfg.seed == 3
+    assert cfg.student.alpha == 1.0 and isinstance(cfg.student.alpha, float)
+    assert cfg.data.download is True
+    assert cfg.generalist.model.hidden == [32, 16]
+    assert cfg.data.name == "fashion-mnist"
+    assert cfg.generalist.train.epochs == 5
+    assert cfg.specialists.scheduler == "tcp://host:8786"
+
+
+def test_precedence_is_defaults_then_file_then_override(tmp_path):
+    path = write(tmp_path, "[generalist.train]\nepochs = 4\nbatch_size = 16\n")
+    cfg = load_config(path, ["generalist.train.epochs=9"])
+    assert cfg.generalist.train.epochs == 9  # override beats file
+    assert cfg.generalist.train.batch_size == 16  # file beats default
+    assert cfg.generalist.train.lr == 2e-3  # default where neither says
+
+
+def test_later_override_wins():
+    assert load_config(overrides=["seed=1", "seed=2"]).seed == 2
+
+
+def test_unknown_key_names_the_key_and_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["generalist.train.epoch=5"])
+    message = str(err.value)
+    assert "'generalist.train.epoch'" in message
+    assert "generalist.train.epochs" in message and "generalist.train.batch_size" in message
+    with pytest.raises(ConfigError, match=r"unknown config key 'datta'.*valid keys here: seed, device"):
+        load_config(write(tmp_path, "[datta]\nname = 'mnist'\n"))
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(overrides=["seed"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("generalist.train.epochs=abc", r"generalist.train.epochs must be of type int, got 'abc'"),
+    ("generalist.train.epochs=2.5", r"generalist.train.epochs must be of type int"),
+    ("data.download=1", r"data.download must be true or false, got 1"),
+    ("seed=true", r"seed must be of type int"),
+    ("data.name=3", r"data.name must be of type str"),
+    ("generalist.model.hidden=[32,\"x\"]", r"generalist.model.hidden\[1\] must be of type int"),
+    ("generalist=3", r"generalist is a section"),
+])
+def test_wrong_types_are_rejected_with_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("data.name=foo", r"data.name = 'foo' is not one of digits, mnist, fashion-mnist"),
+    ("clusters.matrix=bar", r"clusters.matrix = 'bar' is not one of soft, hard, covariance"),
+    ("generalist.model.arch=vit", r"generalist.model.arch = 'vit' is not one of mlp, cnn, resnet"),
+    ("export.formats=[\"tflite\"]", r"export.formats has 'tflite'"),
+])
+def test_values_outside_the_choices_are_rejected(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["data.val_fraction=1.5"], r"data.val_fraction must be between 0 and 1"),
+    (["data.val_fraction=0"], r"data.val_fraction must be between 0 and 1"),
+    (["generalist.train.epochs=0"], r"generalist.train.epochs must be >= 1"),
+    (["student.train.lr=0"], r"student.train.lr must be > 0"),
+    (["specialists.backend=dask"], r"specialists.backend = 'dask' needs specialists.scheduler"),
+    (["clusters.min_size=3", "clusters.max_size=2"], r"clusters.max_size must be 0"),
+])
+def test_impossible_values_are_rejected(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides=overrides)
+
+
+def test_dask_backend_with_a_scheduler_is_accepted():
+    cfg = load_config(overrides=["specialists.backend=dask", "specialists.scheduler=tcp://h:8786"])
+    assert cfg.specialists.backend == "dask"
+
+
+def test_to_toml_round_trips_through_load_config(tmp_path):
+    cfg = load_config(overrides=["seed=5", "data.name=fashion-mnist", "generalist.model.hidden=[]",
+                                 "student.model.hidden=[7, 3]", "ensemble.tolerance=1e-9",
+                                 "specialists.scheduler=a \"quoted\" \\ path", "data.flip=true"])
+    text = to_toml(cfg)
+    assert "[generalist.model]" in text and "[specialists.train]" in text
+    assert load_config(write(tmp_path, text)) == cfg
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=rf"config file {missing} does not exist"):
+        load_config(missing)
+
+
+def test_invalid_toml_names_the_path(tmp_path):
+    path = write(tmp_path, "[data\nname = \n")
+    with pytest.raises(ConfigError, match=r"run.toml is not valid TOML"):
+        load_config(path)
+
+
+def test_there_are_pipeline_configs():
+    assert len(list(CONFIG_DIR.glob("*.toml"))) >= 1
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path, tmp_path):
+    cfg = load_config(path)
+    assert load_config(write(tmp_path, to_toml(cfg))) == cfg

@@ -1,0 +1,374 @@
+"""fit(): training, artifacts, determinism, resume after a crash or SIGKILL, guards; lr_factor; evaluate."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from ensemble_kd import artifacts
+from ensemble_kd.artifacts import ArtifactError
+from ensemble_kd.config import ModelConfig, TrainConfig
+from ensemble_kd.models import build_model
+from ensemble_kd.train import (NonFiniteLossError, TrainSet, cross_entropy, evaluate, fit, load_finished, lr_factor,
+                               save_model, set_seed)
+
+# 200 examples in batches of 32 -> 7 steps per epoch; loss_fn call 7 * (e - 1) + s is epoch e, step s.
+CFG = TrainConfig(epochs=5, batch_size=32, lr=0.02, weight_decay=1e-4, warmup_epochs=1)
+STEPS = 7
+STAGE = "toy"
+
+
+def fresh_model(seed: int = 0) -> nn.Module:
+    set_seed(seed)  # dropout > 0 so the per-epoch reseeding matters for determinism
+    return build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.1), (2,), 3, [0.0], [1.0])
+
+
+def train(model, data, stage_dir, **kwargs):
+    kwargs.setdefault("progress", False)
+    return fit(model, data, CFG, stage_dir, stage=STAGE, seed=0, **kwargs)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def epochs_logged(stage_dir) -> list[int]:
+    return [r["epoch"] for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)]
+
+
+class Crash(Exception):
+    pass
+
+
+def counting_loss(crash_at: int | None = None, nan_at: int | None = None):
+    """Cross-entropy that counts its calls, raising Crash or returning NaN on the given call."""
+    base = cross_entropy()
+
+    def loss(logits, labels, targets):
+        loss.calls += 1
+        if loss.calls == crash_at:
+            raise Crash
+        if loss.calls == nan_at:
+            return torch.tensor(float("nan"))
+        return base(logits, labels, targets)
+
+    loss.calls = 0
+    return loss
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one thread avoids thread contention on a busy 2-core machine (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def reference(blobs, tmp_path):
+    """An uninterrupted run to compare resumed runs with."""
+    return train(fresh_model(), blobs, tmp_path / "reference")
+
+
+# ---------------------------------------------------------------- training and its artifacts
+
+def test_fit_learns_and_writes_model_and_one_metrics_line_per_epoch(blobs, tmp_path):
+    stage_dir = tmp_path / "stage"
+    model = train(fresh_model(), blobs, stage_dir, val=blobs)
+    assert not model.training
+    assert evaluate(model, blobs.x, blobs.y).accuracy > 0.9  # chance is 1/3
+    assert (stage_dir / artifacts.MODEL_FILE).is_file()
+    assert not (stage_dir / artifacts.CHECKPOINT_FILE).exists()
+    records = artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    assert {"loss", "train_accuracy", "lr", "seconds", "val_accuracy"} <= set(records[-1])
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at zero
+    saved = artifacts.load_torch(stage_dir / artifacts.MODEL_FILE)
+    assert saved["fingerprint"] == {"stage": STAGE} and saved["epochs"] == 5
+
+
+def test_two_fits_with_the_same_seed_give_identical_weights(blobs, tmp_path, reference):
+    again = train(fresh_model(), blobs, tmp_path / "again")
+    assert_same_weights(again, reference)
+
+
+def test_another_seed_gives_other_weights(blobs, tmp_path, reference):
+    other = fit(fresh_model(), blobs, CFG, tmp_path / "other", stage=STAGE, seed=1, progress=False)
+    assert not torch.equal(other.head.weight, reference.head.weight)
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(blobs, tmp_path, reference):
+    stage_dir = tmp_path / "stage"
+    with pytest.raises(Crash):
+        train(fresh_model(), blobs, stage_dir, loss_fn=counting_loss(crash_at=2 * STEPS + 2))  # epoch 3, step 2
+    assert artifacts.load_torch(stage_dir / artifacts.CHECKPOINT_FILE)["epoch"] == 2
+    assert epochs_logged(stage_dir) == [1, 2]
+    assert not (stage_dir / artifacts.MODEL_FILE).exists()
+
+    loss = counting_loss()
+    resumed = train(fresh_model(), blobs, stage_dir, loss_fn=loss)
+    assert loss.calls == 3 * STEPS  # epochs 3, 4 and 5 only
+    assert_same_weights(resumed, reference)
+    assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
+    assert not (stage_dir / artifacts.CHECKPOINT_FILE).exists()
+
+
+KILLED_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+
+import torch
+
+from ensemble_kd import artifacts
+from ensemble_kd.config import ModelConfig, TrainConfig
+from ensemble_kd.models import build_model
+from ensemble_kd.train import TrainSet, cross_entropy, fit, set_seed
+
+data_file, stage_dir, where = sys.argv[1:]
+x, y = torch.load(data_file)
+base, calls = cross_entropy(), [0]
+
+def loss(logits, labels, targets):
+    calls[0] += 1
+    if where == "loss" and calls[0] == {kill_call}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return base(logits, labels, targets)
+
+real_save = artifacts.save_torch
+
+def save_torch(path, obj):
+    if where == "checkpoint" and Path(path).name == "checkpoint.pt" and obj["epoch"] == 3:
+        def half_write(f):  # die halfway through writing the epoch-3 checkpoint
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return artifacts.atomic_write(path, half_write)
+    return real_save(path, obj)
+
+artifacts.save_torch = save_torch
+set_seed(0)
+model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.1), (2,), 3, [0.0], [1.0])
+cfg = TrainConfig(**{cfg})
+fit(model, TrainSet(x, y), cfg, stage_dir, stage="{stage}", seed=0, loss_fn=loss, progress=False)
+"""
+
+
+@pytest.mark.parametrize("where, logged_before_resume", [("loss", [1, 2]), ("checkpoint", [1, 2, 3])])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(blobs, tmp_path, reference, where, logged_before_resume):
+    stage_dir = tmp_path / "stage"
+    data_file, script = tmp_path / "data.pt", tmp_path / "killed.py"
+    torch.save((blobs.x, blobs.y), data_file)
+    cfg = {f: getattr(CFG, f) for f in CFG.__dataclass_fields__}
+    script.write_text(textwrap.dedent(KILLED_SCRIPT).format(kill_call=2 * STEPS + 2, cfg=cfg, stage=STAGE))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script), str(data_file), str(stage_dir), where],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert artifacts.load_torch(stage_dir / artifacts.CHECKPOINT_FILE)["epoch"] == 2
+    assert epochs_logged(stage_dir) == logged_before_resume
+
+    resumed = train(fresh_model(), blobs, stage_dir)
+    assert_same_weights(resumed, reference)
+    assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
+
+
+def test_stale_metrics_without_a_checkpoint_are_dropped(blobs, tmp_path):
+    # A kill between appending epoch 1's metrics and writing its checkpoint leaves a line and no checkpoint.
+    stage_dir = tmp_path / "stage"
+    stage_dir.mkdir()
+    (stage_dir / artifacts.METRICS_FILE).write_text(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")
+    train(fresh_model(), blobs, stage_dir)
+    assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
+
+
+def test_a_finished_stage_is_loaded_not_retrained(blobs, tmp_path, reference):
+    stage_dir = tmp_path / "reference"
+    loss = counting_loss()
+    again = train(fresh_model(seed=123), blobs, stage_dir, loss_fn=loss)
+    assert loss.calls == 0
+    assert not again.training
+    assert_same_weights(again, reference)
+    assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- guards
+
+def test_model_file_from_another_configuration_is_refused(tmp_path):
+    model = fresh_model()
+    path = save_model(model, tmp_path, {"a": 1})
+    with pytest.raises(ArtifactError) as err:
+        load_finished(fresh_model(), tmp_path, {"a": 2})
+    assert str(path) in str(err.value)
+    assert "a: file has 1, this run has 2" in str(err.value)
+    assert load_finished(fresh_model(seed=5), tmp_path, {"a": 1}) is True
+
+
+def test_fit_refuses_a_checkpoint_from_another_configuration(blobs, tmp_path):
+    stage_dir = tmp_path / "stage"
+    with pytest.raises(Crash):
+        train(fresh_model(), blobs, stage_dir, fingerprint={"lr": 1}, loss_fn=counting_loss(crash_at=STEPS + 1))
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt was written by another configuration \(lr: file has 1"):
+        train(fresh_model(), blobs, stage_dir, fingerprint={"lr": 2})
+
+
+def test_fit_refuses_a_model_of_another_architecture(blobs, tmp_path, reference):
+    wider = build_model(ModelConfig(arch="mlp", hidden=[32]), (2,), 3, [0.0], [1.0])
+    with pytest.raises(ArtifactError, match=r"model.pt does not fit this model"):
+        train(wider, blobs, tmp_path / "reference")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_checkpoint_is_reported_with_its_path(blobs, tmp_path, damage):
+    stage_dir = tmp_path / "stage"
+    with pytest.raises(Crash):
+        train(fresh_model(), blobs, stage_dir, loss_fn=counting_loss(crash_at=STEPS + 1))
+    path = stage_dir / artifacts.CHECKPOINT_FILE
+    data = path.read_bytes()
+    path.write_bytes(b"\x00not a checkpoint" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=rf"(?s){path} is corrupt or not a checkpoint.*delete it"):
+        train(fresh_model(), blobs, stage_dir)
+
+
+def test_a_corrupt_model_file_is_reported_with_its_path(tmp_path):
+    path = save_model(fresh_model(), tmp_path, {})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=rf"{path} is corrupt"):
+        load_finished(fresh_model(), tmp_path, {})
+
+
+def test_a_torch_file_that_is_not_a_checkpoint_is_refused(blobs, tmp_path):
+    stage_dir = tmp_path / "stage"
+    artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, [1, 2, 3])
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt is not an ensemble-kd checkpoint"):
+        train(fresh_model(), blobs, stage_dir)
+
+
+def test_non_finite_loss_stops_with_an_actionable_message_and_keeps_the_last_checkpoint(blobs, tmp_path, reference):
+    stage_dir = tmp_path / "stage"
+    with pytest.raises(NonFiniteLossError) as err:
+        train(fresh_model(), blobs, stage_dir, loss_fn=counting_loss(nan_at=STEPS + 1))  # epoch 2, step 1
+    message = str(err.value)
+    for part in (STAGE, "nan", "epoch 2", "step 1", "learning rate", "--resume"):
+        assert part in message, part
+    checkpoint = artifacts.load_torch(stage_dir / artifacts.CHECKPOINT_FILE)
+    assert checkpoint["epoch"] == 1
+    fresh_model().load_state_dict(checkpoint["model"])  # loads without error
+    assert not (stage_dir / artifacts.MODEL_FILE).exists()
+    resumed = train(fresh_model(), blobs, stage_dir)  # and the run can go on from it
+    assert_same_weights(resumed, reference)
+
+
+# ---------------------------------------------------------------- teacher and targets
+
+class Recording(nn.Module):
+    """Wraps a model and keeps the last batch it saw."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.last_input: torch.Tensor | None = None
+
+    def forward(self, x):
+        self.last_input = x.detach().clone()
+        return self.inner(x)
+
+
+def test_loss_fn_gets_the_teachers_logits_on_the_augmented_batch(blobs, tmp_path):
+    torch.manual_seed(0)
+    teacher = nn.Linear(2, 3)
+    teacher.train()  # fit must put it in eval mode
+    student = Recording(fresh_model())
+    seen = []
+
+    def loss(logits, labels, targets):
+        assert not teacher.training
+        assert not targets.requires_grad
+        assert targets.shape == logits.shape
+        with torch.no_grad():
+            assert torch.allclose(targets, teacher(student.last_input))
+        seen.append(len(labels))
+        return cross_entropy()(logits, labels, targets)
+
+    def shift(x, generator):
+        return x + 1.0
+
+    fit(student, blobs, TrainConfig(epochs=1, batch_size=32), tmp_path / "s", stage=STAGE, seed=0,
+        loss_fn=loss, teacher=teacher, augment=shift, progress=False)
+    assert sum(seen) == len(blobs) and len(seen) == STEPS
+
+
+def test_loss_fn_gets_the_cached_targets_of_the_batch_without_a_teacher(blobs, tmp_path):
+    data = TrainSet(blobs.x, blobs.y, targets=torch.cat([blobs.x * 10, blobs.y[:, None].float()], 1))
+    student = Recording(fresh_model())
+    calls = []
+
+    def loss(logits, labels, targets):
+        assert torch.equal(targets[:, :2], student.last_input * 10)  # the rows of this batch, in order
+        assert torch.equal(targets[:, 2].long(), labels)
+        calls.append(1)
+        return cross_entropy()(logits, labels, None)
+
+    fit(student, data, TrainConfig(epochs=1, batch_size=32), tmp_path / "s", stage=STAGE, seed=0, loss_fn=loss,
+        progress=False)
+    assert len(calls) == STEPS
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+@pytest.mark.parametrize("step, total, warmup, schedule, expected", [
+    (0, 100, 0, "cosine", 1.0),  # cos(0)
+    (50, 100, 0, "cosine", 0.5),  # (1 + cos(pi/2)) / 2
+    (25, 100, 0, "cosine", (1 + math.sqrt(0.5)) / 2),  # (1 + cos(pi/4)) / 2 = 0.8536
+    (100, 100, 0, "cosine", 0.0),  # cos(pi)
+    (150, 100, 0, "cosine", 0.0),  # clamped past the end
+    (0, 100, 10, "cosine", 0.1),  # warm-up: (step + 1) / warmup
+    (4, 100, 10, "cosine", 0.5),
+    (9, 100, 10, "cosine", 1.0),
+    (10, 100, 10, "cosine", 1.0),  # schedule starts after warm-up
+    (55, 100, 10, "cosine", 0.5),  # halfway through the 90 post-warm-up steps
+    (49, 100, 0, "step", 1.0),
+    (50, 100, 0, "step", 0.1),
+    (74, 100, 0, "step", 0.1),
+    (75, 100, 0, "step", 0.01),
+    (0, 100, 0, "constant", 1.0),
+    (99, 100, 0, "constant", 1.0),
+    (3, 100, 4, "constant", 1.0),
+])
+def test_lr_factor_by_hand(step, total, warmup, schedule, expected):
+    assert lr_factor(step, total, warmup, schedule) == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- evaluate
+
+class Lookup(nn.Module):
+    """Logits read from a table: row i of the input selects TABLE[int(x[i, 0])]."""
+
+    TABLE = torch.tensor([[5.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 3.0]])  # argmax 0, 1, 2
+
+    def forward(self, x):
+        return self.TABLE[x[:, 0].long()]
+
+
+def test_evaluate_by_hand():
+    x = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])  # predictions 0, 1, 1, 1, 0
+    y = torch.tensor([0, 0, 1, 1, 1])
+    result = evaluate(Lookup(), x, y, batch_size=2)
+    assert result.accuracy == pytest.approx(3 / 5)  # rows 0, 2, 3 are right
+    class0, class1, class2 = result.per_class_accuracy
+    assert class0 == pytest.approx(1 / 2)  # rows 0 (right) and 1 (wrong)
+    assert class1 == pytest.approx(2 / 3)  # rows 2, 3 right, row 4 wrong
+    assert math.isnan(class2)  # no example of class 2
+    assert torch.equal(result.logits, Lookup.TABLE[[0, 1, 1, 1, 0]])
