@@ -53,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline, start_run
+    from .report import format_table
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
     run_dir = start_run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     logging.getLogger(__name__).info("run directory: %s", run_dir)
     report = run_pipeline(cfg, run_dir, until=args.until, progress=not args.quiet)
+    if "ensemble" in report:
+        print(format_table(report))
     if args.until == "clusters":
         cmd_clusters(argparse.Namespace(run_dir=run_dir, json=False))
         print(f"\nInspect the clusters, then continue with: ensemble-kd run --out {run_dir} --resume "
@@ -93,8 +96,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .export import InputError
     from .predict import format_predictions, predict_files
 
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
     results = predict_files(args.model, args.files, top_k=args.top_k)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0

@@ -59,7 +59,7 @@ def cached_teacher_logits(teacher: nn.Module, x: torch.Tensor, path: Path, finge
         if saved.get("fingerprint") == fingerprint and saved["logits"].shape[0] == len(x):
             return saved["logits"]
         log.info("%s belongs to another teacher or data; computing the teacher's logits again", path)
-    teacher.eval()
+    teacher.to(device).eval()
     logits = predict_logits(teacher, x, device=device)
     artifacts.save_torch(path, {"logits": logits, "fingerprint": fingerprint})
     return logits

@@ -37,12 +37,12 @@ def ms_per_image(model: nn.Module, x: torch.Tensor, batch_size: int = 256, repea
 
 def per_cluster_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
                          clusters: list[list[int]]) -> list[dict[str, Any]]:
-    """Accuracy on the test examples whose true class lies in each cluster."""
+    """Accuracy on the test examples whose true class lies in each cluster (None for a cluster with none)."""
     rows = []
     for k, subset in enumerate(clusters):
         mask = torch.isin(labels, torch.tensor(subset))
         n = int(mask.sum())
-        acc = float((predictions[mask] == labels[mask]).double().mean()) if n else float("nan")
+        acc = float((predictions[mask] == labels[mask]).double().mean()) if n else None
         rows.append({"cluster": k, "classes": list(subset), "n": n, "accuracy": acc})
     return rows
 
@@ -54,7 +54,9 @@ def coverage_counts(active: torch.Tensor, membership: torch.Tensor, labels: torc
 
 def by_coverage(coverage: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
                 baseline_predictions: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """Paper Table 4: per number of covering specialists, examples, accuracy and the change in correct."""
+    """Paper Table 4: per number of covering specialists, examples, accuracy and the change in correct.
+
+    The relative change is None where the baseline got none right (undefined; report.json stays strict JSON)."""
     rows = []
     for count in sorted(set(coverage.tolist())):
         mask = coverage == count
@@ -63,7 +65,7 @@ def by_coverage(coverage: torch.Tensor, predictions: torch.Tensor, labels: torch
         if baseline_predictions is not None:
             base = int((baseline_predictions[mask] == labels[mask]).sum())
             row["delta_correct"] = correct - base
-            row["relative_accuracy_change"] = (correct - base) / base if base else float("nan")
+            row["relative_accuracy_change"] = (correct - base) / base if base else None
         rows.append(row)
     return rows
 
@@ -82,14 +84,19 @@ def _file_size(*paths: Path) -> int:
 
 def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.Module,
                  ensemble: nn.Module | None = None, with_students: bool = False) -> dict[str, Any]:
-    """Report entries for the generalist, the ensemble (if given) and the students (if trained)."""
+    """Report entries for the generalist, the ensemble (if given) and the students (if trained).
+
+    Everything runs on the CPU (where the test tensors are; teachers may come back from a
+    GPU's student training), so ms_per_image is CPU time for every model."""
     from .distill import FROM_GENERALIST, HARD_LABELS, STUDENT, load_student_model
     from .ensemble import membership_matrix
     from .specialists import read_clusters, specialist_dir
 
     run_dir = Path(run_dir)
     clusters = read_clusters(run_dir)
-    x, y = data.x_test, data.y_test
+    x, y = data.x_test.cpu(), data.y_test.cpu()
+    generalist = generalist.cpu()
+    ensemble = ensemble.cpu() if ensemble is not None else None
     entries: dict[str, Any] = {}
     generalist_file = run_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE
     with torch.no_grad():

@@ -77,7 +77,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
         report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
     write_report(run_dir, report)
     if stop >= STAGES.index("ensemble"):
-        print(format_table(report))
+        log.info("results on the test set:\n%s", format_table(report))
     return report
 
 

@@ -24,6 +24,11 @@ def _fmt_size(n: float) -> str:
     return str(n)
 
 
+def _pct(value: float | None, sign: str = "") -> str:
+    """A share as a percentage; "n/a" where it is undefined (None)."""
+    return "n/a" if value is None else f"{100 * value:{sign}.2f}%"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The models of a report side by side, as a Markdown table."""
     lines = ["| model | test accuracy | errors | params | size | ms / image |", "|---|---:|---:|---:|---:|---:|"]
@@ -43,8 +48,7 @@ def format_cluster_accuracy(report: dict[str, Any]) -> str:
     names = report.get("class_names", [])
     for g, e in zip(report["generalist"]["per_cluster"], report["ensemble"]["per_cluster"]):
         classes = ", ".join(names[i] if i < len(names) else str(i) for i in g["classes"])
-        lines.append(f"| {g['cluster']} | {classes} | {g['n']} | {100 * g['accuracy']:.2f}% | "
-                     f"{100 * e['accuracy']:.2f}% |")
+        lines.append(f"| {g['cluster']} | {classes} | {g['n']} | {_pct(g['accuracy'])} | {_pct(e['accuracy'])} |")
     return "\n".join(lines)
 
 
@@ -56,7 +60,7 @@ def format_coverage(report: dict[str, Any]) -> str:
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['specialists_covering']} | {r['n']} | {100 * r['accuracy']:.2f}% | "
-                     f"{r.get('delta_correct', 0):+d} | {100 * r.get('relative_accuracy_change', 0):+.2f}% |")
+                     f"{r.get('delta_correct', 0):+d} | {_pct(r.get('relative_accuracy_change', 0), '+')} |")
     return "\n".join(lines)
 
 

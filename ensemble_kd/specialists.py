@@ -95,9 +95,21 @@ def _soft_targets(generalist_logits: torch.Tensor, subset_t: torch.Tensor, tempe
 
 def train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Splits | None = None,
                      threads: int = 0, progress: bool = False) -> Path:
-    """Train specialist `cluster_id` of this run (both phases) and write its model file."""
+    """Train specialist `cluster_id` of this run (both phases) and write its model file.
+
+    With `threads` > 0 it trains with that many torch CPU threads; the caller's thread
+    count is restored afterwards (in-process runs must not change later stages)."""
+    previous = torch.get_num_threads()
     if threads > 0:
         torch.set_num_threads(threads)
+    try:
+        return _train_specialist(cfg, run_dir, cluster_id, data, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Splits | None,
+                      progress: bool) -> Path:
     started = time.perf_counter()
     data = data or load_data(cfg.data, cfg.seed)
     subset = read_clusters(run_dir)[cluster_id]
@@ -136,6 +148,7 @@ def train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Sp
 def _soft_phase(cfg: Config, model: Classifier, generalist: Classifier, data: Splits, labels: torch.Tensor,
                 subset_t: torch.Tensor, out_dir: Path, common: dict[str, Any], cluster_id: int) -> Classifier:
     spec = cfg.specialists
+    generalist = generalist.to(common["device"])  # the teacher runs where the batches are
     soft_cfg = copy.deepcopy(spec.train)
     soft_cfg.epochs, soft_cfg.lr, soft_cfg.warmup_epochs = spec.soft_epochs, spec.soft_lr, 0
     augment = common["augment"]
@@ -209,11 +222,21 @@ def train_all_specialists(cfg: Config, run_dir: str | Path) -> list[Path]:
                  [k for k in range(n_clusters) if k not in todo])
     if todo:
         n_jobs = _effective_jobs(cfg.specialists.n_jobs, len(todo))
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // n_jobs)
+        threads = specialist_threads(cfg, n_clusters)
         log.info("training %d specialists, %d at a time, %d threads each", len(todo), n_jobs, threads)
         with _backend(cfg, n_jobs):
             Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads) for k in todo)
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
+
+
+def specialist_threads(cfg: Config, n_clusters: int) -> int:
+    """Torch CPU threads of each specialist: `threads`, else the cores shared out over all clusters.
+
+    Fixed by the config and the machine, never by `n_jobs` or by how many specialists are
+    left to train: the thread count changes the float rounding of CPU kernels, so a
+    specialist would otherwise get other weights when trained sequentially, in parallel,
+    or on resume."""
+    return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, n_clusters))
 
 
 def _effective_jobs(n_jobs: int, n_tasks: int) -> int:

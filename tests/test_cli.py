@@ -1,0 +1,159 @@
+"""The command line: run, clusters, export, predict, report, error exits, and the pipeline script."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble_kd.cli import main
+from ensemble_kd.config import DataConfig
+from ensemble_kd.data import load_data
+from ensemble_kd.export import load_student
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIGITS = [  # the built-in 8x8 digits (images, so predict can read a PNG), cut down to seconds
+    "threads=1", "data.name=digits", "data.train_limit=300", "generalist.model.hidden=[16]", "generalist.train.epochs=2",
+    "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=1", "specialists.soft_epochs=1",
+    "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]", "student.train.epochs=2",
+    "student.train.batch_size=32", "export.formats=torchscript,state_dict",
+]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for text in overrides for arg in ("--set", text)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    """`ensemble-kd run` on tiny digits: (run directory, exit code, stdout)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["run", *_sets(TINY_DIGITS), "--out", str(run_dir), "--quiet"])
+    return run_dir, code, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits_test() -> torch.Tensor:
+    return load_data(DataConfig(name="digits"), 0).x_test[:3]
+
+
+def _expected_top(model: Path, x: torch.Tensor) -> list[str]:
+    student = load_student(model)
+    return [student.meta.class_names[i] for i in student.predict_proba(x).argmax(1).tolist()]
+
+
+def test_run_trains_everything_and_prints_the_table_and_exports(cli_run: tuple[Path, int, str]) -> None:
+    run_dir, code, out = cli_run
+    assert code == 0
+    for model in ("generalist", "ensemble", "student", "student_from_generalist", "student_hard_labels"):
+        assert f"| {model} |" in out
+    assert str(run_dir / "export" / "student.ts") in out
+    assert f"report: {run_dir / 'report.md'}" in out
+    assert "digits" in (run_dir / "config.toml").read_text()  # --set reached the saved config
+
+
+def test_clusters_prints_a_table_with_class_names_and_json(cli_run: tuple[Path, int, str],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = cli_run[0]
+    saved = json.loads((run_dir / "clusters.json").read_text())
+    assert main(["clusters", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "clusters of confusable classes" in out
+    for cluster in saved["clusters"]:
+        for name in cluster["names"]:
+            assert f"{name} (" in out  # each class listed with its inside share
+    assert f"heatmap: {run_dir / 'confusion.png'}" in out
+    assert main(["clusters", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["clusters"] == saved["clusters"]
+
+
+def test_export_writes_the_chosen_format_into_the_chosen_folder(cli_run: tuple[Path, int, str], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                digits_test: torch.Tensor) -> None:
+    run_dir, out_dir = cli_run[0], tmp_path / "exported"
+    assert main(["export", str(run_dir), "--format", "state_dict", "--out", str(out_dir)]) == 0
+    assert capsys.readouterr().out.startswith("state_dict")
+    assert (out_dir / "student_state.pt").is_file() and not (out_dir / "student.ts").exists()
+    exported = load_student(out_dir).logits(digits_test)
+    scripted = load_student(run_dir / "export" / "student.ts").logits(digits_test)
+    assert torch.allclose(exported, scripted, atol=1e-5)  # the same student as the run's own export
+
+
+def test_predict_on_a_npy_batch_and_on_a_png(cli_run: tuple[Path, int, str], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str], digits_test: torch.Tensor) -> None:
+    from PIL import Image
+
+    model = cli_run[0] / "export" / "student.ts"
+    npy = tmp_path / "batch.npy"
+    np.save(npy, digits_test.numpy())
+    assert main(["predict", str(model), str(npy), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    for i, (line, name) in enumerate(zip(lines, _expected_top(model, digits_test))):
+        assert line.startswith(f"{npy}[{i}]: {name} (")
+        assert line.count("(") == 2  # --top-k 2
+
+    pixels = (digits_test[0, 0].numpy() * 255).round().astype(np.uint8)
+    png = tmp_path / "digit.png"
+    Image.fromarray(pixels, mode="L").save(png)
+    assert main(["predict", str(model), str(png)]) == 0
+    (expected,) = _expected_top(model, torch.from_numpy(pixels / np.float32(255))[None, None])
+    assert capsys.readouterr().out.startswith(f"{png}: {expected} (")
+
+
+def test_report_prints_the_table_and_rewrites_report_md(cli_run: tuple[Path, int, str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = cli_run[0]
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| model | test accuracy |") and "| student |" in out
+    assert "| student |" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--set", "generalist.train.epochz=3"], "unknown config key 'generalist.train.epochz'"),
+    (["clusters", "{tmp}/no-such-run"], "no-such-run/clusters.json does not exist"),
+    (["predict", "{tmp}/no-such-export"], "no-such-export"),
+    (["predict", "{tmp}/student.ts", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+])
+def test_user_errors_exit_2_with_a_message(argv: list[str], message: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "run":
+        argv += ["--out", str(tmp_path / "run")]
+    if argv[0] == "predict":
+        argv.append(str(tmp_path / "image.png"))
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_run_into_a_used_directory_exits_2_and_names_resume(cli_run: tuple[Path, int, str],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", *_sets(TINY_DIGITS), "--out", str(cli_run[0]), "--quiet"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_pipeline_script_help_runs() -> None:
+    result = subprocess.run([sys.executable, "pipelines/full_pipeline.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--until" in result.stdout and "--resume" in result.stdout

@@ -1,0 +1,124 @@
+"""Distillation: the teacher's logits computed once (or per augmented batch), the size check, equal starts."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ensemble_kd import artifacts, distill
+from ensemble_kd.config import Config, ConfigError, load_config
+from ensemble_kd.data import Splits
+from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, cached_teacher_logits, check_student_size,
+                                 new_student, train_students)
+
+N_TRAIN, N_CLASSES, BATCH, EPOCHS = 40, 4, 16, 3
+BATCHES_PER_EPOCH = 3  # ceil(40 / 16)
+
+
+class CountingTeacher(nn.Module):
+    """A linear teacher on flattened inputs that counts its forward calls, rows and modes."""
+
+    def __init__(self, in_features: int = 16, classes: int = N_CLASSES) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, classes)
+        self.calls, self.rows, self.training_flags = 0, 0, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.rows += len(x)
+        self.training_flags.append(self.training)
+        return self.linear(x.flatten(1))
+
+
+def image_splits() -> Splits:
+    """40 random 1x4x4 'images', 4 classes; val and test reuse the first 8."""
+    x = torch.rand(N_TRAIN, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(N_TRAIN) % N_CLASSES
+    return Splits(x, y, x[:8], y[:8], x[:8], y[:8], [f"k{i}" for i in range(N_CLASSES)], [0.5], [0.3], "tiny-images")
+
+
+def student_config(*overrides: str) -> Config:
+    return load_config(None, ["generalist.model.hidden=[16]", "student.model.hidden=[8]",
+                              f"student.train.epochs={EPOCHS}", f"student.train.batch_size={BATCH}", *overrides])
+
+
+def _distill(cfg: Config, teacher: nn.Module, stage_dir: Path) -> nn.Module:
+    data = image_splits()
+    return distill.distill(new_student(cfg, data), teacher, data, cfg, stage_dir, {"test": 1}, alpha=0.5,
+                           progress=False)
+
+
+def test_cached_teacher_logits_run_the_teacher_once_per_batch_then_reuse_the_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = CountingTeacher()
+    x = torch.rand(2100, 16)
+    path = tmp_path / "teacher_logits.pt"
+    logits = cached_teacher_logits(teacher, x, path, {"teacher": "a"})
+    assert teacher.calls == 3 and teacher.rows == 2100  # batches of 1024: 1024 + 1024 + 52
+    assert set(teacher.training_flags) == {False}  # frozen teacher runs in eval mode
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(x))
+    teacher.calls = 0
+    again = cached_teacher_logits(teacher, x, path, {"teacher": "a"})
+    assert teacher.calls == 0 and torch.equal(again, logits)
+    cached_teacher_logits(teacher, x, path, {"teacher": "b"})  # another teacher: computed again
+    assert teacher.calls == 3
+
+
+def test_distill_without_augmentation_calls_the_teacher_once_however_many_epochs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = CountingTeacher()
+    _distill(student_config(), teacher, tmp_path / "student")
+    assert teacher.calls == 1 and teacher.rows == N_TRAIN  # one pass over 40 rows, not 3 epochs of batches
+    assert (tmp_path / "student" / "teacher_logits.pt").is_file()
+    assert len(artifacts.read_jsonl(tmp_path / "student" / "metrics.jsonl")) == EPOCHS
+
+    second = CountingTeacher()
+    _distill(student_config(), second, tmp_path / "student")
+    assert second.calls == 0  # logits come from the file, the student from model.pt
+
+
+def test_distill_with_augmentation_runs_the_teacher_on_every_batch_of_every_epoch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = CountingTeacher()
+    _distill(student_config("data.flip=true", "data.crop_pad=1"), teacher, tmp_path / "student")
+    assert teacher.calls == EPOCHS * BATCHES_PER_EPOCH
+    assert teacher.rows == EPOCHS * N_TRAIN
+    assert set(teacher.training_flags) == {False}
+    assert not (tmp_path / "student" / "teacher_logits.pt").exists()
+
+
+def test_check_student_size_against_the_generalist() -> None:
+    data = image_splits()
+    # flat 16 inputs, 4 classes: student 16*8+8 + 8*4+4 = 172 parameters, generalist 16*16+16 + 16*4+4 = 340
+    assert check_student_size(student_config(), data) == 172
+    assert check_student_size(student_config("student.max_params_ratio=0.51"), data) == 172  # 173.4 allowed
+    with pytest.raises(ConfigError, match="max_params_ratio"):
+        check_student_size(student_config("student.max_params_ratio=0.5"), data)  # 170 allowed
+    with pytest.raises(ConfigError, match="more than student.max_params_ratio"):
+        check_student_size(student_config("student.model.hidden=[64]"), data)  # 1,348 > 340
+
+
+def test_the_three_students_start_from_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts, real_distill = {}, distill.distill
+
+    def recording_distill(student, teacher, data, cfg, stage_dir, fingerprint, alpha, progress=True):
+        starts[stage_dir.name] = (copy.deepcopy(student.state_dict()), teacher, alpha)
+        return real_distill(student, teacher, data, cfg, stage_dir, fingerprint, alpha, progress)
+
+    monkeypatch.setattr(distill, "distill", recording_distill)
+    torch.manual_seed(0)
+    ensemble, generalist = CountingTeacher(), CountingTeacher()
+    cfg = student_config("student.train.epochs=1")
+    paths = train_students(cfg, image_splits(), tmp_path, ensemble, generalist, progress=False)
+    assert set(paths) == set(starts) == {STUDENT, FROM_GENERALIST, HARD_LABELS}
+    assert all(p.is_file() for p in paths.values())
+    reference = starts[STUDENT][0]
+    for name in (FROM_GENERALIST, HARD_LABELS):
+        assert all(torch.equal(reference[k], v) for k, v in starts[name][0].items()), name
+    assert starts[STUDENT][1] is ensemble and starts[FROM_GENERALIST][1] is generalist
+    assert starts[HARD_LABELS][1] is None and starts[HARD_LABELS][2] == 1.0
+    assert starts[STUDENT][2] == starts[FROM_GENERALIST][2] == cfg.student.alpha

@@ -1,0 +1,187 @@
+"""The whole pipeline on a tiny synthetic set: layout, report, --until, resume, reproducibility, early errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensemble_kd.artifacts import ArtifactError
+from ensemble_kd.config import Config, ConfigError, load_config
+from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
+from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.report import format_coverage
+
+TINY = [  # 6 synthetic classes in 2 planted groups, two specialists, seconds per stage; one thread is
+    # fastest for such tiny layers (and not slowed down by whatever else runs on the machine)
+    "threads=1", "data.name=synthetic", "data.synthetic_classes=6", "data.synthetic_groups=2", "data.synthetic_per_class=40",
+    "data.synthetic_dim=8", "generalist.model.hidden=[16]", "generalist.train.epochs=3",
+    "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=2", "specialists.soft_epochs=1",
+    "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]",
+    "student.train.epochs=3", "student.train.batch_size=32", "export.formats=[\"torchscript\",\"state_dict\"]",
+]
+N_TEST_PER_CLASS = 20  # synthetic: half of synthetic_per_class
+MODELS = ("generalist", "ensemble", "student", "student_hard_labels", "student_from_generalist")
+STUDENTS = ("student", "student_hard_labels", "student_from_generalist")
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, [*TINY, *overrides])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def full_run(run_dir: Path, *overrides: str) -> tuple[Path, dict]:
+    cfg = tiny_config(*overrides)
+    run_dir = start_run(cfg, run_dir)
+    return run_dir, run_pipeline(cfg, run_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One finished tiny run shared by the read-only tests: (run directory, returned report)."""
+    return full_run(tmp_path_factory.mktemp("finished") / "run")
+
+
+def _strict_json(path: Path) -> dict:
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def _files(run_dir: Path, pattern: str) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob(pattern))}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_a_full_run_writes_the_documented_layout(finished: tuple[Path, dict]) -> None:
+    run_dir, _ = finished
+    expected = ["config.toml", "manifest.json", "generalist/model.pt", "clusters.json", "confusion.png",
+                "specialists/specialist_00/model.pt", "specialists/specialist_01/model.pt", "student/model.pt",
+                "student_hard_labels/model.pt", "student_from_generalist/model.pt", "export/student.ts",
+                "export/student_state.pt", "report.json", "report.md", "accuracy_vs_size.png"]
+    missing = [name for name in expected if not (run_dir / name).is_file()]
+    assert not missing
+    assert not list(run_dir.rglob("checkpoint.pt"))  # finished stages leave no checkpoint behind
+    stages = _strict_json(run_dir / "manifest.json")["stages"]
+    assert {"generalist", "clusters", "specialists", "student", "export"} <= set(stages)
+    assert tiny_config() == load_config(run_dir / "config.toml")  # the saved config is the resolved one
+
+
+def test_report_has_every_model_with_sane_numbers(finished: tuple[Path, dict]) -> None:
+    run_dir, returned = finished
+    report = _strict_json(run_dir / "report.json")  # strict: no NaN
+    assert {m: returned[m]["test_accuracy"] for m in MODELS} == {m: report[m]["test_accuracy"] for m in MODELS}
+    for name in MODELS:
+        entry = report[name]
+        assert 0.0 <= entry["test_accuracy"] <= 1.0, name
+        assert entry["params"] > 0 and entry["ms_per_image"] > 0 and entry["size_bytes"] > 0, name
+        assert entry["test_errors"] == round((1 - entry["test_accuracy"]) * 6 * N_TEST_PER_CLASS), name
+    # mlp 8 -> 16 -> 6: 8*16+16 + 16*6+6 = 246; student 8 -> 8 -> 6: 8*8+8 + 8*6+6 = 126
+    assert report["generalist"]["params"] == 246
+    assert all(report[name]["params"] == 126 for name in STUDENTS)
+    assert report["student"]["params"] < report["generalist"]["params"]
+    # a specialist for S keeps the 8 -> 16 body (144) and has a head of |S| + 1 rows: 17 * (|S| + 1)
+    sizes = [len(c) for c in report["clusters"]]
+    assert report["ensemble"]["params"] == 246 + sum(144 + 17 * (s + 1) for s in sizes)
+    assert set(report["exports"]["formats"]) == {"torchscript", "state_dict"}
+
+
+def test_report_ensemble_rows_per_cluster_and_by_coverage_add_up(finished: tuple[Path, dict]) -> None:
+    report = _strict_json(finished[0] / "report.json")
+    ensemble, generalist = report["ensemble"], report["generalist"]
+    for row in ensemble["per_cluster"]:
+        assert row["n"] == N_TEST_PER_CLASS * len(row["classes"])  # test examples whose class is in the cluster
+    rows = ensemble["by_coverage"]
+    assert sum(r["n"] for r in rows) == 6 * N_TEST_PER_CLASS
+    assert {r["specialists_covering"] for r in rows} <= {0, 1}  # disjoint clusters, top-1: at most one covers
+    correct = sum(round(r["accuracy"] * r["n"]) for r in rows)
+    assert correct == 6 * N_TEST_PER_CLASS - ensemble["test_errors"]
+    assert sum(r["delta_correct"] for r in rows) == generalist["test_errors"] - ensemble["test_errors"]
+    assert "| ensemble |" in (finished[0] / "report.md").read_text()
+
+
+def test_coverage_rows_worked_by_hand_stay_strict_json_when_the_baseline_got_none_right() -> None:
+    coverage, labels = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
+    ensemble, baseline = torch.tensor([0, 5, 2, 3]), torch.tensor([0, 1, 5, 5])
+    rows = by_coverage(coverage, ensemble, labels, baseline)
+    # group 0: ensemble 1 of 2 right, baseline 2 -> -1, -50 %; group 1: 2 of 2 against 0 -> +2, undefined
+    assert rows == [
+        {"specialists_covering": 0, "n": 2, "accuracy": 0.5, "delta_correct": -1, "relative_accuracy_change": -0.5},
+        {"specialists_covering": 1, "n": 2, "accuracy": 1.0, "delta_correct": 2, "relative_accuracy_change": None}]
+    json.dumps(rows, allow_nan=False)
+    table = format_coverage({"ensemble": {"by_coverage": rows}})
+    assert "| 0 | 2 | 50.00% | -1 | -50.00% |" in table and "| 1 | 2 | 100.00% | +2 | n/a |" in table
+    empty = per_cluster_accuracy(ensemble, labels, [[0, 1], [4]])  # no test example of class 4
+    assert [r["accuracy"] for r in empty] == [0.5, None]
+
+
+def test_until_clusters_stops_before_specialists_and_resume_finishes(finished: tuple[Path, dict], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config()
+    run_dir = start_run(cfg, tmp_path / "run")
+    report = run_pipeline(cfg, run_dir, until="clusters", progress=False)
+    assert (run_dir / "clusters.json").is_file() and (run_dir / "generalist" / "model.pt").is_file()
+    assert not (run_dir / "specialists").exists() and not (run_dir / "student").exists()
+    assert "ensemble" not in report and "student" not in report
+
+    run_dir = start_run(cfg, run_dir, resume=True)
+    report = run_pipeline(cfg, run_dir, progress=False)
+    assert (run_dir / "export" / "student.ts").is_file() and "student" in report
+    assert capsys.readouterr().out == ""  # the library logs; printing is the CLI's job
+    # stopping and resuming gives the same models as one uninterrupted run
+    for name in ("specialists/specialist_01/model.pt", "student/model.pt"):
+        uninterrupted, resumed = _weights(finished[0] / name), _weights(run_dir / name)
+        assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted), name
+
+
+def test_rerunning_into_a_used_directory_needs_resume_or_overwrite(finished: tuple[Path, dict]) -> None:
+    run_dir = finished[0]
+    before = (run_dir / "config.toml").read_bytes()
+    with pytest.raises(ArtifactError, match="--resume"):
+        start_run(tiny_config(), run_dir)
+    assert (run_dir / "config.toml").read_bytes() == before
+
+
+def test_resuming_a_finished_run_retrains_nothing(finished: tuple[Path, dict], tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(finished[0], tmp_path / "run"))
+    models, metrics = _files(run_dir, "model.pt"), _files(run_dir, "metrics.jsonl")
+    assert len(models) == 10  # generalist, 2 specialists x (hard, soft, final), 3 students
+    cfg = tiny_config()
+    report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
+    assert _files(run_dir, "model.pt") == models
+    assert _files(run_dir, "metrics.jsonl") == metrics  # no epoch was trained again
+    first = _strict_json(finished[0] / "report.json")
+    assert {m: report[m]["test_accuracy"] for m in MODELS} == {m: first[m]["test_accuracy"] for m in MODELS}
+
+
+def test_same_config_and_seed_give_identical_clusters_and_students(finished: tuple[Path, dict],
+                                                                    tmp_path: Path) -> None:
+    other, _ = full_run(tmp_path / "again")
+    assert (other / "clusters.json").read_bytes() == (finished[0] / "clusters.json").read_bytes()
+    for name in STUDENTS:
+        a, b = _weights(finished[0] / name / "model.pt"), _weights(other / name / "model.pt")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["clusters.k=7"], "clusters.k = 7 but the data has only 6 classes"),
+    (["clusters.k=4", "clusters.min_size=2"], "need 8 classes"),
+])
+def test_impossible_clusters_fail_before_any_training(tmp_path: Path, overrides: list[str], message: str) -> None:
+    cfg = tiny_config(*overrides)
+    run_dir = start_run(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(cfg, run_dir, progress=False)
+    assert not (run_dir / "generalist").exists()

@@ -1,0 +1,193 @@
+"""Specialists: the enriched stream, the dustbin head, seeds, parallel training, resume and failures."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensemble_kd import specialists
+from ensemble_kd.config import Config, ModelConfig, load_config
+from ensemble_kd.losses import fold_labels, fold_probs
+from ensemble_kd.models import build_model
+from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.specialists import (SpecialistError, enriched_indices, new_specialist, specialist_dir,
+                                     specialist_head, specialist_seed, train_all_specialists)
+
+TINY = [  # 6 synthetic classes in 2 planted groups, two specialists, seconds per stage
+    "data.name=synthetic", "data.synthetic_classes=6", "data.synthetic_groups=2", "data.synthetic_per_class=40",
+    "data.synthetic_dim=8", "generalist.model.hidden=[16]", "generalist.train.epochs=3",
+    "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=2", "specialists.soft_epochs=1",
+    "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]",
+    "student.train.epochs=3", "student.train.batch_size=32", "export.formats=[\"torchscript\",\"state_dict\"]",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def clustered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with a trained generalist and clusters.json, no specialists yet."""
+    cfg = tiny_config()
+    run_dir = start_run(cfg, tmp_path_factory.mktemp("clustered") / "run")
+    run_pipeline(cfg, run_dir, until="clusters", progress=False)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(clustered_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(clustered_run, tmp_path / "run"))
+
+
+def _mask(n: int, inside: list[int]) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[inside] = True
+    return mask
+
+
+# ---------------------------------------------------------------- the enriched stream
+
+@pytest.mark.parametrize("fraction, expected_len", [(0.5, 10), (0.25, 20), (0.2, 25)])
+def test_enriched_indices_keep_every_subset_example_once_and_the_fraction(fraction: float, expected_len: int) -> None:
+    inside = [1, 5, 7, 20, 33]  # 5 of 40 in S; 5 / fraction indices in all
+    in_subset = _mask(40, inside)
+    idx = enriched_indices(in_subset, fraction, torch.Generator().manual_seed(0))
+    assert len(idx) == expected_len
+    assert sorted(idx[in_subset[idx]].tolist()) == inside  # each S example exactly once
+    others = idx[~in_subset[idx]].tolist()
+    assert len(others) == expected_len - 5
+    assert len(set(others)) == len(others)  # 35 others are enough: drawn without replacement
+
+
+def test_enriched_indices_draw_others_with_replacement_when_too_few() -> None:
+    in_subset = _mask(8, [0, 1, 2, 3, 4, 5])  # 6 in S, only 6 and 7 outside
+    idx = enriched_indices(in_subset, 0.5, torch.Generator().manual_seed(0))
+    assert len(idx) == 12  # still half from S
+    assert sorted(idx[in_subset[idx]].tolist()) == [0, 1, 2, 3, 4, 5]
+    others = idx[~in_subset[idx]].tolist()
+    assert len(others) == 6 and set(others) <= {6, 7}
+
+
+def test_enriched_indices_are_reproducible_and_shuffled_by_the_generator() -> None:
+    in_subset = _mask(40, [1, 5, 7, 20, 33])
+    a = enriched_indices(in_subset, 0.5, torch.Generator().manual_seed(3))
+    b = enriched_indices(in_subset, 0.5, torch.Generator().manual_seed(3))
+    c = enriched_indices(in_subset, 0.5, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_labels_outside_the_subset_fold_to_the_dustbin() -> None:
+    # subset [4, 1]: class 4 -> 0, class 1 -> 1, every other class -> dustbin 2
+    assert fold_labels(torch.tensor([0, 1, 2, 3, 4, 5]), [4, 1], 6).tolist() == [2, 1, 2, 2, 0, 2]
+
+
+# ---------------------------------------------------------------- the head
+
+def _generalist(same_rows: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden=[4], dropout=0.0), (3,), 6, [0.0] * 3, [1.0] * 3)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).log())
+        if same_rows:
+            model.head.weight.copy_(model.head.weight[:1].expand(6, -1))
+    return model.eval()
+
+
+def test_specialist_head_copies_subset_rows_and_dustbin_bias_is_logsumexp_of_the_others() -> None:
+    generalist = _generalist()
+    weight, bias = specialist_head(generalist, [4, 1])
+    assert weight.shape == (3, 4) and bias.shape == (3,)
+    assert torch.equal(weight[:2], generalist.head.weight[[4, 1]])
+    assert torch.equal(bias[:2], generalist.head.bias[[4, 1]])
+    assert bias[2].item() == pytest.approx(math.log(1 + 3 + 4 + 6))  # exp(bias) of classes 0, 2, 3, 5
+    assert torch.allclose(weight[2], generalist.head.weight[[0, 2, 3, 5]].mean(0))
+
+
+def test_new_specialist_starts_as_the_folded_generalist_when_head_rows_agree() -> None:
+    generalist = _generalist(same_rows=True)
+    specialist = new_specialist(generalist, [4, 1]).eval()
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = fold_probs(torch.softmax(generalist(x), 1), torch.tensor([4, 1]))
+        got = torch.softmax(specialist(x), 1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert generalist.head.out_features == 6  # the generalist itself is untouched
+
+
+def test_specialist_seed_depends_only_on_run_seed_and_cluster_id() -> None:
+    torch.manual_seed(123)  # global RNG state must not matter
+    first = specialist_seed(0, 1)
+    torch.manual_seed(456)
+    assert specialist_seed(0, 1) == first
+    assert len({specialist_seed(0, 0), specialist_seed(0, 1), specialist_seed(1, 0), specialist_seed(1, 1)}) == 4
+    assert 0 <= first < 2**63
+
+
+# ---------------------------------------------------------------- training
+
+def _weights(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in paths]
+
+
+def test_parallel_and_sequential_training_give_identical_specialists(clustered_run: Path, tmp_path: Path) -> None:
+    threads_before = torch.get_num_threads()
+    weights = {}
+    for n_jobs in (1, 2):  # 2 = real loky worker processes
+        run_dir = shutil.copytree(clustered_run, tmp_path / f"jobs{n_jobs}")
+        weights[n_jobs] = _weights(train_all_specialists(tiny_config(f"specialists.n_jobs={n_jobs}"), run_dir))
+    assert torch.get_num_threads() == threads_before  # an in-process specialist restores the thread count
+    assert len(weights[1]) == len(weights[2]) == 2
+    for sequential, parallel in zip(weights[1], weights[2]):
+        assert sequential.keys() == parallel.keys()
+        for name in sequential:
+            assert torch.equal(sequential[name], parallel[name]), name
+
+
+REAL_FIT = specialists.fit
+
+
+def _stage_recorder(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None,
+                    error: BaseException | None = None) -> list[str]:
+    """Wrap specialists.fit: record each stage trained; raise `error` on stages starting with `fail_on`."""
+    real_fit, stages = REAL_FIT, []
+
+    def recording_fit(*args, stage: str, **kwargs):
+        if fail_on is not None and stage.startswith(fail_on):
+            raise error
+        stages.append(stage)
+        return real_fit(*args, stage=stage, **kwargs)
+
+    monkeypatch.setattr(specialists, "fit", recording_fit)
+    return stages
+
+
+def test_interrupted_specialists_resume_without_retraining_the_finished_one(run_copy: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config()
+    first_run = _stage_recorder(monkeypatch, fail_on="specialist 1", error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        train_all_specialists(cfg, run_copy)
+    assert first_run == ["specialist 0 hard", "specialist 0 soft"]
+    finished = specialist_dir(run_copy, 0) / "model.pt"
+    saved = finished.read_bytes()
+    assert not (specialist_dir(run_copy, 1) / "model.pt").exists()
+
+    resumed = _stage_recorder(monkeypatch)
+    paths = train_all_specialists(cfg, run_copy)
+    assert resumed == ["specialist 1 hard", "specialist 1 soft"]  # specialist 0 is not trained again
+    assert finished.read_bytes() == saved
+    assert all(p.is_file() for p in paths)
+
+
+def test_failing_specialist_names_its_cluster_and_cause_and_keeps_the_others(run_copy: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _stage_recorder(monkeypatch, fail_on="specialist 1", error=ValueError("loss exploded on purpose"))
+    with pytest.raises(SpecialistError, match=r"specialist 1 .*ValueError: loss exploded on purpose"):
+        train_all_specialists(tiny_config(), run_copy)
+    assert (specialist_dir(run_copy, 0) / "model.pt").is_file()
+    assert not (specialist_dir(run_copy, 1) / "model.pt").exists()
