@@ -110,7 +110,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def prepare_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create the run directory, refusing to reuse a non-empty one without --resume or --overwrite."""
+    """Create the run directory, refusing to reuse one that holds work without --resume or --overwrite.
+
+    A directory holding only config.toml (a run that stopped on an error before any stage
+    began) holds no work and is reused as if it were empty. A non-empty directory that
+    does not look like a run (no config.toml or manifest.json) is never resumed into or
+    deleted."""
     import shutil
 
     run_dir = Path(run_dir)
@@ -118,16 +123,28 @@ def prepare_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool =
         raise ArtifactError("--resume and --overwrite contradict each other; choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise ArtifactError(f"{run_dir} exists and is not a directory; choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if _holds_work(run_dir):
+        if not _looks_like_run(run_dir):
+            raise ArtifactError(f"{run_dir} is not empty and does not look like an ensemble-kd run (no "
+                                f"{CONFIG_FILE} or {MANIFEST_FILE}); not writing into it or deleting it: "
+                                "choose another --out")
         if overwrite:
             shutil.rmtree(run_dir)
         elif not resume:
             raise ArtifactError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
                                 "--overwrite to replace it, or --out to start a new one")
-    elif resume:
+    elif resume and not (run_dir / CONFIG_FILE).is_file():
         raise ArtifactError(f"--resume given but {run_dir} holds no run to resume; drop --resume to start one")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _holds_work(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != CONFIG_FILE for p in run_dir.iterdir())
+
+
+def _looks_like_run(run_dir: Path) -> bool:
+    return (run_dir / CONFIG_FILE).is_file() or (run_dir / MANIFEST_FILE).is_file()
 
 
 def mark_stage(run_dir: str | Path, stage: str, seconds: float, **details: Any) -> None:

@@ -42,6 +42,7 @@ class ModelConfig:
     arch: str = "mlp"  # mlp | cnn | resnet (see models.py)
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp: widths of the hidden layers
     channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn: channels of each conv block (each halves the size)
+    pool: int = 1  # cnn: feature maps are average-pooled to pool x pool before the head (1 = global pooling)
     depth: int = 20  # resnet: 6n+2 layers (20, 32, 44, 56)
     width: int = 16  # resnet: channels of the first stage (doubles in each of three stages)
     dropout: float = 0.2  # dropout before the classifier head (and between mlp layers)
@@ -87,7 +88,7 @@ class SpecialistsConfig:
     in_cluster_fraction: float = 0.5  # share of each batch drawn from the specialist's own classes
     n_jobs: int = 2  # specialists trained at once (-1 = one per core)
     backend: str = "loky"  # loky (processes on this machine) | dask (an existing dask.distributed cluster)
-    scheduler: str = ""  # dask: address of the scheduler, e.g. tcp://host:8786
+    scheduler: str = ""  # dask: address of the scheduler, e.g. tcp://host:8786; workers write into the run directory: it must be on storage all workers share
 
 
 @dataclass
@@ -116,6 +117,7 @@ class ExportConfig:
 class Config:
     seed: int = 0  # seeds data splits, initialisation, shuffling and clustering
     device: str = "cpu"  # cpu | cuda | auto
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for training and teacher inference (fp16 only on CUDA)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)  # which data and how it is split
     generalist: GeneralistConfig = field(default_factory=GeneralistConfig)  # stage 1
@@ -262,6 +264,7 @@ _CHOICES = {
     "clusters.matrix": ("soft", "hard", "covariance"),
     "specialists.backend": ("loky", "dask"),
     "device": ("cpu", "cuda", "auto"),
+    "precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -286,6 +289,7 @@ def validate_config(cfg: Config) -> None:
         (cfg.data.crop_pad >= 0, "data.crop_pad must be >= 0"),
         (cfg.clusters.k >= 1, "clusters.k must be >= 1"),
         (cfg.clusters.min_size >= 1, "clusters.min_size must be >= 1"),
+        (cfg.generalist.model.pool >= 1 and cfg.student.model.pool >= 1, "model.pool must be >= 1"),
         (cfg.clusters.max_size == 0 or cfg.clusters.max_size >= cfg.clusters.min_size,
          "clusters.max_size must be 0 (no limit) or >= clusters.min_size"),
         (0 < cfg.specialists.in_cluster_fraction < 1, "specialists.in_cluster_fraction must be between 0 and 1"),
@@ -296,6 +300,8 @@ def validate_config(cfg: Config) -> None:
         (cfg.specialists.backend != "dask" or cfg.specialists.scheduler,
          "specialists.backend = 'dask' needs specialists.scheduler = 'tcp://host:port'"),
         (cfg.student.max_params_ratio > 0, "student.max_params_ratio must be > 0"),
+        (cfg.precision != "fp16" or cfg.device != "cpu",
+         "precision = 'fp16' needs a CUDA GPU (device = 'cuda' or 'auto'); on CPU use precision = 'bf16' or 'fp32'"),
     ]
     for name in ("generalist", "specialists", "student"):
         section = getattr(cfg, name).train

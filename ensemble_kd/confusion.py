@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MATRIX_KINDS = ("hard", "soft", "covariance")
+_MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) get cluster labels, not class names
 _DECIMALS = 6  # floats in the JSON report are rounded to this many decimals (deterministic bytes)
 
 
@@ -104,9 +105,15 @@ def _check_probs(probs: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- the matrices (pure functions)
 
 def _mean_rows_by_class(y_true: np.ndarray, rows: np.ndarray, num_classes: int) -> np.ndarray:
-    """Row i = mean of `rows` over the examples of class i (a zero row for a class with none)."""
-    sums = np.zeros((num_classes, rows.shape[1]))
-    np.add.at(sums, y_true, rows)
+    """Row i = mean of `rows` over the examples of class i (a zero row for a class with none).
+
+    The per-class sums are one sparse (classes x examples) indicator times `rows`: linear in
+    the number of entries, several times faster than `np.add.at` for 1,000 classes."""
+    from scipy import sparse  # a dependency of scikit-learn
+
+    n = len(y_true)
+    indicator = sparse.csr_matrix((np.ones(n), (y_true, np.arange(n))), shape=(num_classes, n))
+    sums = np.asarray(indicator @ rows, dtype=np.float64)
     counts = np.bincount(y_true, minlength=num_classes).astype(np.float64)
     return sums / np.maximum(counts, 1.0)[:, None]
 
@@ -117,7 +124,9 @@ def hard_confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> 
     y_pred = _check_labels(y_pred, num_classes, "y_pred")
     if y_true.shape != y_pred.shape:
         raise ClusterError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}; pass one prediction per example")
-    return _mean_rows_by_class(y_true, np.eye(num_classes)[y_pred], num_classes)
+    pairs = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)  # no N x C one-hot
+    counts = np.bincount(y_true, minlength=num_classes).astype(np.float64)
+    return pairs.reshape(num_classes, num_classes) / np.maximum(counts, 1.0)[:, None]
 
 
 def soft_confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -461,9 +470,17 @@ def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_name
         size = len(cluster["ids"])
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="#ff7f0e", linewidth=2))
         start += size
-    names = [str(class_names[i]) for i in order]
-    ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(num_classes), names, fontsize=fontsize)
+    if cell_points >= _MIN_LABEL_POINTS:
+        names = [str(class_names[i]) for i in order]
+        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(num_classes), names, fontsize=fontsize)
+    else:  # too many classes to name each one legibly (and thousands of labels take seconds): name the blocks
+        sizes = [len(cluster["ids"]) for cluster in clusters_json["clusters"]]
+        centres = np.cumsum([0, *sizes[:-1]]) + (np.asarray(sizes) - 1) / 2
+        labels = [f"cluster {cluster['id']}" for cluster in clusters_json["clusters"]]
+        block_fontsize = float(np.clip(0.7 * cell_points * np.median(sizes), 3.0, 8.0))
+        ax.set_xticks(centres, labels, rotation=90, fontsize=block_fontsize)
+        ax.set_yticks(centres, labels, fontsize=block_fontsize)
     ax.set_xlabel("predicted / co-predicted class")
     ax.set_ylabel("true class" if clusters_json.get("matrix") != "covariance" else "class")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -520,7 +537,14 @@ def show_clusters(run_dir: str | Path, as_json: bool = False) -> tuple[str, Path
     from . import artifacts
 
     run_dir = Path(run_dir)
-    clusters = artifacts.read_json(run_dir / artifacts.CLUSTERS_FILE)
+    path = run_dir / artifacts.CLUSTERS_FILE
+    clusters = artifacts.read_json(path)
+    missing = [key for key in ("matrix", "classes", "clusters")
+               if not isinstance(clusters, dict) or key not in clusters]
+    if missing:
+        raise artifacts.ArtifactError(f"{path} is not an ensemble-kd clusters file (no {', '.join(missing)}); "
+                                      f"rerun the clusters stage: ensemble-kd run --out {run_dir} --resume "
+                                      "--until clusters")
     matrices_path = run_dir / artifacts.CONFUSION_DIR / MATRICES_FILE
     if not matrices_path.is_file():
         raise artifacts.ArtifactError(f"{matrices_path} is missing; rerun the clusters stage: "

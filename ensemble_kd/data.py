@@ -100,11 +100,13 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     if cfg.name not in loaders:
         raise DataError(f"unknown data set data.name = {cfg.name!r}; choose from {', '.join(loaders)}")
     x_train, y_train, x_test, y_test, class_names = loaders[cfg.name]()
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):  # before any split or count
+        validate_split(x, y, len(class_names), split, class_names=class_names)
     _check_test_classes_in_train(y_train, y_test, class_names)
     if cfg.train_limit > 0:
         x_train, y_train = _stratified_subsample(x_train, y_train, cfg.train_limit, seed)
     x_train, y_train, x_val, y_val = _stratified_val_split(x_train, y_train, cfg.val_fraction, seed)
-    for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
+    for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val)):
         validate_split(x, y, len(class_names), split, class_names=class_names)
     mean, std = channel_stats(x_train)
     log.info("data %s: %d train, %d val, %d test examples of shape %s, %d classes", cfg.name,

@@ -52,7 +52,7 @@ def check_student_size(cfg: Config, data: Splits) -> int:
 
 
 def cached_teacher_logits(teacher: nn.Module, x: torch.Tensor, path: Path, fingerprint: dict[str, Any],
-                          device: torch.device | str = "cpu") -> torch.Tensor:
+                          device: torch.device | str = "cpu", precision: str = "fp32") -> torch.Tensor:
     """The teacher's logits on every row of `x`, computed once and kept at `path`."""
     if path.exists():
         saved = artifacts.load_torch(path)
@@ -60,7 +60,7 @@ def cached_teacher_logits(teacher: nn.Module, x: torch.Tensor, path: Path, finge
             return saved["logits"]
         log.info("%s belongs to another teacher or data; computing the teacher's logits again", path)
     teacher.to(device).eval()
-    logits = predict_logits(teacher, x, device=device)
+    logits = predict_logits(teacher, x, device=device, precision=precision)
     artifacts.save_torch(path, {"logits": logits, "fingerprint": fingerprint})
     return logits
 
@@ -76,12 +76,13 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
         loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
         if augment is None:
             train.targets = cached_teacher_logits(teacher, data.x_train, stage_dir / "teacher_logits.pt",
-                                                  fingerprint, device)
+                                                  fingerprint, device, cfg.precision)
         else:
             live_teacher = teacher.to(device).eval()
     return fit(student, train, cfg.student.train, stage_dir, stage=stage_dir.name, seed=cfg.seed,
                fingerprint=fingerprint, loss_fn=loss_fn, teacher=live_teacher, augment=augment,
-               val=TrainSet(data.x_val, data.y_val), device=device, progress=progress)
+               val=TrainSet(data.x_val, data.y_val), device=device, precision=cfg.precision,
+               progress=progress)
 
 
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:

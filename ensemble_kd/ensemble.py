@@ -26,13 +26,16 @@ one step.
 
 Everything is batched: a (K, C) membership matrix turns the per-specialist sums into
 matrix products; the only Python loops are over the K specialists (to gather their
-outputs) and over the EM iterations.
+outputs) and over the EM iterations. The combination always runs in float32 or wider,
+also inside a mixed-precision (autocast) region, where float16 / bfloat16 matrix
+products would round small probabilities away.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROB_FLOOR = 1e-12  # smallest probability EM starts from, so classes the generalist rules out can still get mass
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _without_autocast(fn: _F) -> _F:
+    """Run `fn` with autocast off (CPU and CUDA), whatever region it is called from."""
+    @functools.wraps(fn)
+    def full_precision(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return full_precision  # type: ignore[return-value]
 
 
 def membership_matrix(clusters: Sequence[Sequence[int]], num_classes: int) -> Tensor:
@@ -127,6 +141,7 @@ def _em_step(q: Tensor, generalist: Tensor, in_subset: Tensor, dustbin: Tensor, 
     return q_new / q_new.sum(dim=1, keepdim=True)  # EM keeps the sum at 1; this only absorbs rounding
 
 
+@_without_autocast
 def combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], membership: Tensor,
             active: Tensor, iterations: int = 50, tolerance: float = 1e-6) -> Tensor:
     """The q (N, C) minimising KL(p_g || q) + sum_{m active} KL(p_m || fold_m(q)), by EM.
@@ -166,6 +181,7 @@ def combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], member
     return torch.where(has_active[:, None], q.to(generalist_probs.dtype), generalist_probs)
 
 
+@_without_autocast
 def average_combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], membership: Tensor,
                     active: Tensor) -> Tensor:
     """Baseline: q = mean of p_g and each active specialist's distribution made C-wide.

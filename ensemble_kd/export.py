@@ -3,10 +3,11 @@
 `export_student` writes the student as TorchScript (`student.ts`), a `torch.export`
 program (`student.pt2`), ONNX (`student.onnx`) and/or a state dict with its metadata
 (`student_state.pt`), plus `student.json` (class names, input shape, normalisation, the
-run config) beside them. Every file is written atomically and then loaded back and
-compared with the eager model on a check batch; a format whose outputs differ by more
-than `atol` is an error. The model normalises its own inputs, so every format takes
-float32 pixels in [0, 1] of shape (N, *input_shape) and returns (N, C) logits.
+run config) beside them. Every file is first written to a temporary name, loaded back
+and compared with the eager model on a check batch; a format whose outputs differ by more
+than `atol` is an error that leaves the previous export in place. The model normalises
+its own inputs, so every format takes float32 pixels in [0, 1] of shape
+(N, *input_shape) and returns (N, C) logits.
 
 `load_student` opens any of these files (or the export directory) as a `LoadedStudent`.
 """
@@ -17,6 +18,8 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +194,9 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
                    check_batch: torch.Tensor, atol: float = 1e-4) -> dict:
     """Write the student in each of `formats` into `out_dir`, each checked against eager PyTorch.
 
+    Every format is written to a temporary file and checked there; only when all pass do
+    they replace the files of `out_dir` (then student.json). A failed export or parity
+    check leaves the previous export as it was.
     Returns {"formats": {fmt: {"path", "bytes", "max_abs_diff", "top1_agreement"}}, "meta": {...}}.
     The caller's model is not changed (a CPU copy in eval mode is exported).
     """
@@ -204,22 +210,44 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
     student = copy.deepcopy(model).cpu().eval()
     with torch.no_grad():
         expected = student(batch)
-    write_json(out_dir / META_FILE, json.loads(meta_json))
+    checked: dict[str, Path] = {}  # format -> its temporary file, written and checked
     results: dict[str, dict[str, Any]] = {}
-    for fmt in formats:
-        path = out_dir / FILE_NAMES[fmt]
-        _export_one(fmt, student, _example(batch), meta_json, path)
-        max_abs_diff, top1_agreement = parity(load_student(path), batch, expected)
-        if not max_abs_diff <= atol:
-            path.unlink(missing_ok=True)  # never leave a file that gives other answers than the student
-            raise ExportError(f"{fmt} export differs from eager PyTorch by {max_abs_diff:.3g} > atol {atol:g} "
-                              f"(top-1 agreement {top1_agreement:.3f}); raise export.parity_atol if this is "
-                              f"float rounding, or drop {fmt!r} from export.formats")
-        results[fmt] = {"path": str(path), "bytes": path.stat().st_size,
-                        "max_abs_diff": max_abs_diff, "top1_agreement": top1_agreement}
-        logger.info("exported %s to %s (%d bytes, max |diff| %.2g, top-1 agreement %.3f)",
-                    fmt, path, results[fmt]["bytes"], max_abs_diff, top1_agreement)
+    try:
+        for fmt in formats:
+            checked[fmt] = _temp_path(out_dir / FILE_NAMES[fmt])
+            results[fmt] = _export_checked(fmt, student, batch, expected, meta_json, checked[fmt], atol)
+        for fmt, temp in list(checked.items()):
+            path = out_dir / FILE_NAMES[fmt]
+            os.replace(temp, path)
+            del checked[fmt]
+            results[fmt]["path"] = str(path)
+            logger.info("exported %s to %s (%d bytes, max |diff| %.2g, top-1 agreement %.3f)", fmt, path,
+                        results[fmt]["bytes"], results[fmt]["max_abs_diff"], results[fmt]["top1_agreement"])
+    finally:
+        for temp in checked.values():  # never leave a file that gives other answers than the student
+            temp.unlink(missing_ok=True)
+    write_json(out_dir / META_FILE, json.loads(meta_json))
     return {"formats": results, "meta": meta.to_dict()}
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh, unused name beside `path` (the atomic writers write it in turn via their own temp file)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _export_checked(fmt: str, student: Classifier, batch: torch.Tensor, expected: torch.Tensor, meta_json: str,
+                    path: Path, atol: float) -> dict[str, Any]:
+    """Write `fmt` to `path`, load it back and compare it with the eager outputs `expected`."""
+    _export_one(fmt, student, _example(batch), meta_json, path)
+    max_abs_diff, top1_agreement = parity(_open(path, fmt), batch, expected)
+    if not max_abs_diff <= atol:
+        raise ExportError(f"{fmt} export differs from eager PyTorch by {max_abs_diff:.3g} > atol {atol:g} "
+                          f"(top-1 agreement {top1_agreement:.3f}); the previous export is kept. Raise "
+                          f"export.parity_atol if this is float rounding, or drop {fmt!r} from export.formats")
+    return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": max_abs_diff,
+            "top1_agreement": top1_agreement}
 
 
 # ---------------------------------------------------------------- loading
@@ -381,7 +409,10 @@ def _resolve(path: Path) -> tuple[Path, str]:
 
 def load_student(path: str | Path) -> LoadedStudent:
     """Open an exported student (.ts, .pt2, .onnx, .pt, or the export directory)."""
-    path, fmt = _resolve(Path(path))
+    return _open(*_resolve(Path(path)))
+
+
+def _open(path: Path, fmt: str) -> LoadedStudent:
     run, embedded = LOADERS[fmt](path)
     meta = StudentMeta.from_dict(embedded if embedded is not None else _meta_beside(path))
     return LoadedStudent(meta, fmt, path, run)

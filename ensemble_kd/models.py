@@ -64,8 +64,8 @@ def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int
     for c_out in cfg.channels:  # each block: two 3x3 convs, then a 2x2 max-pool
         layers += _conv_bn(c_in, c_out) + _conv_bn(c_out, c_out) + [nn.MaxPool2d(2, ceil_mode=True)]
         c_in = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), c_in
+    layers += [nn.AdaptiveAvgPool2d(cfg.pool), nn.Flatten()]
+    return nn.Sequential(*layers), c_in * cfg.pool**2
 
 
 class BasicBlock(nn.Module):

@@ -39,7 +39,7 @@ def start_run(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite:
 def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:
     """Run every stage up to and including `until`; returns the report (as written to report.json)."""
     from .confusion import find_clusters
-    from .distill import load_student_model, train_students
+    from .distill import check_student_size, load_student_model, train_students
     from .ensemble import build_ensemble
     from .evaluation import evaluate_run
     from .export import export_run
@@ -57,6 +57,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     log.info("data %s: %d train, %d val, %d test, %d classes, input %s", cfg.data.name, len(data.y_train),
              len(data.y_val), len(data.y_test), data.num_classes, tuple(data.input_shape))
     _check_clusters_fit(cfg, data)
+    if stop >= STAGES.index("student"):
+        check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
 
     _timed(run_dir, "generalist", lambda: train_generalist(cfg, data, run_dir, progress))
     generalist = load_generalist(cfg, data, run_dir)
@@ -65,7 +67,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
                               "num_classes": data.num_classes, "class_names": data.class_names,
                               "clusters": [c["names"] for c in clusters["clusters"]]}
     if stop >= STAGES.index("specialists"):
-        _timed(run_dir, "specialists", lambda: train_all_specialists(cfg, run_dir))
+        _timed(run_dir, "specialists", lambda: train_all_specialists(cfg, run_dir, data))
     ensemble = None
     if stop >= STAGES.index("ensemble"):
         ensemble = build_ensemble(cfg, data, run_dir, generalist)
@@ -90,3 +92,7 @@ def _check_clusters_fit(cfg: Config, data: Splits) -> None:
     if c.k * c.min_size > data.num_classes:
         raise ConfigError(f"clusters.k = {c.k} clusters of at least clusters.min_size = {c.min_size} classes need "
                           f"{c.k * c.min_size} classes, the data has {data.num_classes}; lower k or min_size")
+    if c.max_size and c.min_confusion == 0 and c.k * c.max_size < data.num_classes:
+        raise ConfigError(f"clusters.k = {c.k} clusters of at most clusters.max_size = {c.max_size} classes hold "
+                          f"{c.k * c.max_size} classes, the data has {data.num_classes}; raise k or max_size "
+                          "(0 = no limit), or set clusters.min_confusion to leave unconfused classes out")

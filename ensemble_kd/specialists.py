@@ -30,7 +30,8 @@ from .data import Splits, load_data
 from .generalist import generalist_fingerprint, load_generalist, make_augment
 from .losses import dustbin_log_correction, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
-from .train import TrainSet, fit, load_finished, predict_logits, resolve_device, save_model
+from .parallel import effective_jobs, joblib_backend, specialist_device
+from .train import TrainSet, fit, load_finished, predict_logits, save_model
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
         return out_dir / artifacts.MODEL_FILE
     (out_dir / "STARTED").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "STARTED").write_text(str(os.getpid()))
-    device = resolve_device(cfg.device)
+    device = specialist_device(cfg, cluster_id)
     subset_t = torch.tensor(subset)
     fraction = cfg.specialists.in_cluster_fraction
     in_subset = torch.isin(data.y_train, subset_t)
@@ -131,7 +132,7 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     val = TrainSet(data.x_val[val_idx], fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
     common = dict(seed=seed, fingerprint=fingerprint, epoch_indices=indices, augment=make_augment(cfg),
-                  val=val, device=device, progress=progress)
+                  val=val, device=device, progress=progress, precision=cfg.precision)
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard",
         stage=f"specialist {cluster_id} hard", **common)
     if cfg.specialists.soft_epochs > 0:
@@ -154,7 +155,8 @@ def _soft_phase(cfg: Config, model: Classifier, generalist: Classifier, data: Sp
     augment = common["augment"]
     teacher = None if augment is None else _FoldedTeacher(generalist, subset_t, spec.temperature)
     targets = None if augment is not None else _soft_targets(
-        predict_logits(generalist, data.x_train, device=common["device"]), subset_t, spec.temperature)
+        predict_logits(generalist, data.x_train, device=common["device"], precision=cfg.precision), subset_t,
+        spec.temperature)
     loss = lambda s, y, t: kd_loss(s, t, y, spec.soft_alpha, spec.temperature)  # noqa: E731
     return fit(model, TrainSet(data.x_train, labels, targets), soft_cfg, out_dir / "soft",
                stage=f"specialist {cluster_id} soft", loss_fn=loss, teacher=teacher, **common)
@@ -210,23 +212,73 @@ def _worker(cfg: Config, run_dir: str, cluster_id: int, threads: int) -> str:
         raise SpecialistError(f"specialist {cluster_id} failed: {type(err).__name__}: {err}") from err
 
 
-def train_all_specialists(cfg: Config, run_dir: str | Path) -> list[Path]:
-    """Train every unfinished specialist, `specialists.n_jobs` at a time; returns all model paths."""
-    from joblib import Parallel, delayed, parallel_config
+STARTED_FILE = "STARTED"  # in a specialist's folder once its training starts (holds the pid)
 
-    run_dir = Path(run_dir)
+
+def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None = None) -> list[Path]:
+    """Train every unfinished specialist, `specialists.n_jobs` at a time; returns all model paths.
+
+    With `data`, the finished specialists are checked against this run first (an
+    ArtifactError names a corrupt or foreign one before any training). When a worker
+    process dies (killed, out of memory) a SpecialistError names the specialists that were
+    training (on Ctrl-C joblib stops the workers itself). Finished specialists are kept."""
+    from joblib import Parallel, delayed
+
+    run_dir = Path(run_dir).absolute()  # Dask workers resolve relative paths from their own directory
     n_clusters = len(read_clusters(run_dir))
     todo = [k for k in range(n_clusters) if not is_finished(run_dir, k)]
-    if len(todo) < n_clusters:
-        log.info("specialists %s already trained; not training them again",
-                 [k for k in range(n_clusters) if k not in todo])
+    done = [k for k in range(n_clusters) if k not in todo]
+    if done:
+        log.info("specialists %s already trained; not training them again", done)
+        if data is not None:
+            _check_finished(cfg, data, run_dir, done)
     if todo:
-        n_jobs = _effective_jobs(cfg.specialists.n_jobs, len(todo))
+        n_jobs = effective_jobs(cfg, len(todo))
         threads = specialist_threads(cfg, n_clusters)
         log.info("training %d specialists, %d at a time, %d threads each", len(todo), n_jobs, threads)
-        with _backend(cfg, n_jobs):
-            Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads) for k in todo)
+        for k in todo:  # a marker left by an earlier crash would blame this run's failure on the wrong one
+            (specialist_dir(run_dir, k) / STARTED_FILE).unlink(missing_ok=True)
+        try:
+            with joblib_backend(cfg, n_jobs, run_dir):
+                Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads) for k in todo)
+        except _worker_deaths(cfg) as err:
+            raise SpecialistError(_died_message(run_dir, todo, err)) from err
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
+
+
+def _check_finished(cfg: Config, data: Splits, run_dir: Path, finished: list[int]) -> None:
+    """ArtifactError (naming the file and what differs) for a finished specialist that is corrupt or
+    belongs to another configuration, before any other specialist trains."""
+    for k in finished:
+        load_specialist(cfg, data, run_dir, k)
+
+
+def _worker_deaths(cfg: Config) -> tuple[type[BaseException], ...]:
+    """The errors raised when a worker process dies rather than raising an exception (loky, Dask)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    deaths: tuple[type[BaseException], ...] = (TerminatedWorkerError, BrokenProcessPool)
+    if cfg.specialists.backend != "dask":
+        return deaths
+    try:
+        from distributed import KilledWorker
+    except ImportError:  # joblib_backend has already said how to install it
+        return deaths
+    return (*deaths, KilledWorker)
+
+
+def _died_message(run_dir: Path, todo: list[int], err: BaseException) -> str:
+    """Which specialists were training when their worker died: started (STARTED written by
+    train_specialist) but not finished."""
+    dead = [k for k in todo if (specialist_dir(run_dir, k) / STARTED_FILE).exists() and not is_finished(run_dir, k)]
+    kept = [k for k in range(len(read_clusters(run_dir))) if is_finished(run_dir, k)]
+    codes = [line.strip() for line in str(err).splitlines() if "exit code" in line]
+    return (f"specialist(s) {', '.join(map(str, dead)) or '?'} stopped: a worker process died "
+            f"({type(err).__name__}{'; ' + codes[0] if codes else ''}), usually because it ran out of memory "
+            f"(lower specialists.n_jobs) or was killed. Finished specialists are kept "
+            f"({', '.join(map(str, kept)) or 'none yet'}): rerun with --resume to train the rest")
 
 
 def specialist_threads(cfg: Config, n_clusters: int) -> int:
@@ -237,22 +289,3 @@ def specialist_threads(cfg: Config, n_clusters: int) -> int:
     specialist would otherwise get other weights when trained sequentially, in parallel,
     or on resume."""
     return cfg.threads or max(1, (os.cpu_count() or 1) // max(1, n_clusters))
-
-
-def _effective_jobs(n_jobs: int, n_tasks: int) -> int:
-    available = os.cpu_count() or 1
-    wanted = available if n_jobs < 0 else max(1, n_jobs)
-    return max(1, min(wanted, n_tasks))
-
-
-def _backend(cfg: Config, n_jobs: int):
-    from joblib import parallel_config
-
-    if cfg.specialists.backend == "dask":
-        try:
-            from dask.distributed import Client
-        except ImportError as err:
-            raise ImportError("specialists.backend = 'dask' needs the dask extra: pip install 'ensemble-kd[dask]'") from err
-        Client(cfg.specialists.scheduler)  # registers itself as the default client for joblib's dask backend
-        return parallel_config(backend="dask")
-    return parallel_config(backend="loky" if n_jobs > 1 else "sequential")

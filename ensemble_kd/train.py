@@ -5,9 +5,16 @@
 writes `model.pt` when done. Each epoch reseeds its own random streams from
 (seed, epoch), so a run resumed at an epoch boundary gives the same weights as one that
 never stopped.
+
+Mixed precision (`precision` = bf16 | fp16) runs the forward pass and the teacher under
+`torch.autocast`; the loss, the weights and the optimizer stay in float32, and fp16
+(CUDA only) scales the loss with a `GradScaler`. On CUDA the training tensors are moved
+to the GPU once, when they take less than half of its free memory.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
@@ -23,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .artifacts import ArtifactError
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,78 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device = 'cuda' but no CUDA GPU is visible; use --set device=cpu or device=auto")
     return torch.device(name)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device`, None for fp32; ConfigError where it cannot run."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision = {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigError(f"precision = 'fp16' needs a CUDA device (float16 autocast with a gradient scaler), "
+                          f"but this stage runs on {device_type}; use precision = 'bf16' or 'fp32' there, "
+                          "or device = 'cuda'")
+    if precision == "bf16" and not _bf16_autocast_works(device_type):
+        other = "'fp16' or 'fp32'" if device_type == "cuda" else "'fp32'"
+        raise ConfigError(f"precision = 'bf16' but this {device_type} device has no bfloat16 support; "
+                          f"use precision = {other}")
+    return PRECISIONS[precision]
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_autocast_works(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            probe = torch.ones(2, 2, device=device_type)
+            return (probe @ probe).dtype == torch.bfloat16
+    except (RuntimeError, ValueError):
+        return False
+
+
+def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """`torch.autocast` for `precision` on `device`; a no-op for fp32."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _grad_scaler(precision: str) -> Any:
+    """A loss scaler for fp16 (small gradients would underflow to zero without it); None otherwise."""
+    if precision != "fp16":
+        return None
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def _current_cuda_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make an indexed GPU (cuda:k) the current one, so tensors made without a device land there too."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def keep_on_device(train: TrainSet, device: torch.device, share: float = 0.5) -> TrainSet:
+    """`train` moved to a CUDA device once, when its tensors take less than `share` of the free
+    memory there (so batches need no copy from the host); unchanged on CPU or when too large."""
+    if device.type != "cuda":
+        return train
+    tensors = [t for t in (train.x, train.y, train.targets) if t is not None]
+    size = sum(t.element_size() * t.nelement() for t in tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > share * free:
+        log.info("training data (%.1f GiB) stays on the CPU: more than %.0f%% of the %.1f GiB free on %s",
+                 size / 2**30, 100 * share, free / 2**30, device)
+        return train
+    return TrainSet(train.x.to(device), train.y.to(device), None if train.targets is None else train.targets.to(device))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -132,7 +211,7 @@ def save_model(model: nn.Module, stage_dir: Path, fingerprint: dict[str, Any], *
 
 
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, stage_dir: Path,
-            fingerprint: dict[str, Any]) -> int:
+            fingerprint: dict[str, Any], scaler: Any = None) -> int:
     """Restore the last checkpoint; returns the number of epochs already done (0 if none)."""
     path = stage_dir / artifacts.CHECKPOINT_FILE
     if not path.exists():  # starting afresh: lines of an epoch whose checkpoint never landed are stale
@@ -145,6 +224,8 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     _load_state(model, ckpt["model"], path)
     _load_state(optimizer, ckpt["optimizer"], path)
     scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     done = int(ckpt["epoch"])
     kept = [r for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE) if r["epoch"] <= done]
     artifacts.write_text(stage_dir / artifacts.METRICS_FILE, "".join(_jsonl(r) for r in kept))
@@ -161,17 +242,20 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
         fingerprint: dict[str, Any] | None = None, loss_fn: LossFn | None = None,
         teacher: nn.Module | None = None, epoch_indices: IndexFn | None = None,
         augment: AugmentFn | None = None, val: TrainSet | None = None,
-        device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
+        device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32") -> nn.Module:
     """Train `model` for `cfg.epochs`, resuming from `stage_dir` if a checkpoint is there.
 
     With `teacher`, the targets of each batch are the teacher's logits on the (augmented)
     batch; otherwise `train.targets` (if any) are passed to `loss_fn` as they are.
+    `precision` (fp32 | bf16 | fp16) is not part of the fingerprint, like `device`: a
+    stage may resume at another precision; model.pt records it when it is not fp32.
     Returns the model in eval mode; `stage_dir/model.pt` marks the stage finished.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = dict(fingerprint or {}, stage=stage)
     device = torch.device(device)
+    autocast_dtype(precision, device)  # an impossible precision fails before any work
     model.to(device)
     if load_finished(model, stage_dir, fingerprint):
         log.info("%s already trained (%s); not training again", stage, stage_dir / artifacts.MODEL_FILE)
@@ -183,22 +267,28 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
-    start = _resume(model, optimizer, scheduler, stage_dir, fingerprint)
+    scaler = _grad_scaler(precision)
+    start = _resume(model, optimizer, scheduler, stage_dir, fingerprint, scaler)
     if teacher is not None:
         teacher.eval()
+    if start < cfg.epochs:
+        train = keep_on_device(train, device)
     for epoch in range(start + 1, cfg.epochs + 1):
-        record = _train_epoch(model, train, cfg, optimizer, scheduler, loss_fn, teacher, epoch_indices, augment,
-                              stage, epoch, seed, device, progress)
-        if val is not None:
-            record["val_accuracy"] = evaluate(model, val.x, val.y, device=device).accuracy
+        with _current_cuda_device(device):
+            record = _train_epoch(model, train, cfg, optimizer, scheduler, loss_fn, teacher, epoch_indices, augment,
+                                  stage, epoch, seed, device, progress, precision, scaler)
+            if val is not None:
+                record["val_accuracy"] = evaluate(model, val.x, val.y, device=device).accuracy
         artifacts.append_jsonl(stage_dir / artifacts.METRICS_FILE, record)
         artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "fingerprint": fingerprint})
+            "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
+            **({"scaler": scaler.state_dict()} if scaler is not None else {})})
         log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", stage, epoch, cfg.epochs, record["loss"],
                  record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if val is not None else "")
     model.eval()
-    save_model(model, stage_dir, fingerprint, epochs=cfg.epochs)
+    save_model(model, stage_dir, fingerprint, epochs=cfg.epochs,
+               **({"precision": precision} if precision != "fp32" else {}))
     (stage_dir / artifacts.CHECKPOINT_FILE).unlink(missing_ok=True)
     return model
 
@@ -206,7 +296,7 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
 def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                  scheduler: Any, loss_fn: LossFn, teacher: nn.Module | None, epoch_indices: IndexFn,
                  augment: AugmentFn | None, stage: str, epoch: int, seed: int, device: torch.device,
-                 progress: bool) -> dict[str, Any]:
+                 progress: bool, precision: str = "fp32", scaler: Any = None) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     torch.manual_seed(epoch_seed(seed, epoch))  # dropout draws from the global stream
     order = epoch_indices(epoch, generator)
@@ -215,26 +305,38 @@ def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainConfig, optimizer:
     batches = order.split(cfg.batch_size)
     bar = tqdm(batches, desc=f"{stage} {epoch}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
     for step, idx in enumerate(bar, start=1):
+        idx = idx.to(train.x.device)  # the data may already live on the device (keep_on_device)
         x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
         if augment is not None:
             x = augment(x, generator)
         targets = None
-        if teacher is not None:
-            with torch.no_grad():
-                targets = teacher(x)
-        elif train.targets is not None:
-            targets = train.targets[idx].to(device, non_blocking=True)
-        logits = model(x)
+        with autocast(precision, device):
+            if teacher is not None:
+                with torch.no_grad():
+                    targets = teacher(x)
+            elif train.targets is not None:
+                targets = train.targets[idx].to(device, non_blocking=True)
+            logits = model(x)
+        if precision != "fp32":  # the loss (softmax, logs, sums) in float32
+            logits, targets = logits.float(), None if targets is None else targets.float()
         loss = loss_fn(logits, y, targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint "
                 f"is kept. Lower the learning rate (now {cfg.lr:g}) or raise grad_clip, then rerun with --resume")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+        else:  # fp16: scaled backward; clip the true gradients; a step with inf/NaN gradients is skipped
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         loss_sum += loss.item() * len(idx)
         correct += int((logits.argmax(1) == y).sum()) if y.dtype == torch.int64 else 0
@@ -245,11 +347,12 @@ def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainConfig, optimizer:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
-    """The model's logits for every row of `x`, in eval mode, on CPU."""
+                   device: str | torch.device = "cpu", precision: str = "fp32") -> torch.Tensor:
+    """The model's logits for every row of `x`, in eval mode, as float32 on CPU."""
     was_training = model.training
     model.eval()
-    outputs = [model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
+    with autocast(precision, device):
+        outputs = [model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 

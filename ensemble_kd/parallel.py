@@ -1,0 +1,169 @@
+"""Where specialists train: the joblib backend, how many at once, and on which device.
+
+Specialists are independent, so stage 4 hands them to joblib, which runs them on
+existing engines -- nothing here schedules work itself:
+
+* `loky` (default): worker processes on this machine, `specialists.n_jobs` at a time.
+  On CUDA there is one worker per visible GPU instead (`n_jobs` is then ignored), and
+  `specialist_device` puts specialist k on GPU k % n_gpus.
+* `dask`: joblib's Dask backend on a running `dask.distributed` cluster at
+  `specialists.scheduler`. Each task trains one specialist and its worker writes the
+  model into the run directory itself, so that directory must be on storage every
+  worker sees at the same absolute path (NFS, a cluster file system); `joblib_backend`
+  checks this before any work is sent and closes its client afterwards. Workers should
+  run one thread each (`dask worker --nthreads 1 --nworkers N`): specialists side by
+  side in one process would share torch's global random stream and thread count.
+
+The weights do not depend on the backend: a specialist's seed comes from the run seed
+and its cluster id, and its torch thread count from the config (`specialist_threads`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from . import artifacts
+from .train import resolve_device
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0  # how long to try reaching the Dask scheduler before giving up
+WAIT_FOR_WORKERS_S = 60.0  # how long joblib waits for a first Dask worker to join the scheduler
+DASK_EXTRA = "pip install 'ensemble-kd[dask]'"
+
+
+class SchedulerError(ConnectionError):
+    """The Dask scheduler cannot be reached, or its workers cannot see the run directory."""
+
+
+# ---------------------------------------------------------------- devices and worker counts
+
+def cuda_device_count(cfg: Config) -> int:
+    """GPUs the specialists may use: 0 unless `device` is cuda (or auto with CUDA visible)."""
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
+def specialist_device(cfg: Config, cluster_id: int) -> torch.device:
+    """The device of specialist `cluster_id`: cuda:(cluster_id % n_gpus) with several GPUs
+    visible to this process, else the run's device (`device`, auto resolved)."""
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        return device
+    n_gpus = torch.cuda.device_count()
+    return torch.device("cuda", cluster_id % n_gpus) if n_gpus > 1 else device
+
+
+def effective_jobs(cfg: Config, n_tasks: int) -> int:
+    """Specialists trained at once on this machine (the Dask backend uses its workers instead).
+
+    loky on CUDA: one worker per visible GPU (`specialists.n_jobs` is ignored). Otherwise
+    `specialists.n_jobs`, -1 meaning one per CPU core. Never more than `n_tasks`."""
+    n_gpus = cuda_device_count(cfg) if cfg.specialists.backend == "loky" else 0
+    if n_gpus:
+        if cfg.specialists.n_jobs not in (n_gpus, -1):
+            log.info("device is CUDA: training one specialist per GPU (%d at a time), not specialists.n_jobs = %d",
+                     n_gpus, cfg.specialists.n_jobs)
+        wanted = n_gpus
+    elif cfg.specialists.n_jobs < 0:
+        wanted = os.cpu_count() or 1
+    else:
+        wanted = max(1, cfg.specialists.n_jobs)
+    return max(1, min(wanted, n_tasks))
+
+
+# ---------------------------------------------------------------- the joblib backend
+
+@contextlib.contextmanager
+def joblib_backend(cfg: Config, n_jobs: int, run_dir: str | Path | None = None,
+                   connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterator[None]:
+    """Make `joblib.Parallel` inside the block use the configured backend.
+
+    loky with n_jobs > 1, else sequential (in this process). dask: connect a client to
+    `specialists.scheduler` (SchedulerError after `connect_timeout` seconds), check that
+    every worker sees `run_dir` (when given), run the block on the cluster through
+    joblib's Dask backend, and close the client however the block ends.
+    """
+    from joblib import parallel_config
+
+    if cfg.specialists.backend != "dask":
+        with parallel_config(backend="loky" if n_jobs > 1 else "sequential"):
+            yield
+        return
+    client = connect(cfg.specialists.scheduler, connect_timeout)
+    try:
+        if run_dir is not None:
+            check_shared_run_dir(client, run_dir)
+        _warn_about_threaded_workers(client)
+        log.info("training specialists on the Dask cluster at %s (%d workers)", cfg.specialists.scheduler,
+                 len(client.scheduler_info().get("workers", {})))
+        with parallel_config(backend=_dask_backend(client)):
+            yield
+    finally:
+        client.close()
+
+
+def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
+    """A `dask.distributed.Client` of the scheduler at `address` (not made the default client)."""
+    try:
+        from dask.distributed import Client
+    except ImportError as err:
+        raise ImportError(f"specialists.backend = 'dask' needs dask.distributed, which is not installed: {DASK_EXTRA}"
+                          ) from err
+    try:
+        return Client(address, timeout=timeout, set_as_default=False)
+    except Exception as err:  # refused, timed out, a malformed address or not a Dask scheduler at all
+        raise SchedulerError(
+            f"cannot reach a Dask scheduler at specialists.scheduler = {address!r} within {timeout:g} s "
+            f"({type(err).__name__}: {err}); start one with `dask scheduler` and workers with "
+            f"`dask worker {address or 'tcp://HOST:8786'}`, or fix the address (tcp://host:port)") from err
+
+
+def _dask_backend(client: Any) -> Any:
+    """joblib's Dask backend on `client`, never falling back to this process.
+
+    joblib runs everything sequentially in the caller when a backend reports one worker,
+    which the Dask backend does for a cluster with a single worker thread (one GPU
+    worker, say): the specialists would then train here, not on the cluster. Reporting
+    at least two keeps them on the cluster, where Dask queues what does not fit."""
+    from joblib._dask import DaskDistributedBackend
+
+    class ClusterOnlyDaskBackend(DaskDistributedBackend):
+        def effective_n_jobs(self, n_jobs: int) -> int:
+            return max(2, super().effective_n_jobs(n_jobs))
+
+    return ClusterOnlyDaskBackend(client=client, wait_for_workers_timeout=WAIT_FOR_WORKERS_S)
+
+
+def _warn_about_threaded_workers(client: Any) -> None:
+    """Two specialists in one worker process share torch's global seed and thread count."""
+    threaded = sorted(address for address, n in client.nthreads().items() if n > 1)
+    if threaded:
+        log.warning("%d Dask workers run several threads (e.g. %s): specialists trained side by side in one "
+                    "process share torch's random stream, so their weights are not reproducible; start workers "
+                    "with `dask worker --nthreads 1 --nworkers N`", len(threaded), threaded[0])
+
+
+def check_shared_run_dir(client: Any, run_dir: str | Path) -> None:
+    """SchedulerError unless every connected worker sees this run's clusters.json at the same path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_absolute():
+        raise SchedulerError(f"the run directory {str(run_dir)!r} is relative, but Dask workers resolve paths "
+                             f"from their own working directory; pass an absolute path ({run_dir.absolute()})")
+    probe = str(run_dir / artifacts.CLUSTERS_FILE)
+    seen = client.run(os.path.isfile, probe)  # {worker address: bool}, run on every worker now connected
+    blind = sorted(address for address, ok in seen.items() if not ok)
+    if blind:
+        raise SchedulerError(
+            f"{len(blind)} of {len(seen)} Dask workers cannot see {probe} (e.g. {blind[0]}): each worker writes "
+            "its specialist into the run directory itself, so the run directory must be on storage shared by "
+            "the workers and this machine, at the same absolute path (e.g. NFS); use --out on shared storage")

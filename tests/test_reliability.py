@@ -1,0 +1,583 @@
+"""Reliability: crashes, bad input and reruns never lose finished work or give a wrong answer silently.
+
+Kills are real: a subprocess runs the CLI and gets SIGKILL (or Ctrl-C) at a chosen point;
+the hooks that pick the point live in the test scripts, never in the library.
+Resuming must then give the same student as a run that never stopped, without training
+finished stages again. Runs use the tiny synthetic config of test_pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ensemble_kd import artifacts, data as data_module, export as export_module, train as train_module
+from ensemble_kd.cli import main
+from ensemble_kd.config import to_toml
+from ensemble_kd.data import load_data
+from ensemble_kd.export import ExportError, export_student, load_student
+from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.specialists import specialist_dir, train_all_specialists
+from test_export import IMAGE_SHAPE, make_model
+from test_pipeline import STUDENTS, tiny_config
+
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(to_toml(tiny_config()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run that was never interrupted (specialists in-process, n_jobs = 1)."""
+    cfg = tiny_config()
+    run_dir = start_run(cfg, tmp_path_factory.mktemp("reference") / "run")
+    run_pipeline(cfg, run_dir, progress=False)
+    return run_dir
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """`ensemble-kd ARGV` in this process: (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def run_cli(config_file: Path, out: Path, *extra: str) -> tuple[int, str]:
+    return cli("run", "--config", str(config_file), "--out", str(out), "--quiet", *extra)
+
+
+def run_cli_ok(config_file: Path, out: Path, *extra: str) -> None:
+    code, err = run_cli(config_file, out, *extra)
+    assert code == 0, err
+
+
+def run_script(tmp_path: Path, source: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=SUBPROCESS_ENV)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{a} != {b}"
+
+
+def model_files(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every model.pt of a run: relative path -> (bytes, mtime in ns)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("model.pt")}
+
+
+def epochs_logged(stage_dir: Path) -> list[int]:
+    return [r["epoch"] for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)]
+
+
+def copy_run(reference: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(reference, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------- 1. kill anywhere, resume everywhere
+
+KILL_AT_EPOCH = """
+import os, signal, sys
+from pathlib import Path
+from ensemble_kd import artifacts
+from ensemble_kd.cli import main
+
+config, out, stage_dir, epoch = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+real_append = artifacts.append_jsonl
+
+def append_jsonl(path, record):  # fit calls it once per epoch, after training it and before its checkpoint
+    if Path(path).parent == out / stage_dir and record["epoch"] == epoch:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_append(path, record)
+
+artifacts.append_jsonl = append_jsonl
+sys.exit(main(["run", "--config", config, "--out", str(out), "--quiet"]))
+"""
+
+
+@pytest.mark.parametrize("stage_dir, epoch, epochs, finished", [
+    ("generalist", 2, 3, []),
+    ("specialists/specialist_01/hard", 2, 2, ["generalist", "specialists/specialist_00"]),
+    ("student", 2, 3, ["generalist", "specialists/specialist_00", "specialists/specialist_01"]),
+])
+def test_sigkill_in_any_stage_then_resume_gives_the_uninterrupted_student(
+        reference: Path, config_file: Path, tmp_path: Path, stage_dir: str, epoch: int, epochs: int,
+        finished: list[str]) -> None:
+    out = tmp_path / "run"
+    killed = run_script(tmp_path, KILL_AT_EPOCH, str(config_file), str(out), stage_dir, str(epoch))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / stage_dir / "model.pt").exists()
+    assert artifacts.load_torch(out / stage_dir / "checkpoint.pt")["epoch"] == epoch - 1
+    for name in finished:
+        assert (out / name / "model.pt").is_file(), name
+    before = model_files(out)
+
+    run_cli_ok(config_file, out, "--resume")
+    after = model_files(out)
+    assert {k: after[k] for k in before} == before  # finished stages were loaded, not trained or written again
+    assert epochs_logged(out / stage_dir) == list(range(1, epochs + 1))  # resumed from the checkpoint
+    for name in ("specialists/specialist_01/model.pt", *(f"{s}/model.pt" for s in STUDENTS)):
+        assert_same_weights(out / name, reference / name)
+    assert (out / "export" / "student.ts").is_file()
+
+
+# ---------------------------------------------------------------- 2. atomic writes
+
+def _fsync_fails(fd: int) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def _torch_save_dies_halfway(obj, f, *args, **kwargs) -> None:
+    f.write(b"PK\x03\x04 half a zip file")
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("writer, old, new, reader, failure", [
+    (artifacts.save_torch, {"v": torch.ones(3)}, {"v": torch.zeros(3)}, artifacts.load_torch, ("torch", "save")),
+    (artifacts.write_json, {"v": 1}, {"v": 2}, artifacts.read_json, ("os", "fsync")),
+    (artifacts.write_text, "old", "new", lambda p: Path(p).read_text(), ("os", "fsync")),
+])
+def test_a_write_failing_halfway_keeps_the_previous_file_and_leaves_no_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer, old, new, reader, failure) -> None:
+    path = tmp_path / "artifact"
+    writer(path, old)
+    module, name = failure
+    monkeypatch.setattr(torch if module == "torch" else os, name,
+                        _torch_save_dies_halfway if module == "torch" else _fsync_fails)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        writer(path, new)
+    monkeypatch.undo()
+    kept = reader(path)
+    if module == "torch":
+        assert torch.equal(kept["v"], old["v"])
+    else:
+        assert kept == old
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+@pytest.fixture
+def previous_export(tmp_path: Path) -> tuple[Path, torch.Tensor, dict[str, bytes]]:
+    """A good export in tmp_path/export: (folder, check batch, file name -> bytes)."""
+    model, meta = make_model("mlp")
+    batch = torch.rand(4, *IMAGE_SHAPE)
+    out = tmp_path / "export"
+    export_student(model, meta, out, ["torchscript", "state_dict"], batch)
+    return out, batch, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _other_student() -> tuple[torch.nn.Module, export_module.StudentMeta]:
+    model, meta = make_model("mlp")
+    with torch.no_grad():
+        model.head.bias += 1.0
+    return model, meta
+
+
+def test_a_failed_parity_check_keeps_the_previous_export(previous_export) -> None:
+    out, batch, files = previous_export
+    model, meta = _other_student()
+    with pytest.raises(ExportError, match="differs from eager PyTorch .* previous export is kept"):
+        export_student(model, meta, out, ["torchscript", "state_dict"], batch, atol=-1.0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # all old files, nothing else
+
+
+def test_a_format_failing_halfway_keeps_every_previous_file(previous_export, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, batch, files = previous_export
+
+    def dies_halfway(model, example, meta_json, path):
+        artifacts.atomic_write(path, lambda f: (f.write(b"half"), _fsync_fails(0)))
+
+    monkeypatch.setitem(export_module.WRITERS, "state_dict", dies_halfway)
+    model, meta = _other_student()
+    with pytest.raises(ExportError, match="state_dict export of the student failed"):
+        export_student(model, meta, out, ["torchscript", "state_dict"], batch)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # the new torchscript file was not moved in
+    assert load_student(out / "student.ts").format == "torchscript"
+
+
+# ---------------------------------------------------------------- 3. corrupt or foreign artifacts
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, "is corrupt or not a checkpoint"),
+    (lambda p: p.write_bytes(b"\x00 not a model " * 50), "is corrupt or not a checkpoint"),
+    (lambda p: torch.save({"weights": [1, 2]}, p), "is not an ensemble-kd model file"),
+])
+def test_a_corrupt_generalist_is_an_error_naming_the_file_not_retrained(
+        reference: Path, config_file: Path, tmp_path: Path, damage, message: str) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    model = run_dir / "generalist" / "model.pt"
+    damage(model)
+    damaged = model.read_bytes()
+    code, err = run_cli(config_file, run_dir, "--resume")
+    assert code == 2 and err.startswith("error: ")
+    assert str(model) in err and message in err and "rerun with --resume" in err
+    assert model.read_bytes() == damaged and not (run_dir / "generalist" / "checkpoint.pt").exists()
+
+
+def test_a_generalist_of_another_architecture_is_refused_with_what_differs(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    before = model_files(run_dir)
+    code, err = run_cli(config_file, run_dir, "--resume", "--set", "generalist.model.hidden=[12]")
+    assert code == 2 and err.startswith("error: ")
+    assert str(run_dir / "generalist" / "model.pt") in err and "another configuration" in err
+    assert "'hidden': [16]" in err and "'hidden': [12]" in err  # what the file has, what this run has
+    assert "--out" in err and "--overwrite" in err
+    assert model_files(run_dir) == before
+
+
+def test_garbage_clusters_json_is_an_error_naming_the_file(reference: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    (run_dir / "clusters.json").write_text('{"clusters": [{"ids": [0, 1')
+    before = model_files(run_dir)
+    code, err = run_cli(config_file, run_dir, "--resume")
+    assert code == 2 and err.startswith("error: ")
+    assert str(run_dir / "clusters.json") in err and "not valid JSON" in err and "--resume" in err
+    assert model_files(run_dir) == before
+    (run_dir / "clusters.json").write_text('{"clusters": 1}')  # JSON, but not a clusters file
+    code, err = cli("clusters", str(run_dir))
+    assert code == 2 and str(run_dir / "clusters.json") in err and "--until clusters" in err
+
+
+def test_a_specialist_of_another_cluster_is_refused_before_any_specialist_trains(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    shutil.rmtree(specialist_dir(run_dir, 0))  # unfinished: would be trained on resume
+    foreign = specialist_dir(run_dir, 1) / "model.pt"
+    shutil.copyfile(specialist_dir(reference, 0) / "model.pt", foreign)
+    code, err = run_cli(config_file, run_dir, "--resume")
+    assert code == 2 and err.startswith("error: ")
+    assert str(foreign) in err and "another configuration" in err and "subset: file has" in err
+    assert not specialist_dir(run_dir, 0).exists()  # the error came before training specialist 0
+
+
+# ---------------------------------------------------------------- 4. no silent overwrite
+
+def test_overwrite_replaces_the_run_and_refuses_folders_that_are_not_runs(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    manifest = (run_dir / "manifest.json").read_bytes()
+    code, err = run_cli(config_file, run_dir, "--resume", "--overwrite")
+    assert code == 2 and "contradict" in err and (run_dir / "manifest.json").read_bytes() == manifest
+
+    (run_dir / "notes.txt").write_text("mine")
+    old_generalist = (run_dir / "generalist" / "model.pt").stat().st_mtime_ns
+    run_cli_ok(config_file, run_dir, "--overwrite", "--until", "generalist")
+    assert not (run_dir / "notes.txt").exists() and not (run_dir / "specialists").exists()
+    assert (run_dir / "generalist" / "model.pt").stat().st_mtime_ns != old_generalist  # trained anew
+    assert_same_weights(run_dir / "generalist" / "model.pt", reference / "generalist" / "model.pt")
+
+    other = tmp_path / "my-folder"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    for flag in ("--overwrite", "--resume"):
+        code, err = run_cli(config_file, other, flag)
+        assert code == 2 and "does not look like an ensemble-kd run" in err, flag
+    assert [p.name for p in other.iterdir()] == ["thesis.tex"]
+
+
+# ---------------------------------------------------------------- 5. bad data: an error before training
+
+def _image(path: Path, size: tuple[int, int] = (4, 4)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, 128).save(path)
+
+
+def _mixed_sizes(root: Path) -> None:
+    _image(root / "train" / "b" / "big.png", (6, 6))
+
+
+def _unreadable(root: Path) -> None:
+    (root / "train" / "b" / "broken.png").write_bytes(b"not a png")
+
+
+def _empty_class(root: Path) -> None:
+    (root / "train" / "c").mkdir()
+
+
+def _test_only_class(root: Path) -> None:
+    _image(root / "test" / "z" / "0.png")
+
+
+@pytest.mark.parametrize("defect, message", [
+    (_mixed_sizes, "images differ in size"), (_unreadable, "cannot read image train/b/broken.png"),
+    (_empty_class, "train/c"), (_test_only_class, "test/z"),
+])
+def test_a_bad_imagefolder_fails_before_the_generalist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       config_file: Path, defect, message: str) -> None:
+    monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "images"
+    for split, count in (("train", 8), ("test", 2)):
+        for name in ("a", "b"):
+            for i in range(count):
+                _image(root / split / name / f"{i}.png")
+    defect(root)
+    out = tmp_path / "run"
+    code, err = run_cli(config_file, out, "--set", "data.name=imagefolder", "--set", f"data.root={root}",
+                        "--set", "clusters.k=1", "--set", "clusters.min_size=1")
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert not (out / "generalist").exists()
+
+
+def _nan_pixel(x_train, y_train, x_test, y_test, names):
+    x_train = x_train.clone()
+    x_train[3, 0] = float("nan")
+    return x_train, y_train, x_test, y_test, names
+
+
+def _label_out_of_range(x_train, y_train, x_test, y_test, names):
+    y_test = y_test.clone()
+    y_test[0] = len(names)
+    return x_train, y_train, x_test, y_test, names
+
+
+def _negative_test_label(x_train, y_train, x_test, y_test, names):
+    y_test = y_test.clone()
+    y_test[5] = -1
+    return x_train, y_train, x_test, y_test, names
+
+
+def _negative_train_label(x_train, y_train, x_test, y_test, names):
+    y_train = y_train.clone()
+    y_train[5] = -1
+    return x_train, y_train, x_test, y_test, names
+
+
+def _float_labels(x_train, y_train, x_test, y_test, names):
+    return x_train, y_train.float(), x_test, y_test, names
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_nan_pixel, "NaN or infinite"), (_label_out_of_range, "test labels must be in [0, 6)"),
+    (_negative_test_label, "test labels must be in [0, 6); found 1 labels outside, e.g. -1 at index 5"),
+    (_negative_train_label, "train labels must be in [0, 6)"),
+    (_float_labels, "labels must be integer class ids"),
+])
+def test_bad_values_from_any_loader_fail_before_the_generalist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               config_file: Path, corrupt, message: str) -> None:
+    real = data_module._load_synthetic
+    monkeypatch.setattr(data_module, "_load_synthetic", lambda cfg, seed: corrupt(*real(cfg, seed)))
+    code, err = run_cli(config_file, tmp_path / "run")
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "run" / "generalist").exists()
+
+
+# ---------------------------------------------------------------- 6. impossible configs: an error before any work
+
+@pytest.mark.parametrize("overrides, message", [
+    (["clusters.k=2", "clusters.max_size=2"], "at most clusters.max_size = 2 classes hold 4 classes, the data has 6"),
+    (["student.model.hidden=[64]"], "more than student.max_params_ratio"),
+])
+def test_impossible_settings_known_after_loading_the_data_fail_before_the_generalist(
+        tmp_path: Path, config_file: Path, overrides: list[str], message: str) -> None:
+    out = tmp_path / "run"
+    code, err = run_cli(config_file, out, *(a for o in overrides for a in ("--set", o)))
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml"]  # no generalist/, no manifest
+    start_run(tiny_config(), out)  # holding no work, the folder is reused without --resume
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generalist.train.epochz=3", "unknown config key 'generalist.train.epochz'"),
+    ("clusters.k=two", "clusters.k must be of type int"),
+    ("specialists.n_jobs=1.5", "specialists.n_jobs must be of type int"),
+])
+def test_unknown_keys_and_wrong_types_fail_before_the_run_directory_exists(
+        tmp_path: Path, config_file: Path, override: str, message: str) -> None:
+    code, err = run_cli(config_file, tmp_path / "run", "--set", override)
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- 7. non-finite training
+
+def test_a_nan_loss_names_stage_epoch_step_and_the_fix_and_keeps_the_checkpoint(
+        reference: Path, config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    real = train_module.cross_entropy
+
+    def nan_from_epoch_2(label_smoothing: float = 0.0):
+        loss = real(label_smoothing)
+        return lambda logits, y, t: loss(logits, y, t) * (
+            float("nan") if (out / "generalist" / "checkpoint.pt").exists() else 1.0)
+
+    monkeypatch.setattr(train_module, "cross_entropy", nan_from_epoch_2)
+    code, err = run_cli(config_file, out)
+    assert code == 2 and err.startswith("error: generalist: loss became nan at epoch 2, step 1")
+    assert "learning rate" in err and "--resume" in err
+    assert artifacts.load_torch(out / "generalist" / "checkpoint.pt")["epoch"] == 1
+    assert not (out / "generalist" / "model.pt").exists()
+
+    monkeypatch.undo()
+    run_cli_ok(config_file, out, "--resume", "--until", "generalist")
+    assert_same_weights(out / "generalist" / "model.pt", reference / "generalist" / "model.pt")
+
+
+# ---------------------------------------------------------------- 8. a specialist worker that dies
+
+WORKER_DIES = """
+import os, signal, sys, time
+from ensemble_kd import specialists
+from ensemble_kd.config import load_config
+
+def worker(cfg, run_dir, cluster_id, threads):  # defined in __main__, so loky ships it to the worker by value
+    from ensemble_kd import specialists as spec
+    if cluster_id == 1:
+        real_fit = spec.fit
+
+        def fit(*args, stage, **kwargs):  # specialist 1 dies in its soft phase, once specialist 0 is done
+            if stage.endswith("soft"):
+                deadline = time.time() + 120
+                while not spec.is_finished(run_dir, 0) and time.time() < deadline:
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_fit(*args, stage=stage, **kwargs)
+
+        spec.fit = fit
+    return spec._worker(cfg, run_dir, cluster_id, threads)
+
+specialists._worker = worker
+try:
+    specialists.train_all_specialists(load_config(sys.argv[1], ["specialists.n_jobs=2"]), sys.argv[2])
+except specialists.SpecialistError as err:  # what the CLI reports as "error: ..." with exit code 2
+    sys.exit(f"error: {err}")
+"""
+
+
+def test_a_dead_worker_names_its_specialist_keeps_the_others_and_resume_trains_only_it(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    shutil.rmtree(run_dir / "specialists")
+    died = run_script(tmp_path, WORKER_DIES, str(config_file), str(run_dir))
+    error = [line for line in died.stderr.splitlines() if line.startswith("error: ")]
+    assert died.returncode == 1 and error, died.stderr
+    assert error[0].startswith("error: specialist(s) 1 stopped: a worker process died (TerminatedWorkerError")
+    assert "rerun with --resume" in error[0] and "kept (0)" in error[0]
+    finished = specialist_dir(run_dir, 0) / "model.pt"
+    assert_same_weights(finished, specialist_dir(reference, 0) / "model.pt")
+    assert (specialist_dir(run_dir, 1) / "STARTED").exists() and not (specialist_dir(run_dir, 1) / "model.pt").exists()
+    saved = finished.read_bytes(), finished.stat().st_mtime_ns
+
+    cfg = tiny_config()
+    train_all_specialists(cfg, run_dir, load_data(cfg.data, cfg.seed))
+    assert (finished.read_bytes(), finished.stat().st_mtime_ns) == saved
+    assert_same_weights(specialist_dir(run_dir, 1) / "model.pt", specialist_dir(reference, 1) / "model.pt")
+
+
+# ---------------------------------------------------------------- 9. determinism across n_jobs
+
+def test_sequential_and_parallel_runs_give_identical_clusters_and_students(reference: Path, tmp_path: Path) -> None:
+    cfg = tiny_config("specialists.n_jobs=2")
+    run_dir = start_run(cfg, tmp_path / "parallel")
+    run_pipeline(cfg, run_dir, progress=False)
+    assert (run_dir / "clusters.json").read_bytes() == (reference / "clusters.json").read_bytes()
+    for name in ("specialists/specialist_00", "specialists/specialist_01", *STUDENTS):
+        assert_same_weights(run_dir / name / "model.pt", reference / name / "model.pt")
+
+
+# ---------------------------------------------------------------- 10. Ctrl-C during parallel specialists
+
+SLOW_SPECIALISTS = """
+import sys, time
+from ensemble_kd import specialists
+from ensemble_kd.cli import main
+
+def worker(cfg, run_dir, cluster_id, threads):  # pickled by value: each specialist stalls before its soft phase
+    from ensemble_kd import specialists as spec
+    real_fit = spec.fit
+
+    def fit(*args, stage, **kwargs):
+        if stage.endswith("soft"):
+            time.sleep(300)
+        return real_fit(*args, stage=stage, **kwargs)
+
+    spec.fit = fit
+    return spec._worker(cfg, run_dir, cluster_id, threads)
+
+specialists._worker = worker
+sys.exit(main(["run", *sys.argv[1:]]))
+"""
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _alive(processes: list) -> list:
+    import psutil
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in processes if running(p)]
+
+
+def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resume_finishes(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil", reason="psutil (installed with the dask extra) lists the workers")
+    out = tmp_path / "run"
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_SPECIALISTS)
+    proc = subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
+                             "--set", "specialists.n_jobs=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=SUBPROCESS_ENV, start_new_session=True)
+    try:
+        started = [specialist_dir(out, k) / "STARTED" for k in (0, 1)]
+        assert _wait_for(lambda: all(p.exists() for p in started), 180), proc.stderr.read() if proc.poll() else ""
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2  # the loky workers (and their resource trackers)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, stderr = proc.communicate(timeout=30)
+        assert time.monotonic() - sent < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "rerun with --resume" in stderr and "Traceback" not in stderr
+    assert _wait_for(lambda: not _alive(children), 5), [p.cmdline() for p in _alive(children)]
+    assert (out / "generalist" / "model.pt").is_file()
+
+    run_cli_ok(config_file, out, "--resume", "--set", "specialists.n_jobs=1")
+    for name in ("specialists/specialist_01", *STUDENTS):
+        assert_same_weights(out / name / "model.pt", reference / name / "model.pt")
