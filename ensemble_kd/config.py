@@ -86,6 +86,7 @@ class SpecialistsConfig:
     temperature: float = 2.0  # temperature of the soft targets in phase 2
     soft_alpha: float = 0.3  # phase 2: weight of the hard-label term (the rest is the soft term)
     in_cluster_fraction: float = 0.5  # share of each batch drawn from the specialist's own classes
+    dustbin_correction: str = "validation"  # validation: fit the dustbin bias on the held-out split | prior: + log oversampling ratio (the paper) | none
     n_jobs: int = 2  # specialists trained at once (-1 = one per core)
     backend: str = "loky"  # loky (processes on this machine) | dask (an existing dask.distributed cluster)
     scheduler: str = ""  # dask: address of the scheduler, e.g. tcp://host:8786; workers write into the run directory: it must be on storage all workers share
@@ -263,6 +264,7 @@ _CHOICES = {
     "student.train.schedule": ("cosine", "step", "constant"),
     "clusters.matrix": ("soft", "hard", "covariance"),
     "specialists.backend": ("loky", "dask"),
+    "specialists.dustbin_correction": ("validation", "prior", "none"),
     "device": ("cpu", "cuda", "auto"),
     "precision": ("fp32", "bf16", "fp16"),
 }

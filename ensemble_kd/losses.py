@@ -130,3 +130,31 @@ def dustbin_log_correction(subset_prior: float, in_cluster_fraction: float) -> f
                              "(a cluster with all or none of the data has no dustbin to correct)")
     pi, f = subset_prior, in_cluster_fraction
     return math.log(((1.0 - pi) * f) / ((1.0 - f) * pi))
+
+
+def fit_dustbin_shift(logits: Tensor, targets: Tensor, iterations: int = 50, tolerance: float = 1e-7) -> float:
+    """The shift d of the last (dustbin) logit that minimises the mean cross-entropy of `targets`.
+
+    Convex in d: Newton's method with gradient mean(p_dust - [t = dust]) and curvature
+    mean(p_dust * (1 - p_dust)), steps clipped to +-2. Used to set a specialist's dustbin
+    bias on held-out data with the natural class mix, where the fixed prior correction
+    over-corrects a specialist already fine-tuned on the generalist's (natural-prior)
+    soft targets.
+    """
+    if logits.ndim != 2 or logits.shape[0] != targets.shape[0] or logits.shape[0] == 0:
+        raise ValueError(f"logits must be (N, K) and targets (N,) with N > 0, got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    logits = logits.double()
+    is_dust = (targets == logits.shape[1] - 1).double()
+    shift = 0.0
+    for _ in range(iterations):
+        shifted = logits.clone()
+        shifted[:, -1] += shift
+        p_dust = torch.softmax(shifted, dim=1)[:, -1]
+        gradient = float((p_dust - is_dust).mean())
+        curvature = float((p_dust * (1 - p_dust)).mean())
+        step = max(-2.0, min(2.0, gradient / max(curvature, 1e-12)))
+        shift -= step
+        if abs(step) < tolerance:
+            break
+    return shift

@@ -4,8 +4,11 @@ A specialist for class subset S starts as a copy of the generalist with a head o
 |S| + 1 outputs (the last is the "dustbin" for every class outside S). It trains on an
 *enriched* stream (by default half its own classes, half random others), first on hard
 labels, then on the generalist's soft targets folded onto S + dustbin, which keeps it
-from overfitting its few classes. Finally its dustbin logit is shifted by the log of
-the oversampling ratio (Hinton et al. 2015, section 5).
+from overfitting its few classes. Finally its dustbin bias is corrected for the
+oversampling of S: by default fitted on the held-out split (natural class mix);
+`dustbin_correction = "prior"` adds the log of the oversampling ratio as Hinton et al.
+(2015, section 5) do, which over-corrects once phase 2 has pulled the specialist towards
+the generalist's natural-prior soft targets.
 
 Specialists are independent, so `train_all_specialists` runs them through joblib
 (loky processes, or Dask via joblib's backend); a finished one is never trained again.
@@ -28,7 +31,7 @@ from .artifacts import ArtifactError
 from .config import Config
 from .data import Splits, load_data
 from .generalist import generalist_fingerprint, load_generalist, make_augment
-from .losses import dustbin_log_correction, fold_labels, fold_probs, kd_loss
+from .losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
 from .parallel import effective_jobs, joblib_backend, specialist_device
 from .train import TrainSet, fit, load_finished, predict_logits, save_model
@@ -137,13 +140,26 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
         stage=f"specialist {cluster_id} hard", **common)
     if cfg.specialists.soft_epochs > 0:
         model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir, common, cluster_id)
-    shift = dustbin_log_correction(float(in_subset.double().mean()), fraction)
+    shift = _dustbin_shift(cfg, model, data, subset_t, float(in_subset.double().mean()), device)
     with torch.no_grad():
         model.head.bias[-1] += shift
     save_model(model, out_dir, dict(fingerprint, stage=f"specialist {cluster_id}"), subset=subset,
                dustbin_shift=shift)
     log.info("specialist %d (classes %s) trained in %.1fs", cluster_id, subset, time.perf_counter() - started)
     return out_dir / artifacts.MODEL_FILE
+
+
+def _dustbin_shift(cfg: Config, model: Classifier, data: Splits, subset_t: torch.Tensor, subset_prior: float,
+                   device: torch.device) -> float:
+    """How much to add to the dustbin logit so the specialist's prior matches the natural class mix."""
+    mode = cfg.specialists.dustbin_correction
+    if mode == "prior":  # Hinton et al.: the log of the oversampling ratio
+        return dustbin_log_correction(subset_prior, cfg.specialists.in_cluster_fraction)
+    if mode == "none":
+        return 0.0
+    # fitted on the whole held-out split: the phase-2 soft targets already carry the natural prior in part
+    logits = predict_logits(model, data.x_val, device=device, precision=cfg.precision)
+    return fit_dustbin_shift(logits, fold_labels(data.y_val, subset_t, data.num_classes))
 
 
 def _soft_phase(cfg: Config, model: Classifier, generalist: Classifier, data: Splits, labels: torch.Tensor,

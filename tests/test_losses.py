@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd.losses import dustbin_log_correction, fold_labels, fold_probs, kd_loss, soft_cross_entropy
+from ensemble_kd.losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss, soft_cross_entropy
 
 # 2 examples, 3 classes.
 STUDENT = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]
@@ -133,3 +133,19 @@ def test_dustbin_log_correction_values():
 def test_dustbin_log_correction_rejects_shares_outside_open_interval(pi, f):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         dustbin_log_correction(pi, f)
+
+
+def test_fit_dustbin_shift_matches_the_log_odds_worked_out_by_hand() -> None:
+    # two outputs (one class of S, then the dustbin), equal logits: the best shift makes
+    # p_dust equal the dustbin share r of the targets, i.e. shift = log(r / (1 - r))
+    targets = torch.tensor([1, 1, 1, 0])  # r = 3/4
+    shift = fit_dustbin_shift(torch.zeros(4, 2), targets)
+    assert shift == pytest.approx(math.log(3.0), abs=1e-6)
+    # with a prior already in the logits, only the remainder is added
+    shifted = fit_dustbin_shift(torch.tensor([[0.0, 1.0]] * 4), targets)
+    assert shifted == pytest.approx(math.log(3.0) - 1.0, abs=1e-6)
+
+
+def test_fit_dustbin_shift_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="logits must be"):
+        fit_dustbin_shift(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
