@@ -30,13 +30,6 @@ def _sets(overrides: list[str]) -> list[str]:
     return [arg for text in overrides for arg in ("--set", text)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads():
-    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:

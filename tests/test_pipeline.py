@@ -31,13 +31,6 @@ def tiny_config(*overrides: str) -> Config:
     return load_config(None, [*TINY, *overrides])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads():
-    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 def full_run(run_dir: Path, *overrides: str) -> tuple[Path, dict]:
     cfg = tiny_config(*overrides)

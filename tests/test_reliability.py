@@ -34,13 +34,6 @@ from test_pipeline import STUDENTS, tiny_config
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads():
-    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:

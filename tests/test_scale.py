@@ -21,18 +21,10 @@ from ensemble_kd.confusion import ClassClusterer, build_matrices, confusability,
 from ensemble_kd.ensemble import combine
 from ensemble_kd.models import build_model
 from ensemble_kd.parallel import SchedulerError, effective_jobs, joblib_backend, specialist_device
-from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.specialists import train_all_specialists
 from ensemble_kd.train import TrainSet, _bf16_autocast_works, evaluate, fit, set_seed
 from test_pipeline import tiny_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads():
-    """`threads=1` runs set torch's thread count for the process; give later test modules theirs back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- Dask
@@ -46,14 +38,6 @@ def dask_cluster():
     yield cluster
     cluster.close()
 
-
-@pytest.fixture(scope="module")
-def clustered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run with a trained generalist and clusters.json, no specialists yet."""
-    cfg = tiny_config()
-    run_dir = start_run(cfg, tmp_path_factory.mktemp("clustered") / "run")
-    run_pipeline(cfg, run_dir, until="clusters", progress=False)
-    return run_dir
 
 
 def _weights(paths: list[Path]) -> list[dict[str, torch.Tensor]]:

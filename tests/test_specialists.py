@@ -12,30 +12,17 @@ from ensemble_kd import specialists
 from ensemble_kd.config import Config, ModelConfig, load_config
 from ensemble_kd.losses import fold_labels, fold_probs
 from ensemble_kd.models import build_model
-from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.specialists import (SpecialistError, enriched_indices, new_specialist, specialist_dir,
                                      specialist_head, specialist_seed, train_all_specialists)
+from test_pipeline import TINY as PIPELINE_TINY
 
-TINY = [  # 6 synthetic classes in 2 planted groups, two specialists, seconds per stage
-    "data.name=synthetic", "data.synthetic_classes=6", "data.synthetic_groups=2", "data.synthetic_per_class=40",
-    "data.synthetic_dim=8", "generalist.model.hidden=[16]", "generalist.train.epochs=3",
-    "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=2", "specialists.soft_epochs=1",
-    "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]",
-    "student.train.epochs=3", "student.train.batch_size=32", "export.formats=[\"torchscript\",\"state_dict\"]",
-]
+# the pipeline tests' tiny run, but with the default thread count: the n_jobs test needs it
+TINY = [setting for setting in PIPELINE_TINY if not setting.startswith("threads=")]
 
 
 def tiny_config(*overrides: str) -> Config:
     return load_config(None, [*TINY, *overrides])
 
-
-@pytest.fixture(scope="module")
-def clustered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory with a trained generalist and clusters.json, no specialists yet."""
-    cfg = tiny_config()
-    run_dir = start_run(cfg, tmp_path_factory.mktemp("clustered") / "run")
-    run_pipeline(cfg, run_dir, until="clusters", progress=False)
-    return run_dir
 
 
 @pytest.fixture
