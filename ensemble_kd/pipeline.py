@@ -44,7 +44,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     from .evaluation import evaluate_run
     from .export import export_run
     from .generalist import load_generalist, train_generalist
-    from .report import format_table, write_report
+    from .report import write_report
     from .specialists import train_all_specialists
 
     if until not in STAGES:
@@ -78,8 +78,6 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
         student = load_student_model(cfg, data, run_dir)
         report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
     write_report(run_dir, report)
-    if stop >= STAGES.index("ensemble"):
-        log.info("results on the test set:\n%s", format_table(report))
     return report
 
 
