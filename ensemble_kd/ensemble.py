@@ -132,6 +132,17 @@ def _gather_specialists(specialist_probs: Sequence[Tensor], membership: Tensor, 
     return in_subset, dustbin
 
 
+def _prepare(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], membership: Tensor,
+             active: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Checked inputs on one device in at least float32: (p_g, in-subset mass, dustbin mass, outside mask, active)."""
+    _check_combine_inputs(generalist_probs, specialist_probs, membership, active)
+    device = generalist_probs.device
+    dtype = torch.promote_types(generalist_probs.dtype, torch.float32)
+    membership, active = membership.to(device), active.to(device)
+    in_subset, dustbin = _gather_specialists(specialist_probs, membership, active, dtype)
+    return generalist_probs.to(dtype), in_subset, dustbin, (~membership).to(dtype), active
+
+
 def _em_step(q: Tensor, generalist: Tensor, in_subset: Tensor, dustbin: Tensor, outside: Tensor,
              total_weight: Tensor) -> Tensor:
     """One EM update of q (N, C); `outside` is the (K, C) float complement of membership."""
@@ -157,14 +168,9 @@ def combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], member
     """
     if iterations < 0 or tolerance < 0:
         raise ValueError(f"iterations and tolerance must be >= 0, got {iterations} and {tolerance}")
-    _check_combine_inputs(generalist_probs, specialist_probs, membership, active)
-    device = generalist_probs.device
-    dtype = torch.promote_types(generalist_probs.dtype, torch.float32)
-    membership, active = membership.to(device), active.to(device)
-    generalist = generalist_probs.to(dtype)
-    in_subset, dustbin = _gather_specialists(specialist_probs, membership, active, dtype)
-    outside = (~membership).to(dtype)
-    total_weight = 1.0 + active.to(dtype).sum(dim=1, keepdim=True)
+    generalist, in_subset, dustbin, outside, active = _prepare(generalist_probs, specialist_probs, membership,
+                                                                active)
+    total_weight = 1.0 + active.to(generalist.dtype).sum(dim=1, keepdim=True)
     has_active = active.any(dim=1)
 
     q = generalist.clamp_min(PROB_FLOOR)
@@ -191,17 +197,12 @@ def average_combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor]
     spread evenly where the generalist puts no mass). Same argument conventions as
     `combine`; rows with no active specialist are generalist_probs exactly.
     """
-    _check_combine_inputs(generalist_probs, specialist_probs, membership, active)
-    device = generalist_probs.device
-    dtype = torch.promote_types(generalist_probs.dtype, torch.float32)
-    membership, active = membership.to(device), active.to(device)
-    generalist = generalist_probs.to(dtype)
-    in_subset, dustbin = _gather_specialists(specialist_probs, membership, active, dtype)
-    outside = (~membership).to(dtype)
+    generalist, in_subset, dustbin, outside, active = _prepare(generalist_probs, specialist_probs, membership,
+                                                                active)
     weights = generalist.clamp_min(PROB_FLOOR)
     outside_weight = weights @ outside.T  # generalist mass outside each subset, (N, K)
     spread = weights * ((dustbin / outside_weight) @ outside)  # (N, C)
-    total_weight = 1.0 + active.to(dtype).sum(dim=1, keepdim=True)
+    total_weight = 1.0 + active.to(generalist.dtype).sum(dim=1, keepdim=True)
     q = (generalist + in_subset + spread) / total_weight
     return torch.where(active.any(dim=1)[:, None], q.to(generalist_probs.dtype), generalist_probs)
 
