@@ -4,17 +4,19 @@
     python benchmarks/hinton_mnist.py --quick   # ~2-3 min smoke test   -> results/hinton_mnist_quick.json
 
 Four networks, all built with `models.build_model(ModelConfig(arch="mlp", ...))` and
-trained with `train.fit` (stage folders in a temporary directory):
+trained with `train.fit` (stage folders in a temporary directory, or in --workdir, where
+a net whose settings did not change is loaded instead of trained again):
 
 1. teacher 784-1200-1200-10, dropout on the hidden units, inputs jittered by up to 2
    pixels (`data.augment_batch(crop_pad=2)`: zero-pad by 2, random 28x28 crop);
 2. small  784-800-800-10 on hard labels, no regularisation (no dropout, no jitter, no
    weight decay);
 3. distilled: the same small net, same initial weights, trained on
-   `losses.kd_loss(alpha, T=20)` against the teacher. The teacher's logits are computed
-   once on the un-jittered transfer set (the training split) and cached, so the student,
-   like the small net, never sees a jittered image; its only regulariser is the soft
-   targets, as in the paper;
+   `losses.kd_loss(alpha, T=20)` against the teacher. alpha (the weight of the hard-label
+   term) is 0.9: it had the fewest validation errors of 0, 0.1, 0.5 and 0.9. The
+   teacher's logits are computed once on the un-jittered transfer set (the training
+   split) and cached, so the student, like the small net, never sees a jittered image;
+   its only regulariser is the soft targets, as in the paper;
 4. distilled without 3s: as 3, on a transfer set with every 3 removed. Its test errors are
    reported as they are and after raising the bias of the "3" logit. The paper chose the
    shift (3.5) on the test set; here the shift is chosen on the validation split (which has
@@ -84,8 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-dropout", type=float, default=0.5, help="dropout on the teacher's hidden units")
     p.add_argument("--jitter", type=int, default=2, help="teacher input jitter: random shifts up to this many pixels")
     p.add_argument("--temperature", type=float, default=20.0, help="distillation temperature (paper: 20)")
-    p.add_argument("--alpha", type=float, default=0.1,
-                   help="weight of the hard-label term of kd_loss for the distilled net (rest: soft term)")
+    p.add_argument("--alpha", type=float, default=0.9,
+                   help="weight of the hard-label term of kd_loss for the distilled net (rest: soft term); "
+                        "0.9 had the fewest validation errors of 0, 0.1, 0.5, 0.9 (see README)")
     p.add_argument("--alpha-no3", type=float, default=0.0,
                    help="alpha of the net distilled without 3s (0: soft targets only, as in the paper)")
     p.add_argument("--val-fraction", type=float, default=0.05,
@@ -213,7 +216,8 @@ def run(args: argparse.Namespace, budget: Budget, workdir: Path) -> dict[str, An
     for name, model in models.items():
         logits = predict_logits(model, data.x_test)
         runs[name].update(test_errors=test_errors(logits, data.y_test), errors_on_3s=errors_on(logits, data.y_test, 3),
-                          params=count_params(model), final_train_error=round(1 - runs[name]["curve"][-1]["train_accuracy"], 5))
+                          params=count_params(model),
+                          final_train_error=round(1 - runs[name]["curve"][-1]["train_accuracy"], 5))
     runs["no3"].update(bias_correction(no3, data))
     return {"data": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test),
                      "test_3s": int((data.y_test == LEFT_OUT).sum())},
@@ -263,7 +267,8 @@ def table(result: dict[str, Any]) -> str:
                                   "train error (last)", "seconds"], rows), "",
              f"distilled / teacher errors = {s['distilled_over_teacher']} (target <= 1.1: "
              f"{'met' if s['target_distilled_le_1.1x_teacher'] else 'MISSED'}); distilled / small = "
-             f"{s['distilled_over_small']} (target <= 0.6: {'met' if s['target_distilled_le_0.6x_small'] else 'MISSED'})",
+             f"{s['distilled_over_small']} (target <= 0.6: "
+             f"{'met' if s['target_distilled_le_0.6x_small'] else 'MISSED'})",
              f"alpha = {s['alpha']} (without 3s: {s['alpha_no3']}), T = {s['temperature']}"]
     return "\n".join(lines)
 
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     budget = budget_from(args)
+    machine = common.machine_info("cpu")  # load average at the start
     started = time.perf_counter()
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="hinton_mnist_") as workdir:
             result = run(args, budget, Path(workdir))
-    result = {"benchmark": "hinton_mnist", "machine": common.machine_info("cpu"),
+    result = {"benchmark": "hinton_mnist", "machine": machine,
               "config": {**vars(args), "data_root": str(args.data_root), "budget": dataclasses.asdict(budget),
                          "workdir": str(args.workdir) if args.workdir else None},
               "paper_test_errors": PAPER, **result, "summary": summarise(result, args),
