@@ -115,6 +115,15 @@ def test_export_leaves_caller_model_and_directory_clean(tmp_path_factory):
     assert json.loads((out_dir / "student.json").read_text()) == meta.to_dict() == report["meta"]
 
 
+def test_package_level_load_student_opens_an_export(tmp_path_factory):
+    import ensemble_kd
+
+    model, meta, out_dir, _, _ = exported("mlp", "torch", tmp_path_factory)
+    student = ensemble_kd.load_student(out_dir / FILE_NAMES["state_dict"])
+    x = torch.rand(3, *meta.input_shape)
+    assert torch.allclose(student.logits(x), eager_logits(model, x), atol=ATOL, rtol=0)
+
+
 def test_load_directory_prefers_state_dict_then_torchscript(tmp_path_factory, tmp_path):
     _, _, out_dir, _, _ = exported("mlp", "torch", tmp_path_factory)
     assert load_student(out_dir).format == "state_dict"
