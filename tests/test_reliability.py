@@ -504,9 +504,13 @@ def test_sequential_and_parallel_runs_give_identical_clusters_and_students(refer
 # ---------------------------------------------------------------- 10. Ctrl-C during parallel specialists
 
 SLOW_SPECIALISTS = """
-import sys, time
+import signal, sys, time
 from ensemble_kd import specialists
 from ensemble_kd.cli import main
+
+# Ctrl-C as in a terminal, also when pytest itself runs as a background job (`make test &`),
+# whose children inherit SIGINT ignored and so would never see the signal this test sends
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def worker(cfg, run_dir, cluster_id, threads):  # pickled by value: each specialist stalls before its soft phase
     from ensemble_kd import specialists as spec
