@@ -1,0 +1,135 @@
+"""Is the ensemble a better teacher than the generalist? Paired students over student seeds.
+
+    python benchmarks/teachers.py                            # fashion-mnist runs 0 1 2, 4 student seeds
+    python benchmarks/teachers.py --runs 0 --student-seeds 11 12 --jobs 1
+    python benchmarks/teachers.py --quick                    # digits runs 0 1, 2 student seeds
+
+One student differs from the next by a few tenths of a point on Fashion-MNIST just from
+its initial weights and batch order, about as much as the two teachers differ, so one
+pipeline run cannot say which teacher is better. This script takes the finished runs of
+benchmarks/specialists.py (benchmarks/cache/runs/<data>-seed<k>), and for each student
+seed trains two students that differ only in their teacher: the run's ensemble and its
+generalist alone. Both read the teacher logits the pipeline cached in the run
+(student/ and student_from_generalist/teacher_logits.pt); the architecture, alpha,
+temperature and training come from the run's config. The run's own pair (the pipeline's
+`student` and `student_from_generalist`) is included.
+
+Prints every pair and the mean paired difference (ensemble minus generalist) with its 95%
+confidence interval, and writes benchmarks/results/teachers_<data>.json. Students are
+trained in benchmarks/cache/teachers/ and reused, so the script can be stopped and
+restarted. Each student trains with one torch thread (`--jobs` of them at once), so its
+weights do not depend on how many run side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+from joblib import Parallel, delayed
+from scipy import stats
+
+from ensemble_kd import artifacts
+from ensemble_kd.config import load_config
+from ensemble_kd.data import load_data
+from ensemble_kd.distill import FROM_GENERALIST, STUDENT, student_fingerprint
+from ensemble_kd.losses import kd_loss
+from ensemble_kd.models import build_model
+from ensemble_kd.train import TrainSet, evaluate, fit, set_seed
+
+TEACHERS = {STUDENT: "ensemble", FROM_GENERALIST: "generalist"}  # run folder -> teacher
+CACHE = common.REPO / "benchmarks" / "cache"
+
+
+def run_dir(data: str, seed: int) -> Path:
+    path = CACHE / "runs" / f"{data}-seed{seed}"
+    if not (path / "report.json").is_file():
+        raise SystemExit(f"{path} holds no finished run; make it first with "
+                         f"`python benchmarks/specialists.py --data {data} --seeds {seed}`")
+    return path
+
+
+def teacher_logits(run: Path, folder: str, cfg, data) -> torch.Tensor:
+    """The teacher logits the pipeline cached for the student in `run/folder`."""
+    path = run / folder / "teacher_logits.pt"
+    saved = artifacts.load_torch(path)
+    if saved.get("fingerprint") != student_fingerprint(cfg, data, folder):
+        raise SystemExit(f"{path} belongs to another config or data; rerun the pipeline in {run} with --resume")
+    return saved["logits"]
+
+
+def train_student(run: Path, folder: str, student_seed: int) -> float:
+    """Test accuracy of a student distilled from the teacher of `run/folder`, seeded by `student_seed`."""
+    torch.set_num_threads(1)
+    cfg = load_config(run / artifacts.CONFIG_FILE)
+    data = load_data(cfg.data, cfg.seed)
+    train = TrainSet(data.x_train, data.y_train, teacher_logits(run, folder, cfg, data))
+    set_seed(student_seed)  # the initial weights; fit's seed sets the batch order
+    student = build_model(cfg.student.model, data.input_shape, data.num_classes, data.mean, data.std)
+    alpha, temperature = cfg.student.alpha, cfg.student.temperature
+    stage_dir = CACHE / "teachers" / run.name / f"{folder}-seed{student_seed}"
+    fit(student, train, cfg.student.train, stage_dir, stage=folder, seed=student_seed,
+        fingerprint={"run": run.name, "teacher": TEACHERS[folder]}, progress=False,
+        loss_fn=lambda s, y, t: kd_loss(s, t, y, alpha, temperature))
+    return evaluate(student, data.x_test, data.y_test).accuracy
+
+
+def paired_rows(data: str, runs: list[int], student_seeds: list[int], jobs: int) -> list[dict[str, Any]]:
+    tasks = [(run_dir(data, r), folder, s) for r in runs for s in student_seeds for folder in TEACHERS]
+    common.log_to_stderr(f"training {len(tasks)} students, {jobs} at a time ...")
+    accuracies = Parallel(n_jobs=jobs)(delayed(train_student)(*task) for task in tasks)
+    by_task = {(run.name, folder, s): acc for (run, folder, s), acc in zip(tasks, accuracies)}
+    rows = []
+    for r in runs:
+        run = run_dir(data, r)
+        report = artifacts.read_json(run / "report.json")
+        pairs = [("pipeline", report[STUDENT]["test_accuracy"], report[FROM_GENERALIST]["test_accuracy"])]
+        pairs += [(s, by_task[run.name, STUDENT, s], by_task[run.name, FROM_GENERALIST, s]) for s in student_seeds]
+        rows += [{"run_seed": r, "student_seed": s, "from_ensemble": ens, "from_generalist": gen,
+                  "difference": ens - gen} for s, ens, gen in pairs]
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean paired difference (ensemble minus generalist) and its 95% t confidence interval."""
+    diffs = [r["difference"] for r in rows]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half_width = stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
+    low, high = float(mean - half_width), float(mean + half_width)
+    verdict = "ensemble better" if low > 0 else "generalist better" if high < 0 else "no difference detected"
+    return {"pairs": len(diffs), "from_ensemble_mean": statistics.fmean(r["from_ensemble"] for r in rows),
+            "from_generalist_mean": statistics.fmean(r["from_generalist"] for r in rows),
+            "difference_mean": mean, "difference_sd": sd, "difference_ci95": [low, high],
+            "ensemble_wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+            "generalist_wins": sum(d < 0 for d in diffs), "verdict": verdict}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="fashion-mnist", help="a config name in pipelines/configs/")
+    parser.add_argument("--runs", type=int, nargs="+", default=[0, 1, 2], help="seeds of finished runs")
+    parser.add_argument("--student-seeds", type=int, nargs="+", default=[11, 12, 13, 14])
+    parser.add_argument("--jobs", type=int, default=2, help="students trained at once (one thread each)")
+    parser.add_argument("--quick", action="store_true", help="digits runs 0 and 1, student seeds 11 and 12")
+    args = parser.parse_args()
+    data, runs, seeds = ("digits", [0, 1], [11, 12]) if args.quick else (args.data, args.runs, args.student_seeds)
+    rows = paired_rows(data, runs, seeds, args.jobs)
+    table = [[r["run_seed"], r["student_seed"], f"{100 * r['from_ensemble']:.2f}%",
+              f"{100 * r['from_generalist']:.2f}%", f"{100 * r['difference']:+.2f}"] for r in rows]
+    print(common.format_table(["run", "student seed", "from ensemble", "from generalist", "difference"], table))
+    result = summary(rows)
+    low, high = result["difference_ci95"]
+    print(f"\nmean difference {100 * result['difference_mean']:+.3f} points, 95% CI [{100 * low:+.3f}, "
+          f"{100 * high:+.3f}] over {result['pairs']} pairs; ensemble wins {result['ensemble_wins']}, "
+          f"generalist wins {result['generalist_wins']}: {result['verdict']}")
+    name = "teachers_quick" if args.quick else f"teachers_{data}"
+    path = common.write_result(name, {"machine": common.machine_info(), "data": data, "runs": runs,
+                                      "student_seeds": seeds, "pairs": rows, "summary": result})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
