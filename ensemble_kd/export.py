@@ -168,8 +168,11 @@ def _check_batch_on_cpu(check_batch: torch.Tensor, meta: StudentMeta) -> torch.T
 
 
 def _example(batch: torch.Tensor) -> torch.Tensor:
-    """Two rows: tracing with a batch of 1 would let torch.export specialise the batch size to 1."""
-    return batch[:2] if len(batch) >= 2 else torch.cat([batch, batch])
+    """Two rows: tracing with a batch of 1 would let torch.export specialise the batch size to 1.
+
+    A copy, not a view: torch.export saves its example inputs with the program, and a view
+    of the check batch would take the whole batch's storage into student.pt2."""
+    return batch[:2].clone() if len(batch) >= 2 else torch.cat([batch, batch])
 
 
 def parity(student: LoadedStudent, batch: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
