@@ -33,8 +33,8 @@ from joblib import Parallel, delayed
 from scipy import stats
 
 from ensemble_kd import artifacts
-from ensemble_kd.config import load_config
-from ensemble_kd.data import load_data
+from ensemble_kd.config import Config, load_config
+from ensemble_kd.data import Splits, load_data
 from ensemble_kd.distill import FROM_GENERALIST, STUDENT, student_fingerprint
 from ensemble_kd.losses import kd_loss
 from ensemble_kd.models import build_model
@@ -52,7 +52,7 @@ def run_dir(data: str, seed: int) -> Path:
     return path
 
 
-def teacher_logits(run: Path, folder: str, cfg, data) -> torch.Tensor:
+def teacher_logits(run: Path, folder: str, cfg: Config, data: Splits) -> torch.Tensor:
     """The teacher logits the pipeline cached for the student in `run/folder`."""
     path = run / folder / "teacher_logits.pt"
     saved = artifacts.load_torch(path)
@@ -72,7 +72,7 @@ def train_student(run: Path, folder: str, student_seed: int) -> float:
     alpha, temperature = cfg.student.alpha, cfg.student.temperature
     stage_dir = CACHE / "teachers" / run.name / f"{folder}-seed{student_seed}"
     fit(student, train, cfg.student.train, stage_dir, stage=folder, seed=student_seed,
-        fingerprint={"run": run.name, "teacher": TEACHERS[folder]}, progress=False,
+        fingerprint=dict(student_fingerprint(cfg, data, folder), student_seed=student_seed), progress=False,
         loss_fn=lambda s, y, t: kd_loss(s, t, y, alpha, temperature))
     return evaluate(student, data.x_test, data.y_test).accuracy
 
