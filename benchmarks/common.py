@@ -135,3 +135,33 @@ def median(values: Sequence[float]) -> float:
 def log_to_stderr(message: str) -> None:
     """Progress lines for the person watching (the table goes to stdout)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path) -> float:
+    """Test accuracy of one more student of a finished run, differing from the run's own only in its seed.
+
+    `kind` is a student folder of the run (student, student_from_generalist,
+    student_hard_labels): its teacher is the run's ensemble, its generalist or none. The
+    student gets the run's architecture, alpha, temperature, training and transfer method
+    (`student.transfer`: a live teacher on augmented views, or the teacher's logits on the
+    plain training images); `student_seed` sets its initial weights, batch order and views.
+    Trained in `out_root/<run>/<kind>-seed<k>` and reused from there when finished."""
+    from ensemble_kd import artifacts
+    from ensemble_kd.config import load_config
+    from ensemble_kd.data import load_data
+    from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student, student_fingerprint
+    from ensemble_kd.ensemble import build_ensemble
+    from ensemble_kd.generalist import load_generalist
+    from ensemble_kd.train import evaluate
+
+    cfg = load_config(run / artifacts.CONFIG_FILE)
+    data = load_data(cfg.data, cfg.seed)
+    generalist = load_generalist(cfg, data, run) if kind != HARD_LABELS else None
+    teacher = {STUDENT: lambda: build_ensemble(cfg, data, run, generalist), FROM_GENERALIST: lambda: generalist,
+               HARD_LABELS: lambda: None}[kind]()
+    alpha = 1.0 if kind == HARD_LABELS else cfg.student.alpha
+    fingerprint = dict(student_fingerprint(cfg, data, kind), student_seed=student_seed)
+    student = distill(new_student(cfg, data, seed=student_seed), teacher, data, cfg,
+                      out_root / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
+                      seed=student_seed)
+    return evaluate(student.cpu(), data.x_test, data.y_test).accuracy

@@ -9,20 +9,21 @@ its initial weights and batch order, about as much as the two teachers differ, s
 pipeline run cannot say which teacher is better. This script takes the finished runs of
 benchmarks/specialists.py (benchmarks/cache/runs/<data>-seed<k>), and for each student
 seed trains two students that differ only in their teacher: the run's ensemble and its
-generalist alone. Both read the teacher logits the pipeline cached in the run
-(student/ and student_from_generalist/teacher_logits.pt); the architecture, alpha,
-temperature and training come from the run's config. The run's own pair (the pipeline's
-`student` and `student_from_generalist`) is included.
+generalist alone. The architecture, alpha, temperature, training and transfer method
+(`student.transfer`: the teacher run live on the student's augmented views, or its logits
+on the plain training images) come from the run's config; the student seed sets the initial
+weights, the batch order and the augmented views, the same for both students of a pair.
+The run's own pair (the pipeline's `student` and `student_from_generalist`) is included.
 
 Prints every pair and the mean paired difference (ensemble minus generalist) with its 95%
 confidence interval, and writes benchmarks/results/teachers_<data>.json. Students are
 trained in benchmarks/cache/teachers/ and reused, so the script can be stopped and
-restarted. Each student trains with one torch thread (`--jobs` of them at once), so its
-weights do not depend on how many run side by side.
+restarted. Each student trains with cores / `--jobs` torch threads.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,7 @@ from joblib import Parallel, delayed
 from scipy import stats
 
 from ensemble_kd import artifacts
-from ensemble_kd.config import Config, load_config
-from ensemble_kd.data import Splits, load_data
-from ensemble_kd.distill import FROM_GENERALIST, STUDENT, student_fingerprint
-from ensemble_kd.losses import kd_loss
-from ensemble_kd.models import build_model
-from ensemble_kd.train import TrainSet, evaluate, fit, set_seed
+from ensemble_kd.distill import FROM_GENERALIST, STUDENT
 
 TEACHERS = {STUDENT: "ensemble", FROM_GENERALIST: "generalist"}  # run folder -> teacher
 CACHE = common.REPO / "benchmarks" / "cache"
@@ -52,35 +48,17 @@ def run_dir(data: str, seed: int) -> Path:
     return path
 
 
-def teacher_logits(run: Path, folder: str, cfg: Config, data: Splits) -> torch.Tensor:
-    """The teacher logits the pipeline cached for the student in `run/folder`."""
-    path = run / folder / "teacher_logits.pt"
-    saved = artifacts.load_torch(path)
-    if saved.get("fingerprint") != student_fingerprint(cfg, data, folder):
-        raise SystemExit(f"{path} belongs to another config or data; rerun the pipeline in {run} with --resume")
-    return saved["logits"]
-
-
-def train_student(run: Path, folder: str, student_seed: int) -> float:
-    """Test accuracy of a student distilled from the teacher of `run/folder`, seeded by `student_seed`."""
-    torch.set_num_threads(1)
-    cfg = load_config(run / artifacts.CONFIG_FILE)
-    data = load_data(cfg.data, cfg.seed)
-    train = TrainSet(data.x_train, data.y_train, teacher_logits(run, folder, cfg, data))
-    set_seed(student_seed)  # the initial weights; fit's seed sets the batch order
-    student = build_model(cfg.student.model, data.input_shape, data.num_classes, data.mean, data.std)
-    alpha, temperature = cfg.student.alpha, cfg.student.temperature
-    stage_dir = CACHE / "teachers" / run.name / f"{folder}-seed{student_seed}"
-    fit(student, train, cfg.student.train, stage_dir, stage=folder, seed=student_seed,
-        fingerprint=dict(student_fingerprint(cfg, data, folder), student_seed=student_seed), progress=False,
-        loss_fn=lambda s, y, t: kd_loss(s, t, y, alpha, temperature))
-    return evaluate(student, data.x_test, data.y_test).accuracy
+def train_student(run: Path, folder: str, student_seed: int, threads: int) -> float:
+    """Test accuracy of a student taught by the teacher of `run/folder`, seeded by `student_seed`."""
+    torch.set_num_threads(threads)
+    return common.train_extra_student(run, folder, student_seed, CACHE / "teachers")
 
 
 def paired_rows(data: str, runs: list[int], student_seeds: list[int], jobs: int) -> list[dict[str, Any]]:
     tasks = [(run_dir(data, r), folder, s) for r in runs for s in student_seeds for folder in TEACHERS]
     common.log_to_stderr(f"training {len(tasks)} students, {jobs} at a time ...")
-    accuracies = Parallel(n_jobs=jobs)(delayed(train_student)(*task) for task in tasks)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    accuracies = Parallel(n_jobs=jobs)(delayed(train_student)(*task, threads) for task in tasks)
     by_task = {(run.name, folder, s): acc for (run, folder, s), acc in zip(tasks, accuracies)}
     rows = []
     for r in runs:
@@ -112,7 +90,7 @@ def main() -> None:
     parser.add_argument("--data", default="fashion-mnist", help="a config name in pipelines/configs/")
     parser.add_argument("--runs", type=int, nargs="+", default=[0, 1, 2], help="seeds of finished runs")
     parser.add_argument("--student-seeds", type=int, nargs="+", default=[11, 12, 13, 14])
-    parser.add_argument("--jobs", type=int, default=2, help="students trained at once (one thread each)")
+    parser.add_argument("--jobs", type=int, default=2, help="students trained at once (cores / jobs torch threads each)")
     parser.add_argument("--quick", action="store_true", help="digits runs 0 and 1, student seeds 11 and 12")
     args = parser.parse_args()
     data, runs, seeds = ("digits", [0, 1], [11, 12]) if args.quick else (args.data, args.runs, args.student_seeds)

@@ -74,12 +74,15 @@ class ClustersConfig:
     matrix: str = "soft"  # soft | hard | covariance: which confusability matrix k-means sees
     min_size: int = 2  # smallest allowed cluster (in classes)
     max_size: int = 0  # largest allowed cluster; 0 = no limit
-    min_confusion: float = 0.0  # classes confused less than this (relative to the most confused class, 0-1) join no cluster
+    min_confusion: float = 0.1  # classes confused less than this (relative to the most confused class, 0-1) join no cluster: left to the generalist
+    overlap: float = 0.0  # a class also joins every other cluster holding at least this share of its confusion; 0 = partition
     n_init: int = 20  # k-means restarts (the best inertia wins)
 
 
 @dataclass
 class SpecialistsConfig:
+    init: str = "generalist"  # generalist: start as a copy of the generalist | scratch: fresh weights of specialists.model (errors of their own)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="generalist"))  # init = scratch: their architecture; arch "generalist" = the generalist's
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=5e-4, warmup_epochs=0))  # phase 1: hard labels
     soft_epochs: int = 4  # phase 2: epochs of fine-tuning on the generalist's soft targets
     soft_lr: float = 2e-4  # phase 2 learning rate
@@ -103,6 +106,7 @@ class EnsembleConfig:
 class StudentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden=[64]))  # the compact student
     train: TrainConfig = field(default_factory=TrainConfig)  # how it is trained
+    transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) | dataset: its logits on the plain training images, computed once
     alpha: float = 0.1  # weight of the hard-label term; 1 - alpha goes to the distillation term
     temperature: float = 4.0  # distillation temperature T
     max_params_ratio: float = 1.0  # the student may have at most this fraction of the generalist's parameters
@@ -255,6 +259,8 @@ def _toml_value(value: Any) -> str:
 _CHOICES = {
     "data.name": ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"),
     "generalist.model.arch": ("mlp", "cnn", "resnet"),
+    "specialists.model.arch": ("generalist", "mlp", "cnn", "resnet"),
+    "specialists.init": ("generalist", "scratch"),
     "student.model.arch": ("mlp", "cnn", "resnet"),
     "generalist.train.optimizer": ("adamw", "sgd"),
     "specialists.train.optimizer": ("adamw", "sgd"),
@@ -263,6 +269,7 @@ _CHOICES = {
     "specialists.train.schedule": ("cosine", "step", "constant"),
     "student.train.schedule": ("cosine", "step", "constant"),
     "clusters.matrix": ("soft", "hard", "covariance"),
+    "student.transfer": ("live", "dataset"),
     "specialists.backend": ("loky", "dask"),
     "specialists.dustbin_correction": ("validation", "prior", "none"),
     "device": ("cpu", "cuda", "auto"),
@@ -298,6 +305,10 @@ def validate_config(cfg: Config) -> None:
         (cfg.specialists.temperature > 0 and cfg.student.temperature > 0, "temperatures must be > 0"),
         (0 <= cfg.student.alpha <= 1 and 0 <= cfg.specialists.soft_alpha <= 1, "alpha values must be in [0, 1]"),
         (cfg.specialists.soft_epochs >= 0, "specialists.soft_epochs must be >= 0"),
+        (0 <= cfg.clusters.overlap <= 1, "clusters.overlap must be in [0, 1] (0 = clusters partition the classes)"),
+        (cfg.specialists.init == "scratch" or cfg.specialists.model.arch == "generalist",
+         "specialists.model sets an architecture of its own, which needs specialists.init = 'scratch' "
+         "(a specialist initialised from the generalist has the generalist's architecture)"),
         (cfg.ensemble.top_n >= 1, "ensemble.top_n must be >= 1"),
         (cfg.specialists.backend != "dask" or cfg.specialists.scheduler,
          "specialists.backend = 'dask' needs specialists.scheduler = 'tcp://host:port'"),

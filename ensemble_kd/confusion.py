@@ -207,10 +207,14 @@ def confusion_share(affinity: np.ndarray) -> np.ndarray:
 
 def inside_shares(affinity: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per class: its affinity to its own cluster's members over its total (0 if none or excluded)."""
-    affinity = np.asarray(affinity, dtype=np.float64)
     labels = np.asarray(labels)
-    same_cluster = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
-    inside = (affinity * same_cluster).sum(axis=1)
+    return inside_shares_of(affinity, (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0))
+
+
+def inside_shares_of(affinity: np.ndarray, together: np.ndarray) -> np.ndarray:
+    """Per class i: sum of affinity[i, j] over the j with together[i, j], over i's total affinity."""
+    affinity = np.asarray(affinity, dtype=np.float64)
+    inside = (affinity * together).sum(axis=1)
     totals = affinity.sum(axis=1)
     return np.divide(inside, totals, out=np.zeros_like(totals), where=totals > 0)
 
@@ -270,17 +274,24 @@ def _fill_small_clusters(affinity: np.ndarray, labels: np.ndarray, k: int, min_s
 class ClassClusterer:
     """k-means over classes' confusability, with size limits and exclusion of unconfused classes.
 
-    Fitted attributes: `clusters_` (sorted lists of class ids, ordered by their smallest id),
-    `labels_` (cluster per class, -1 = excluded), `inside_share_`, `confusion_share_`,
-    `excluded_` (class ids in no cluster), `repair_moves_` (classes moved to meet size limits).
+    With `overlap` > 0 the clusters may overlap: after the partition, a class also joins
+    every other cluster whose members hold at least that share of its confusion (at most
+    `max_size` classes, and never all classes, so every specialist keeps a dustbin).
+
+    Fitted attributes: `clusters_` (sorted lists of class ids, ordered by their smallest
+    primary member; with overlap a class is in several), `labels_` (primary cluster per class,
+    -1 = excluded), `also_in_` (per class, the other clusters it joined), `inside_share_`,
+    `confusion_share_`, `excluded_` (class ids in no cluster), `repair_moves_` (classes moved
+    to meet size limits).
     """
 
     def __init__(self, k: int, min_size: int = 1, max_size: int = 0, min_confusion: float = 0.0,
-                 n_init: int = 20, random_state: int = 0) -> None:
+                 n_init: int = 20, random_state: int = 0, overlap: float = 0.0) -> None:
         self.k = k
         self.min_size = min_size
         self.max_size = max_size
         self.min_confusion = min_confusion
+        self.overlap = overlap
         self.n_init = n_init
         self.random_state = random_state
 
@@ -301,13 +312,17 @@ class ClassClusterer:
             self.repair_moves_ += _shrink_large_clusters(sub_affinity, sub_labels, self.k, self.max_size)
         self.repair_moves_ += _fill_small_clusters(sub_affinity, sub_labels, self.k, self.min_size)
         clusters = [sorted(int(i) for i in eligible[sub_labels == c]) for c in range(self.k)]
-        self.clusters_ = sorted(clusters, key=lambda members: members[0])
+        primary = sorted(clusters, key=lambda members: members[0])
         self.labels_ = np.full(num_classes, -1, dtype=np.int64)
-        for cluster_id, members in enumerate(self.clusters_):
+        for cluster_id, members in enumerate(primary):
             self.labels_[members] = cluster_id
         self.inside_share_ = inside_shares(affinity, self.labels_)
-        log.info("clustered %d classes into %d clusters of sizes %s (%d excluded, %d moved to meet size limits)",
-                 len(eligible), self.k, [len(c) for c in self.clusters_], len(self.excluded_), self.repair_moves_)
+        self.also_in_ = overlapping_memberships(affinity, self.labels_, self.overlap, self.max_size or num_classes - 1)
+        self.clusters_ = [sorted(members + [i for i in range(num_classes) if cluster_id in self.also_in_[i]])
+                          for cluster_id, members in enumerate(primary)]
+        log.info("clustered %d classes into %d clusters of sizes %s (%d excluded, %d moved to meet size limits, "
+                 "%d extra memberships)", len(eligible), self.k, [len(c) for c in self.clusters_],
+                 len(self.excluded_), self.repair_moves_, sum(map(len, self.also_in_)))
         return self
 
     def _validate_affinity(self, affinity: np.ndarray) -> np.ndarray:
@@ -329,6 +344,7 @@ class ClassClusterer:
             (self.max_size == 0 or self.max_size >= self.min_size,
              f"max_size must be 0 (no limit) or >= min_size ({self.min_size}), got {self.max_size}"),
             (0.0 <= self.min_confusion <= 1.0, f"min_confusion must be in [0, 1], got {self.min_confusion}"),
+            (0.0 <= self.overlap <= 1.0, f"overlap must be in [0, 1] (0 = a partition), got {self.overlap}"),
             (self.n_init >= 1, f"n_init must be >= 1, got {self.n_init}"),
         ]
         for ok, message in checks:
@@ -359,10 +375,34 @@ class ClassClusterer:
             return kmeans.fit_predict(features).astype(np.int64)
 
 
+def overlapping_memberships(affinity: np.ndarray, labels: np.ndarray, threshold: float,
+                            max_size: int) -> list[list[int]]:
+    """Per class, the clusters other than its own (`labels`, -1 = none) that hold at least
+    `threshold` of its affinity, strongest first. A cluster grows to at most `max_size`
+    classes; the most attached candidates join first. threshold 0 means no overlap."""
+    num_classes, k = len(labels), int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
+    also_in: list[list[int]] = [[] for _ in range(num_classes)]
+    if threshold <= 0 or k == 0:
+        return also_in
+    clustered = labels >= 0
+    share = affinity[:, clustered] @ np.eye(k)[labels[clustered]]  # (classes x k) affinity to each cluster's members
+    totals = affinity.sum(axis=1, keepdims=True)
+    share = np.divide(share, totals, out=np.zeros_like(share), where=totals > 0)
+    sizes = np.bincount(labels[clustered], minlength=k)
+    candidates = [(share[i, c], i, c) for i in np.flatnonzero(clustered) for c in range(k)
+                  if c != labels[i] and share[i, c] >= threshold]
+    for _, i, c in sorted(candidates, key=lambda t: (-t[0], t[1], t[2])):
+        if sizes[c] < max_size:
+            also_in[int(i)].append(int(c))
+            sizes[c] += 1
+    return also_in
+
+
 def clusterer_from_config(cfg: ClustersConfig, random_state: int = 0) -> ClassClusterer:
     """A ClassClusterer with the limits of the `[clusters]` config section."""
     return ClassClusterer(k=cfg.k, min_size=cfg.min_size, max_size=cfg.max_size,
-                          min_confusion=cfg.min_confusion, n_init=cfg.n_init, random_state=random_state)
+                          min_confusion=cfg.min_confusion, n_init=cfg.n_init, random_state=random_state,
+                          overlap=cfg.overlap)
 
 
 # ---------------------------------------------------------------- the report
@@ -383,54 +423,86 @@ def clusters_to_json(clusterer: ClassClusterer, class_names: list[str], matrix_k
     if affinity.shape != (num_classes, num_classes):
         raise ClusterError(f"the affinity has shape {affinity.shape} but the clusterer was fitted on "
                            f"{num_classes} classes; pass the affinity it was fitted on")
-    shares = inside_shares(affinity, clusterer.labels_)
     confusion = confusion_share(affinity)
+    in_cluster = np.zeros((num_classes, len(clusterer.clusters_)), dtype=bool)
+    for cluster_id, members in enumerate(clusterer.clusters_):
+        in_cluster[members, cluster_id] = True
+    shares = _shares_inside(affinity, in_cluster)
     clusters = [{
         "id": cluster_id,
         "ids": [int(i) for i in members],
         "names": [str(class_names[i]) for i in members],
-        "inside_share": _round(shares[members].mean()),
+        "inside_share": _round(_shares_inside(affinity, in_cluster[:, [cluster_id]])[members].mean()),
     } for cluster_id, members in enumerate(clusterer.clusters_)]
+    also_in = getattr(clusterer, "also_in_", [[] for _ in range(num_classes)])
     classes = [{
         "id": i,
         "name": str(class_names[i]),
         "cluster": int(clusterer.labels_[i]) if clusterer.labels_[i] >= 0 else None,
+        "also_in": [int(c) for c in also_in[i]],
         "inside_share": _round(shares[i]),
         "confusion_share": _round(confusion[i]),
     } for i in range(num_classes)]
-    return {"matrix": str(matrix_kind), "k": int(clusterer.k), "clusters": clusters,
+    return {"matrix": str(matrix_kind), "k": int(clusterer.k), "min_confusion": _round(clusterer.min_confusion),
+            "overlap": _round(getattr(clusterer, "overlap", 0.0)), "clusters": clusters,
             "classes": classes, "excluded": [int(i) for i in clusterer.excluded_]}
+
+
+def _shares_inside(affinity: np.ndarray, in_cluster: np.ndarray) -> np.ndarray:
+    """Per class: its affinity to the classes sharing one of its clusters (`in_cluster`, classes x
+    clusters) over its total affinity; 0 for a class in none of them or with no confusion."""
+    shares_a_cluster = (in_cluster.astype(np.float64) @ in_cluster.T.astype(np.float64)) > 0
+    np.fill_diagonal(shares_a_cluster, False)
+    return inside_shares_of(affinity, shares_a_cluster)
 
 
 def format_cluster_table(clusters_json: dict[str, Any]) -> str:
     """A readable table: one block per cluster with its size, mean inside share and classes."""
     share_by_id = {c["id"]: c["inside_share"] for c in clusters_json["classes"]}
     name_by_id = {c["id"]: c["name"] for c in clusters_json["classes"]}
+    primary_of = {c["id"]: c.get("cluster") for c in clusters_json["classes"]}
     lines = [f"clusters of confusable classes ({clusters_json['matrix']} matrix, k={clusters_json['k']}); "
-             "inside = share of a class's confusion that stays in its cluster",
+             "inside = share of a class's confusion that stays in its cluster(s)",
              f"{'cluster':>8}  {'size':>4}  {'inside':>6}  classes (inside share)"]
+    if any(c.get("also_in") for c in clusters_json["classes"]):
+        lines.insert(1, f"+ = also in this cluster: a class that holds at least clusters.overlap = "
+                        f"{clusters_json.get('overlap', 0):g} of its confusion here joins it too (overlapping clusters)")
     indent = " " * 24
     for cluster in clusters_json["clusters"]:
-        members = ", ".join(f"{name_by_id[i]} ({share_by_id[i]:.2f})" for i in cluster["ids"])
+        members = ", ".join(f"{name_by_id[i]}{'' if primary_of[i] == cluster['id'] else '+'} ({share_by_id[i]:.2f})"
+                            for i in cluster["ids"])
         head = f"{cluster['id']:>8}  {len(cluster['ids']):>4}  {cluster['inside_share']:>6.2f}  "
         lines.append(textwrap.fill(members, width=100, initial_indent=head, subsequent_indent=indent))
     excluded = clusters_json.get("excluded", [])
     if excluded:
-        names = ", ".join(name_by_id[i] for i in excluded)
+        share_of = {c["id"]: c["confusion_share"] for c in clusters_json["classes"]}
+        names = ", ".join(f"{name_by_id[i]} ({share_of[i]:.2f})" for i in excluded)
         lines.append(textwrap.fill(names, width=100, initial_indent=f"{'excluded':>8}  {len(excluded):>4}  {'':>6}  ",
                                    subsequent_indent=indent))
+        lines.append(f"excluded classes are left to the generalist: their confusion (in brackets, relative to the "
+                     f"most confused class) is below clusters.min_confusion = {clusters_json.get('min_confusion', 0):g}")
     return "\n".join(lines)
 
 
 def reorder_by_cluster(clusters_json: dict[str, Any], num_classes: int) -> list[int]:
-    """Class ids with each cluster as a contiguous block, in cluster order; excluded classes last."""
-    order = [i for cluster in clusters_json["clusters"] for i in cluster["ids"]]
+    """Class ids with each cluster's own (primary) members as a contiguous block, in cluster order;
+    excluded classes last. A class that also joined other clusters (overlap) appears once, in its own."""
+    primary_of = {c["id"]: c.get("cluster") for c in clusters_json.get("classes", [])}
+    order = [i for cluster_id, cluster in enumerate(clusters_json["clusters"]) for i in cluster["ids"]
+             if primary_of.get(i, cluster_id) == cluster_id]
     order += [i for i in clusters_json.get("excluded", []) if i not in order]
     if len(set(order)) != len(order) or any(not 0 <= i < num_classes for i in order):
         raise ClusterError(f"the clusters JSON names a class twice or one outside [0, {num_classes}); "
                            "recreate it with clusters_to_json for this data set")
     seen = set(order)
     return order + [i for i in range(num_classes) if i not in seen]
+
+
+def _primary_sizes(clusters_json: dict[str, Any]) -> list[int]:
+    """Per cluster, how many classes have it as their own (primary) cluster."""
+    primary_of = {c["id"]: c.get("cluster") for c in clusters_json.get("classes", [])}
+    return [sum(primary_of.get(i, cluster_id) == cluster_id for i in cluster["ids"])
+            for cluster_id, cluster in enumerate(clusters_json["clusters"])]
 
 
 def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_names: list[str],
@@ -465,18 +537,23 @@ def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_name
     image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
                       vmin=None if norm else 0.0, vmax=None if norm else max(high, 1e-12))
     ax.set_facecolor("#d9d9d9")  # the masked diagonal shows as grey
-    start = 0
-    for cluster in clusters_json["clusters"]:
-        size = len(cluster["ids"])
+    sizes = _primary_sizes(clusters_json)
+    starts = np.cumsum([0, *sizes[:-1]]).astype(int)
+    for start, size in zip(starts, sizes):
         ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="#ff7f0e", linewidth=2))
-        start += size
+    position = {class_id: p for p, class_id in enumerate(order)}
+    for entry in clusters_json.get("classes", []):  # overlap: a dashed bar where a class also joined a cluster
+        for cluster_id in entry.get("also_in", []):
+            row, start, size = position[entry["id"]], starts[cluster_id], sizes[cluster_id]
+            for xy, width, height in (((start - 0.5, row - 0.5), size, 1), ((row - 0.5, start - 0.5), 1, size)):
+                ax.add_patch(Rectangle(xy, width, height, fill=False, edgecolor="#ff7f0e", linewidth=1.2,
+                                       linestyle="--"))
     if cell_points >= _MIN_LABEL_POINTS:
         names = [str(class_names[i]) for i in order]
         ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
         ax.set_yticks(range(num_classes), names, fontsize=fontsize)
     else:  # too many classes to name each one legibly (and thousands of labels take seconds): name the blocks
-        sizes = [len(cluster["ids"]) for cluster in clusters_json["clusters"]]
-        centres = np.cumsum([0, *sizes[:-1]]) + (np.asarray(sizes) - 1) / 2
+        centres = starts + (np.asarray(sizes) - 1) / 2
         labels = [f"cluster {cluster['id']}" for cluster in clusters_json["clusters"]]
         block_fontsize = float(np.clip(0.7 * cell_points * np.median(sizes), 3.0, 8.0))
         ax.set_xticks(centres, labels, rotation=90, fontsize=block_fontsize)
@@ -484,8 +561,9 @@ def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_name
     ax.set_xlabel("predicted / co-predicted class")
     ax.set_ylabel("true class" if clusters_json.get("matrix") != "covariance" else "class")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    overlap = " dashed: also in that cluster;" if any(c.get("also_in") for c in clusters_json.get("classes", [])) else ""
     ax.set_title(f"{clusters_json.get('matrix', '')} confusability, reordered by cluster "
-                 f"(k={clusters_json.get('k', len(clusters_json['clusters']))}; diagonal hidden)")
+                 f"(k={clusters_json.get('k', len(clusters_json['clusters']))};{overlap} diagonal hidden)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -52,16 +52,22 @@ def coverage_counts(active: torch.Tensor, membership: torch.Tensor, labels: torc
     return (active & membership[:, labels].T).sum(1)
 
 
+COVERAGE_ROWS = (0, 1, 2)  # Table 4 always shows these counts of covering specialists, and every larger one found
+
+
 def by_coverage(coverage: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor,
                 baseline_predictions: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Paper Table 4: per number of covering specialists, examples, accuracy and the change in correct.
 
-    The relative change is None where the baseline got none right (undefined; report.json stays strict JSON)."""
+    Rows for 0, 1 and 2 covering specialists are always there (with n = 0 and accuracy None
+    where no example has that many), then one per larger count found. The relative change is
+    None where the baseline got none right (undefined; report.json stays strict JSON)."""
     rows = []
-    for count in sorted(set(coverage.tolist())):
+    for count in sorted(set(coverage.tolist()) | set(COVERAGE_ROWS)):
         mask = coverage == count
+        n = int(mask.sum())
         correct = int((predictions[mask] == labels[mask]).sum())
-        row = {"specialists_covering": int(count), "n": int(mask.sum()), "accuracy": correct / int(mask.sum())}
+        row = {"specialists_covering": int(count), "n": n, "accuracy": correct / n if n else None}
         if baseline_predictions is not None:
             base = int((baseline_predictions[mask] == labels[mask]).sum())
             row["delta_correct"] = correct - base
@@ -88,7 +94,7 @@ def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.
 
     Everything runs on the CPU (where the test tensors are; teachers may come back from a
     GPU's student training), so ms_per_image is CPU time for every model."""
-    from .distill import FROM_GENERALIST, HARD_LABELS, STUDENT, load_student_model
+    from .distill import FROM_GENERALIST, HARD_LABELS, STUDENT, TEACHERS_FILE, load_student_model
     from .ensemble import membership_matrix
     from .specialists import read_clusters, specialist_dir
 
@@ -114,6 +120,9 @@ def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.
                                           _file_size(*files), by_coverage=by_coverage(coverage, e_pred, y, g_pred))
         entries["generalist"]["by_coverage"] = by_coverage(coverage, g_pred, y)
     if with_students:
+        teachers = run_dir / STUDENT / TEACHERS_FILE
+        if teachers.is_file():
+            entries["teachers"] = {k: v for k, v in artifacts.read_json(teachers).items() if k != "fingerprint"}
         for name in (STUDENT, FROM_GENERALIST, HARD_LABELS):
             student = load_student_model(cfg, data, run_dir, name)
             with torch.no_grad():

@@ -59,9 +59,18 @@ def format_coverage(report: dict[str, Any]) -> str:
     lines = ["| specialists covering | examples | ensemble accuracy | change in correct | relative change |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['specialists_covering']} | {r['n']} | {100 * r['accuracy']:.2f}% | "
+        lines.append(f"| {r['specialists_covering']} | {r['n']} | {_pct(r['accuracy'])} | "
                      f"{r.get('delta_correct', 0):+d} | {_pct(r.get('relative_accuracy_change', 0), '+')} |")
     return "\n".join(lines)
+
+
+COVERAGE_NOTE = (
+    "The form of Table 4 in Hinton et al. (2015): test images grouped by how many *active* specialists "
+    "(those woken by the generalist's top guesses, `ensemble.top_n`) hold the true class. With 0, no active "
+    "specialist knows the true class: either none was woken, or the ones woken hold other classes and can only "
+    "move probability through their dustbins, so these images show what the combination does when the "
+    "generalist's guess is wrong and no specialist can correct it. With overlapping clusters "
+    "(`clusters.overlap`) a class can be covered by 2 or more.")
 
 
 def plot_accuracy_vs_size(report: dict[str, Any], path: str | Path) -> Path:
@@ -96,7 +105,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += ["## Clusters of confusable classes", "", clusters, "", f"![clusters]({artifacts.HEATMAP_FILE})", ""]
     coverage = format_coverage(report)
     if coverage:
-        parts += ["## Ensemble gain by number of specialists covering the true class", "", coverage, ""]
+        parts += ["## Ensemble gain by number of specialists covering the true class", "", COVERAGE_NOTE, "",
+                  coverage, ""]
     if (report.get("plots") or {}).get("accuracy_vs_size"):
         parts += ["## Accuracy vs size", "", f"![accuracy vs size]({report['plots']['accuracy_vs_size']})", ""]
     exports = report.get("exports", {}).get("formats", {})

@@ -28,13 +28,13 @@ import torch
 
 from . import artifacts
 from .artifacts import ArtifactError
-from .config import Config
+from .config import Config, ModelConfig
 from .data import Splits, load_data
 from .generalist import generalist_fingerprint, load_generalist, make_augment
 from .losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
 from .parallel import effective_jobs, joblib_backend, specialist_device
-from .train import TrainSet, fit, load_finished, predict_logits, save_model
+from .train import TrainSet, fit, load_finished, predict_logits, save_model, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,24 @@ def specialist_head(generalist: Classifier, subset: list[int]) -> tuple[torch.Te
 
 
 def new_specialist(generalist: Classifier, subset: list[int]) -> Classifier:
+    """A copy of the generalist with the |S| + 1 head of `specialist_head` (specialists.init = generalist)."""
     model = copy.deepcopy(generalist)
     return replace_head(model, *specialist_head(generalist, subset))
+
+
+def specialist_model_config(cfg: Config) -> ModelConfig:
+    """The architecture of the specialists: specialists.model, or the generalist's where its arch is 'generalist'."""
+    own = cfg.specialists.model
+    return cfg.generalist.model if own.arch == "generalist" else own
+
+
+def build_specialist(cfg: Config, data: Splits, generalist: Classifier, subset: list[int], seed: int) -> Classifier:
+    """Specialist `subset`'s starting point: the folded generalist (init = generalist) or fresh
+    weights of `specialist_model_config` seeded by `seed` (init = scratch), with |S| + 1 outputs."""
+    if cfg.specialists.init == "generalist":
+        return new_specialist(generalist, subset)
+    set_seed(seed)
+    return build_model(specialist_model_config(cfg), data.input_shape, len(subset) + 1, data.mean, data.std)
 
 
 def _soft_targets(generalist_logits: torch.Tensor, subset_t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -121,7 +137,7 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     seed = specialist_seed(cfg.seed, cluster_id)
     fingerprint = specialist_fingerprint(cfg, data, cluster_id, subset)
     generalist = load_generalist(cfg, data, run_dir)
-    model = new_specialist(generalist, subset)
+    model = build_specialist(cfg, data, generalist, subset, seed)
     if load_finished(model, out_dir, dict(fingerprint, stage=f"specialist {cluster_id}")):
         return out_dir / artifacts.MODEL_FILE
     (out_dir / "STARTED").parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +225,7 @@ def load_specialist(cfg: Config, data: Splits, run_dir: str | Path, cluster_id: 
     subset = read_clusters(run_dir)[cluster_id]
     generalist = generalist or build_model(cfg.generalist.model, data.input_shape, data.num_classes,
                                            data.mean, data.std)
-    model = new_specialist(generalist, subset)
+    model = build_specialist(cfg, data, generalist, subset, specialist_seed(cfg.seed, cluster_id))
     fingerprint = dict(specialist_fingerprint(cfg, data, cluster_id, subset), stage=f"specialist {cluster_id}")
     if not load_finished(model, specialist_dir(run_dir, cluster_id), fingerprint):
         raise ArtifactError(f"specialist {cluster_id} has not been trained ({specialist_dir(run_dir, cluster_id)}); "

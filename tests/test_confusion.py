@@ -53,8 +53,9 @@ def block_affinity(groups: list[list[int]], seed: int = 0, inside=(0.5, 1.0), ac
 
 
 def simulate_predictions(groups: list[list[int]], seed: int, per_class: int = 60,
-                         own: float = 2.0, group: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax outputs of a fake generalist that mixes up classes within their planted group."""
+                         own: float | np.ndarray = 2.0, group: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax outputs of a fake generalist that mixes up classes within their planted group;
+    `own` (one value, or one per class) is how sharply each class's own logit stands out."""
     rng = np.random.default_rng(seed)
     num_classes = sum(len(g) for g in groups)
     group_of = np.empty(num_classes, dtype=int)
@@ -62,7 +63,7 @@ def simulate_predictions(groups: list[list[int]], seed: int, per_class: int = 60
         group_of[members] = g
     y = np.repeat(np.arange(num_classes), per_class)
     logits = rng.normal(0.0, 1.0, (len(y), num_classes))
-    logits[np.arange(len(y)), y] += own
+    logits[np.arange(len(y)), y] += np.broadcast_to(own, (num_classes,))[y]
     logits += group * (group_of[None, :] == group_of[y][:, None])
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     return y, probs / probs.sum(axis=1, keepdims=True)
@@ -329,3 +330,69 @@ def test_plot_confusion_writes_a_png(tmp_path, kind):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
     assert [p.name for p in path.parent.iterdir()] == ["confusion.png"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------- overlap and isolated classes
+
+def _two_groups_and_a_bridge() -> np.ndarray:
+    """Groups {0, 1, 2} and {3, 4, 5} (affinity 1 inside); class 2 is also confused with 3 and 4
+    (0.6 each): 1.2 / 3.2 = 0.375 of its confusion lies in the other group, 0.6 / 2.6 = 0.23 of theirs."""
+    affinity = np.zeros((6, 6))
+    for group in ([0, 1, 2], [3, 4, 5]):
+        affinity[np.ix_(group, group)] = 1.0
+    affinity[2, [3, 4]] = affinity[[3, 4], 2] = 0.6
+    np.fill_diagonal(affinity, 0.0)
+    return affinity
+
+
+def test_overlap_adds_a_class_to_every_other_cluster_holding_enough_of_its_confusion():
+    affinity = _two_groups_and_a_bridge()
+    partition = ClassClusterer(k=2, overlap=0.0).fit(affinity)
+    overlapping = ClassClusterer(k=2, overlap=0.3).fit(affinity)
+    assert partition.clusters_ == [[0, 1, 2], [3, 4, 5]]
+    assert overlapping.labels_.tolist() == partition.labels_.tolist()  # the primary clusters are unchanged
+    assert overlapping.clusters_ == [[0, 1, 2], [2, 3, 4, 5]]
+    assert overlapping.also_in_[2] == [1] and not any(overlapping.also_in_[i] for i in (0, 1, 3, 4, 5))
+    names = [f"c{i}" for i in range(6)]
+    report = clusters_to_json(overlapping, names, "soft", affinity)
+    assert report["clusters"][1]["ids"] == [2, 3, 4, 5]
+    assert report["classes"][2]["cluster"] == 0 and report["classes"][2]["also_in"] == [1]
+    assert reorder_by_cluster(report, 6) == [0, 1, 2, 3, 4, 5]  # each class once, in its own block
+    table = format_cluster_table(report)
+    assert "c2+" in table and "also in this cluster" in table
+    alone = clusters_to_json(partition, names, "soft", affinity)
+    assert report["classes"][2]["inside_share"] > alone["classes"][2]["inside_share"]  # its 2nd cluster counts
+
+
+def test_overlap_never_fills_a_cluster_beyond_max_size_or_with_every_class():
+    affinity = np.full((4, 4), 0.5)
+    np.fill_diagonal(affinity, 0.0)  # every class equally confused with every other
+    clusterer = ClassClusterer(k=2, overlap=0.1).fit(affinity)
+    assert all(len(members) <= 3 for members in clusterer.clusters_)  # a specialist keeps its dustbin
+    limited = ClassClusterer(k=2, max_size=2, overlap=0.1).fit(affinity)
+    assert [len(members) for members in limited.clusters_] == [2, 2]
+
+
+def test_the_heatmap_marks_overlapping_memberships(tmp_path):
+    affinity = _two_groups_and_a_bridge()
+    names = [f"c{i}" for i in range(6)]
+    paths = {}
+    for overlap in (0.0, 0.3):
+        report = clusters_to_json(ClassClusterer(k=2, overlap=overlap).fit(affinity), names, "soft", affinity)
+        paths[overlap] = plot_confusion(affinity, report, names, tmp_path / f"overlap{overlap}.png")
+    assert paths[0.3].read_bytes() != paths[0.0].read_bytes()
+
+
+def test_default_min_confusion_leaves_isolated_classes_to_the_generalist():
+    groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    isolated = [9, 10]  # classes the generalist gets right and rarely guesses for anything else
+    y, probs = simulate_predictions(groups + [[c] for c in isolated], seed=0)
+    probs[:, isolated] *= np.where(np.isin(y, isolated), 1.0, 0.05)[:, None]
+    probs[np.isin(y, isolated)] = np.where(np.eye(11, dtype=bool)[y[np.isin(y, isolated)]], 1.0, 0.002)
+    probs /= probs.sum(axis=1, keepdims=True)
+    affinity = confusability(build_matrices(y, probs, 11)["soft"], "soft")
+    clusterer = clusterer_from_config(ClustersConfig(k=3)).fit(affinity)
+    assert clusterer.excluded_ == isolated
+    assert clusterer.clusters_ == groups
+    table = format_cluster_table(clusters_to_json(clusterer, [f"c{i}" for i in range(11)], "soft", affinity))
+    assert "left to the generalist" in table

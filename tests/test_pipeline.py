@@ -98,8 +98,9 @@ def test_report_ensemble_rows_per_cluster_and_by_coverage_add_up(finished: tuple
         assert row["n"] == N_TEST_PER_CLASS * len(row["classes"])  # test examples whose class is in the cluster
     rows = ensemble["by_coverage"]
     assert sum(r["n"] for r in rows) == 6 * N_TEST_PER_CLASS
-    assert {r["specialists_covering"] for r in rows} <= {0, 1}  # disjoint clusters, top-1: at most one covers
-    correct = sum(round(r["accuracy"] * r["n"]) for r in rows)
+    assert [r["specialists_covering"] for r in rows] == [0, 1, 2]  # 0, 1 and 2 are always shown
+    assert rows[2]["n"] == 0 and rows[2]["accuracy"] is None  # disjoint clusters, top-1: at most one covers
+    correct = sum(round((r["accuracy"] or 0) * r["n"]) for r in rows)
     assert correct == 6 * N_TEST_PER_CLASS - ensemble["test_errors"]
     assert sum(r["delta_correct"] for r in rows) == generalist["test_errors"] - ensemble["test_errors"]
     assert "| ensemble |" in (finished[0] / "report.md").read_text()
@@ -112,10 +113,14 @@ def test_coverage_rows_worked_by_hand_stay_strict_json_when_the_baseline_got_non
     # group 0: ensemble 1 of 2 right, baseline 2 -> -1, -50 %; group 1: 2 of 2 against 0 -> +2, undefined
     assert rows == [
         {"specialists_covering": 0, "n": 2, "accuracy": 0.5, "delta_correct": -1, "relative_accuracy_change": -0.5},
-        {"specialists_covering": 1, "n": 2, "accuracy": 1.0, "delta_correct": 2, "relative_accuracy_change": None}]
+        {"specialists_covering": 1, "n": 2, "accuracy": 1.0, "delta_correct": 2, "relative_accuracy_change": None},
+        {"specialists_covering": 2, "n": 0, "accuracy": None, "delta_correct": 0, "relative_accuracy_change": None}]
     json.dumps(rows, allow_nan=False)
     table = format_coverage({"ensemble": {"by_coverage": rows}})
     assert "| 0 | 2 | 50.00% | -1 | -50.00% |" in table and "| 1 | 2 | 100.00% | +2 | n/a |" in table
+    assert "| 2 | 0 | n/a | +0 | n/a |" in table
+    three = by_coverage(torch.tensor([3, 0]), torch.tensor([1, 1]), torch.tensor([1, 1]))
+    assert [r["specialists_covering"] for r in three] == [0, 1, 2, 3]  # and every larger count found
     empty = per_cluster_accuracy(ensemble, labels, [[0, 1], [4]])  # no test example of class 4
     assert [r["accuracy"] for r in empty] == [0.5, None]
 

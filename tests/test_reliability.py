@@ -391,7 +391,8 @@ def test_bad_values_from_any_loader_fail_before_the_generalist(tmp_path: Path, m
 # ---------------------------------------------------------------- 6. impossible configs: an error before any work
 
 @pytest.mark.parametrize("overrides, message", [
-    (["clusters.k=2", "clusters.max_size=2"], "at most clusters.max_size = 2 classes hold 4 classes, the data has 6"),
+    (["clusters.k=2", "clusters.max_size=2", "clusters.min_confusion=0"],
+     "at most clusters.max_size = 2 classes hold 4 classes, the data has 6"),
     (["student.model.hidden=[64]"], "more than student.max_params_ratio"),
 ])
 def test_impossible_settings_known_after_loading_the_data_fail_before_the_generalist(

@@ -178,3 +178,37 @@ def test_failing_specialist_names_its_cluster_and_cause_and_keeps_the_others(run
         train_all_specialists(tiny_config(), run_copy)
     assert (specialist_dir(run_copy, 0) / "model.pt").is_file()
     assert not (specialist_dir(run_copy, 1) / "model.pt").exists()
+
+
+# ---------------------------------------------------------------- how a specialist starts
+
+def test_scratch_specialists_have_fresh_weights_of_their_own_architecture(run_copy: Path) -> None:
+    from ensemble_kd.data import load_data
+    from ensemble_kd.generalist import load_generalist
+
+    cfg = tiny_config("specialists.init=scratch", "specialists.model.arch=mlp", "specialists.model.hidden=[24]",
+                      "specialists.soft_epochs=0")
+    data = load_data(cfg.data, cfg.seed)
+    generalist = load_generalist(cfg, data, run_copy)
+    subset = specialists.read_clusters(run_copy)[0]
+    first = specialists.build_specialist(cfg, data, generalist, subset, seed=5)
+    again = specialists.build_specialist(cfg, data, generalist, subset, seed=5)
+    other = specialists.build_specialist(cfg, data, generalist, subset, seed=6)
+    assert first.head.out_features == len(subset) + 1
+    assert first.features[1].out_features == 24  # specialists.model, not the generalist's [16]
+    assert torch.equal(first.head.weight, again.head.weight)  # seeded by the specialist's own seed
+    assert not torch.equal(first.head.weight, other.head.weight)
+    copied = specialists.build_specialist(tiny_config(), data, generalist, subset, seed=5)
+    assert torch.equal(copied.features[1].weight, generalist.features[1].weight)  # init = generalist copies
+    paths = train_all_specialists(cfg, run_copy)
+    trained = specialists.load_specialist(cfg, data, run_copy, 0)
+    assert trained.features[1].out_features == 24 and paths[0].is_file()
+    with pytest.raises(specialists.ArtifactError, match="another configuration"):
+        specialists.load_specialist(tiny_config(), data, run_copy, 0)  # a copy-initialised run refuses it
+
+
+def test_a_model_of_their_own_needs_scratch_initialisation() -> None:
+    from ensemble_kd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="specialists.init = 'scratch'"):
+        tiny_config("specialists.model.arch=cnn")

@@ -1,0 +1,133 @@
+"""Where does the gain come from? The committed recipe, each lever switched off, and the MLP recipe.
+
+    python benchmarks/ablation.py                          # fashion-mnist, seed 0, every row
+    python benchmarks/ablation.py --rows recipe no_overlap # some rows
+    python benchmarks/ablation.py --quick                  # digits, a smoke test of the script
+
+Each row is one full `ensemble-kd` run of pipelines/configs/<data>.toml with the row's
+overrides, in benchmarks/cache/ablation/<data>-<row>-seed<k>. Rows that keep the recipe's
+generalist start from a copy of the recipe run's generalist (its fingerprint is checked
+when it is loaded), so only what the lever changes is trained again. Every run resumes
+where it stopped, so the script can be stopped and restarted at any time.
+
+For each row: the test accuracy of the generalist, the ensemble and the three students
+(the pipeline's students and `--student-seeds` more of each, averaged), the ensemble's
+relative error cut, the student from the ensemble minus the student from the generalist
+(paired by student seed), the teachers' top-1 disagreement on the transfer set, and the
+time of each stage. Writes benchmarks/results/ablation_<data>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import common
+
+from ensemble_kd import artifacts
+from ensemble_kd.config import Config, load_config
+from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT
+from ensemble_kd.pipeline import run_pipeline, start_run
+
+STUDENTS = (STUDENT, FROM_GENERALIST, HARD_LABELS)
+CACHE = common.REPO / "benchmarks" / "cache" / "ablation"
+
+# row -> (what it changes, overrides of the committed recipe, config file or None for the recipe's)
+ROWS: dict[str, tuple[str, list[str], str | None]] = {
+    "recipe": ("the committed recipe", [], None),
+    "init_generalist": ("specialists start as copies of the generalist", ["specialists.init=generalist",
+                                                                          "specialists.model.arch=generalist"], None),
+    "no_overlap": ("clusters partition the classes", ["clusters.overlap=0"], None),
+    "transfer_dataset": ("students learn the teachers' logits on the plain training images",
+                         ["student.transfer=dataset"], None),
+    "mlp": ("the earlier MLP recipe (MLP generalist, fine-tuned specialists, MLP student)", [],
+            "fashion-mnist-mlp"),
+}
+QUICK_ROWS = ("recipe", "init_generalist", "no_overlap", "transfer_dataset")
+
+
+def row_config(data: str, row: str, seed: int, quick: bool) -> Config:
+    _, overrides, config_name = ROWS[row]
+    name = config_name or data
+    quick_overrides = ["specialists.init=scratch", "specialists.soft_epochs=0", "clusters.overlap=0.2", "data.crop_pad=1"] if quick else []
+    return load_config(common.REPO / "pipelines" / "configs" / f"{name}.toml",
+                       [f"seed={seed}", *quick_overrides, *overrides])
+
+
+def same_generalist(a: Config, b: Config) -> bool:
+    return (a.seed, a.data, a.generalist) == (b.seed, b.data, b.generalist)
+
+
+def run_row(cfg: Config, out: Path, donor: Path | None) -> dict[str, Any]:
+    """One full run (resumed if started); a fresh run borrows `donor`'s finished generalist."""
+    fresh = not (out / artifacts.CONFIG_FILE).exists()
+    run_dir = start_run(cfg, out, resume=not fresh)
+    if fresh and donor is not None:
+        shutil.copytree(donor / artifacts.GENERALIST_DIR, run_dir / artifacts.GENERALIST_DIR)
+        seconds = artifacts.read_json(donor / artifacts.MANIFEST_FILE)["stages"]["generalist"]["seconds"]
+        artifacts.mark_stage(run_dir, "generalist", seconds, borrowed_from=donor.name)
+    return run_pipeline(cfg, run_dir, progress=False)
+
+
+def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: list[int]) -> dict[str, Any]:
+    stages = artifacts.read_json(run_dir / artifacts.MANIFEST_FILE)["stages"]
+    result: dict[str, Any] = {"row": row, "changes": ROWS[row][0], "overrides": ROWS[row][1],
+                              "run": str(run_dir.relative_to(common.REPO)), "clusters": report["clusters"],
+                              "generalist": report["generalist"]["test_accuracy"],
+                              "ensemble": report["ensemble"]["test_accuracy"],
+                              "teachers_top1_disagreement": report.get("teachers", {}).get("top1_disagreement"),
+                              "stage_seconds": {name: stage["seconds"] for name, stage in stages.items()}}
+    result["seconds"] = round(sum(result["stage_seconds"].values()), 1)
+    g_err, e_err = 1 - result["generalist"], 1 - result["ensemble"]
+    result["ensemble_relative_error_cut"] = (g_err - e_err) / g_err
+    for kind in STUDENTS:
+        accuracies = [report[kind]["test_accuracy"]]
+        accuracies += [common.train_extra_student(run_dir, kind, s, CACHE / "students") for s in student_seeds]
+        result[kind] = {"accuracies": accuracies, "mean": statistics.fmean(accuracies)}
+    differences = [a - b for a, b in zip(result[STUDENT]["accuracies"], result[FROM_GENERALIST]["accuracies"])]
+    result["student_minus_from_generalist"] = statistics.fmean(differences)
+    result["student_minus_hard_labels"] = statistics.fmean(
+        a - b for a, b in zip(result[STUDENT]["accuracies"], result[HARD_LABELS]["accuracies"]))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="fashion-mnist", help="the recipe: a config name in pipelines/configs/")
+    parser.add_argument("--seed", type=int, default=0, help="run seed of every row")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--student-seeds", type=int, nargs="*", default=[11],
+                        help="extra student seeds per row, besides the pipeline's own students")
+    parser.add_argument("--quick", action="store_true", help="digits, a smoke test of the script")
+    args = parser.parse_args()
+    data = "digits" if args.quick else args.data
+    rows = args.rows or (list(QUICK_ROWS) if args.quick else list(ROWS))
+    recipe_cfg = row_config(data, "recipe", args.seed, args.quick)
+    recipe_dir = CACHE / f"{data}-recipe-seed{args.seed}"
+    results = []
+    for row in ["recipe"] + [r for r in rows if r != "recipe"]:
+        cfg = row_config(data, row, args.seed, args.quick)
+        out = CACHE / f"{data}-{row}-seed{args.seed}"
+        donor = recipe_dir if row != "recipe" and same_generalist(cfg, recipe_cfg) else None
+        common.log_to_stderr(f"{row}: {ROWS[row][0]} ...")
+        report = run_row(cfg, out, donor)
+        if row in rows:
+            results.append(row_result(row, out, report, args.student_seeds))
+    headers = ["row", "generalist", "ensemble", "error cut", "student", "from gen.", "hard", "ens-gen",
+               "disagree", "minutes"]
+    table = [[r["row"], f"{100 * r['generalist']:.2f}%", f"{100 * r['ensemble']:.2f}%",
+              f"{100 * r['ensemble_relative_error_cut']:.1f}%",
+              *(f"{100 * r[k]['mean']:.2f}%" for k in STUDENTS), f"{100 * r['student_minus_from_generalist']:+.2f}",
+              "-" if r["teachers_top1_disagreement"] is None else f"{100 * r['teachers_top1_disagreement']:.2f}%",
+              f"{r['seconds'] / 60:.1f}"] for r in results]
+    print(common.format_table(headers, table))
+    name = "ablation_quick" if args.quick else f"ablation_{data}"
+    path = common.write_result(name, {"machine": common.machine_info(), "data": data, "seed": args.seed,
+                                      "student_seeds": args.student_seeds, "rows": results})
+    print(f"wrote {path.relative_to(common.REPO)}")
+
+
+if __name__ == "__main__":
+    main()
