@@ -135,7 +135,7 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     val = TrainSet(data.x_val[val_idx], fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
     common = dict(seed=seed, fingerprint=fingerprint, epoch_indices=indices, augment=make_augment(cfg),
-                  val=val, device=device, progress=progress, precision=cfg.precision)
+                  val=val, device=device, progress=progress, precision=cfg.precision, compile_model=cfg.compile)
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard",
         stage=f"specialist {cluster_id} hard", **common)
     if cfg.specialists.soft_epochs > 0:
