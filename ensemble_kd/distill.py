@@ -96,7 +96,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
                seed=cfg.seed if seed is None else seed,
                fingerprint=fingerprint, loss_fn=loss_fn, teacher=live_teacher, augment=augment,
                val=TrainSet(data.x_val, data.y_val), device=device, precision=cfg.precision,
-               progress=progress)
+               compile_model=cfg.compile, progress=progress)
 
 
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     val = TrainSet(data.x_val[val_idx], fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
     common = dict(seed=seed, fingerprint=fingerprint, epoch_indices=indices, augment=make_augment(cfg),
-                  val=val, device=device, progress=progress, precision=cfg.precision)
+                  val=val, device=device, progress=progress, precision=cfg.precision, compile_model=cfg.compile)
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard",
         stage=f"specialist {cluster_id} hard", **common)
     if cfg.specialists.soft_epochs > 0:
@@ -257,7 +257,8 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
     from joblib import Parallel, delayed
 
     run_dir = Path(run_dir).absolute()  # Dask workers resolve relative paths from their own directory
-    n_clusters = len(read_clusters(run_dir))
+    clusters = read_clusters(run_dir)
+    n_clusters = len(clusters)
     todo = [k for k in range(n_clusters) if not is_finished(run_dir, k)]
     done = [k for k in range(n_clusters) if k not in todo]
     if done:
@@ -266,8 +267,11 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
             _check_finished(cfg, data, run_dir, done)
     if todo:
         n_jobs = effective_jobs(cfg, len(todo))
+        if n_jobs > 1 or cfg.specialists.backend == "dask":  # one at a time, the order changes nothing
+            todo = dispatch_order(cfg, {k: clusters[k] for k in todo}, None if data is None else data.y_train)
         threads = specialist_threads(cfg, n_clusters)
-        log.info("training %d specialists, %d at a time, %d threads each", len(todo), n_jobs, threads)
+        log.info("training %d specialists (%s), %d at a time, %d threads each", len(todo),
+                 ", ".join(map(str, todo)), n_jobs, threads)
         for k in todo:  # a marker left by an earlier crash would blame this run's failure on the wrong one
             (specialist_dir(run_dir, k) / STARTED_FILE).unlink(missing_ok=True)
         try:
@@ -276,6 +280,24 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
         except _worker_deaths(cfg) as err:
             raise SpecialistError(_died_message(run_dir, todo, err)) from err
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
+
+
+def dispatch_order(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> list[int]:
+    """The cluster ids of `subsets` (id -> its classes) in the order to hand them to the workers: longest first.
+
+    A specialist's cost is its enriched stream's size (its classes' training examples in
+    `labels` / in_cluster_fraction; its number of classes when the labels are not at hand)
+    times the epochs of both phases. Starting the longest first lets parallel workers
+    finish together. The order does not change any specialist: each one's seed comes from
+    the run seed and its cluster id, its thread count from the config."""
+    epochs = cfg.specialists.train.epochs + cfg.specialists.soft_epochs
+
+    def cost(subset: list[int]) -> float:
+        inside = len(subset) if labels is None else int(torch.isin(labels, torch.tensor(subset)).sum())
+        return inside / cfg.specialists.in_cluster_fraction * epochs
+
+    costs = {k: cost(subset) for k, subset in subsets.items()}
+    return sorted(costs, key=lambda k: (-costs[k], k))
 
 
 def _check_finished(cfg: Config, data: Splits, run_dir: Path, finished: list[int]) -> None:

@@ -6,10 +6,25 @@ writes `model.pt` when done. Each epoch reseeds its own random streams from
 (seed, epoch), so a run resumed at an epoch boundary gives the same weights as one that
 never stopped.
 
+The step loop never waits for the device: the loss sum and the correct count stay on
+the device and are read once per epoch, and the non-finite guard reads its on-device
+flag (the running loss sum, NaN or infinite once any loss is) every
+`NONFINITE_CHECK_STEPS` steps and at the end of the epoch, before any checkpoint or
+model file is written. On CUDA the epoch's example order is copied to the GPU once.
+Optimizers use torch's fused kernels where it has them for the device (CUDA; CPU since
+torch 2.4), and gradient clipping (`clip_grad_norm`) costs a few small ops per step.
+
 Mixed precision (`precision` = bf16 | fp16) runs the forward pass and the teacher under
 `torch.autocast`; the loss, the weights and the optimizer stay in float32, and fp16
-(CUDA only) scales the loss with a `GradScaler`. On CUDA the training tensors are moved
-to the GPU once, when they take less than half of its free memory.
+(CUDA only) scales the loss with a `GradScaler`. `precision = "auto"` picks bf16 where
+the device computes it natively (CUDA GPUs of compute capability 8.0 or newer, CPUs with
+AVX512-BF16 or AMX) and the model does enough matmul work per step for bf16 to pay
+(`BF16_MIN_STEP_FLOPS`), else fp32. Models with 2-D convolutions train in channels-last
+memory format on CPU and CUDA (faster for `cnn` and `resnet` in both precisions; see
+benchmarks/README.md) and are returned and saved in the usual contiguous format. With
+`compile_model`, the forward and backward passes run through `torch.compile`. On CUDA
+the training tensors are moved to the GPU once, when they take less than half of its
+free memory.
 """
 from __future__ import annotations
 
@@ -74,12 +89,64 @@ def resolve_device(name: str) -> torch.device:
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bf16 where it is native and pays, else fp32 (resolve_precision)
+# auto picks bf16 only from this many matmul FLOPs per step (3 x forward x batch when training): below it
+# autocast's casts cost more than bf16 saves (2-core EPYC with AVX512-BF16: a digits MLP at 30 MFLOP per
+# step ran at 0.94x in bf16, a Fashion-MNIST MLP at 105 MFLOP at 1.19x; benchmarks/README.md)
+BF16_MIN_STEP_FLOPS = 1e8
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or newer,
+    or a CPU with AVX512-BF16 or AMX (and a torch build whose CPU autocast has bfloat16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(probe() for probe in probes if probe is not None) and _bf16_autocast_works("cpu")
+    return False
+
+
+def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """Matmul and convolution FLOPs of one forward pass of `model` on `example` (torch's FlopCounterMode),
+    run in eval mode without gradients, so no batch-norm statistic or random stream moves."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def resolve_precision(precision: str, device: str | torch.device, model: nn.Module | None = None,
+                      example: torch.Tensor | None = None, batch_size: int = 1, passes: int = 3) -> str:
+    """The precision that `precision` stands for on `device`: itself, unless it is "auto".
+
+    "auto" is bf16 when the device computes bfloat16 natively (`native_bf16`) and, given a
+    `model` and one `example` input, a step of `batch_size` examples does at least
+    `BF16_MIN_STEP_FLOPS` (`passes` = 3 for forward and backward, 1 for inference); else fp32.
+    """
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if not native_bf16(device):
+        return "fp32"
+    if model is None or example is None:
+        return "bf16"
+    flops = passes * batch_size * forward_flops(model, example[:1].to(device))
+    return "bf16" if flops >= BF16_MIN_STEP_FLOPS else "fp32"
 
 
 def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
     """The autocast dtype of `precision` on `device`, None for fp32; ConfigError where it cannot run."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision = {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISION_CHOICES:
+        raise ConfigError(f"precision = {precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return None
     device_type = torch.device(device).type
@@ -112,6 +179,13 @@ def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractC
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels-last for a model with 2-D convolutions on CPU or CUDA, where it is faster (measured for
+    `cnn` and `resnet` in fp32 and bf16: benchmarks/README.md); the usual contiguous format otherwise."""
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.channels_last if has_conv and device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
 def _grad_scaler(precision: str) -> Any:
@@ -157,10 +231,36 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (Nesterov) over the trainable parameters, with torch's fused kernel (one call updates
+    every parameter) where torch has one for their device: CUDA, and CPU since torch 2.4."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        make = functools.partial(torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                 weight_decay=cfg.weight_decay)
+    else:
+        make = functools.partial(torch.optim.AdamW, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        return make(fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or optimizer in this torch
+        return make()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> None:
+    """Scale the gradients of `params` so that their total 2-norm is at most `max_norm`, as
+    `torch.nn.utils.clip_grad_norm_` does (factor max_norm / (norm + 1e-6) when below 1), at less cost.
+
+    On CPU the norm is a host value (reading it waits for nothing), so the gradients are
+    scaled only when it is over the limit. Elsewhere torch's foreach clip_grad_norm_ scales
+    them on the device by a clamped factor, never reading the norm back (no sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if grads[0].device.type != "cpu":
+        nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+    if norm + 1e-6 > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -223,6 +323,7 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     _check_fingerprint(path, ckpt.get("fingerprint", {}), fingerprint)
     _load_state(model, ckpt["model"], path)
     _load_state(optimizer, ckpt["optimizer"], path)
+    _match_parameter_layout(optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -233,22 +334,44 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     return done
 
 
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout (same values).
+
+    A checkpoint keeps the layout it was written in (say contiguous, before channels-last
+    training), and fused optimizer kernels pair elements by memory position, not by index."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
+                                                     device=value.device).copy_(value)
+
+
 def _jsonl(record: dict[str, Any]) -> str:
     import json
     return json.dumps(record) + "\n"
+
+
+NONFINITE_CHECK_STEPS = 50  # steps between reads of the on-device non-finite flag (each read waits for the device)
 
 
 def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Path, *, stage: str, seed: int,
         fingerprint: dict[str, Any] | None = None, loss_fn: LossFn | None = None,
         teacher: nn.Module | None = None, epoch_indices: IndexFn | None = None,
         augment: AugmentFn | None = None, val: TrainSet | None = None,
-        device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32") -> nn.Module:
+        device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
+        compile_model: bool = False) -> nn.Module:
     """Train `model` for `cfg.epochs`, resuming from `stage_dir` if a checkpoint is there.
 
     With `teacher`, the targets of each batch are the teacher's logits on the (augmented)
     batch; otherwise `train.targets` (if any) are passed to `loss_fn` as they are.
-    `precision` (fp32 | bf16 | fp16) is not part of the fingerprint, like `device`: a
-    stage may resume at another precision; model.pt records it when it is not fp32.
+    `precision` (auto | fp32 | bf16 | fp16) and `compile_model` (torch.compile) are not part
+    of the fingerprint, like `device`: a stage may resume at another precision (so "auto"
+    may mix bf16 and fp32 epochs when a run resumes on another machine); model.pt records
+    the precision used when it is not fp32. A non-finite loss raises NonFiniteLossError,
+    naming the epoch and the steps between two checks, before that epoch's metrics line or
+    checkpoint is written.
     Returns the model in eval mode; `stage_dir/model.pt` marks the stage finished.
     """
     stage_dir = Path(stage_dir)
@@ -260,6 +383,9 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     if load_finished(model, stage_dir, fingerprint):
         log.info("%s already trained (%s); not training again", stage, stage_dir / artifacts.MODEL_FILE)
         return model.eval()
+    precision = _chosen_precision(precision, device, model, train, cfg.batch_size, stage)
+    memory_format = training_memory_format(model, device)
+    model.to(memory_format=memory_format)  # before the optimizer, so its state takes the same layout
     loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
     epoch_indices = epoch_indices or (lambda epoch, gen: torch.randperm(len(train), generator=gen))
     steps_per_epoch = math.ceil(len(epoch_indices(0, torch.Generator().manual_seed(0))) / cfg.batch_size)
@@ -273,10 +399,12 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
         teacher.eval()
     if start < cfg.epochs:
         train = keep_on_device(train, device)
+    loop = _Loop(model, torch.compile(model) if compile_model else model,
+                 [p for p in model.parameters() if p.requires_grad], train, cfg, optimizer, scheduler, scaler,
+                 loss_fn, teacher, epoch_indices, augment, stage, seed, device, precision, memory_format, progress)
     for epoch in range(start + 1, cfg.epochs + 1):
         with _current_cuda_device(device):
-            record = _train_epoch(model, train, cfg, optimizer, scheduler, loss_fn, teacher, epoch_indices, augment,
-                                  stage, epoch, seed, device, progress, precision, scaler)
+            record = _train_epoch(loop, epoch)
             if val is not None:
                 record["val_accuracy"] = evaluate(model, val.x, val.y, device=device).accuracy
         artifacts.append_jsonl(stage_dir / artifacts.METRICS_FILE, record)
@@ -286,63 +414,128 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
             **({"scaler": scaler.state_dict()} if scaler is not None else {})})
         log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", stage, epoch, cfg.epochs, record["loss"],
                  record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if val is not None else "")
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     save_model(model, stage_dir, fingerprint, epochs=cfg.epochs,
                **({"precision": precision} if precision != "fp32" else {}))
     (stage_dir / artifacts.CHECKPOINT_FILE).unlink(missing_ok=True)
     return model
 
 
-def _train_epoch(model: nn.Module, train: TrainSet, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, loss_fn: LossFn, teacher: nn.Module | None, epoch_indices: IndexFn,
-                 augment: AugmentFn | None, stage: str, epoch: int, seed: int, device: torch.device,
-                 progress: bool, precision: str = "fp32", scaler: Any = None) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    torch.manual_seed(epoch_seed(seed, epoch))  # dropout draws from the global stream
-    order = epoch_indices(epoch, generator)
-    model.train()
-    started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-    batches = order.split(cfg.batch_size)
-    bar = tqdm(batches, desc=f"{stage} {epoch}/{cfg.epochs}", leave=False, disable=not progress, unit="batch")
+def _chosen_precision(precision: str, device: torch.device, model: nn.Module, train: TrainSet, batch_size: int,
+                      stage: str) -> str:
+    """`precision` resolved for training `model` in batches of `batch_size`, said in the log when it was "auto"."""
+    if precision != "auto" or len(train) == 0:
+        return resolve_precision(precision, device)
+    chosen = resolve_precision(precision, device, model, train.x[:1], min(batch_size, len(train)))
+    log.info("%s: precision auto -> %s on %s", stage, chosen, device)
+    return chosen
+
+
+@dataclass
+class _Loop:
+    """What every epoch of one fit() call works with."""
+
+    model: nn.Module  # the weights being trained and checkpointed
+    forward: nn.Module  # `model` itself, or its torch.compile wrapper
+    params: list[nn.Parameter]  # the trainable parameters (clipped together)
+    train: TrainSet
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # LambdaLR, stepped once per batch
+    scaler: Any  # fp16 GradScaler, else None
+    loss_fn: LossFn
+    teacher: nn.Module | None
+    epoch_indices: IndexFn
+    augment: AugmentFn | None
+    stage: str
+    seed: int
+    device: torch.device
+    precision: str  # resolved: fp32 | bf16 | fp16
+    memory_format: torch.memory_format  # of image batches: channels-last for conv models
+    progress: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        return contextlib.nullcontext() if dtype is torch.float32 else torch.autocast(self.device.type, dtype=dtype)
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
+    """One pass over the epoch's batches; reads the device twice (the loss sum, the correct count) at its end
+    and checks the non-finite flag every NONFINITE_CHECK_STEPS steps."""
+    started = time.perf_counter()
+    device = loop.device
+    generator = torch.Generator().manual_seed(epoch_seed(loop.seed, epoch))
+    torch.manual_seed(epoch_seed(loop.seed, epoch))  # dropout draws from the global stream
+    order = loop.epoch_indices(epoch, generator).to(loop.train.x.device)  # on a GPU: one copy per epoch
+    augment_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        epoch_seed(loop.seed, epoch))  # draws where the batch is: no copy from the host per step
+    loop.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss x batch size: the non-finite flag
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    batches = order.split(loop.cfg.batch_size)
+    bar = tqdm(batches, desc=f"{loop.stage} {epoch}/{loop.cfg.epochs}", leave=False, disable=not loop.progress,
+               unit="batch")
+    seen, checked = 0, 0
     for step, idx in enumerate(bar, start=1):
-        idx = idx.to(train.x.device)  # the data may already live on the device (keep_on_device)
-        x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
-        if augment is not None:
-            x = augment(x, generator)
-        targets = None
-        with autocast(precision, device):
-            if teacher is not None:
-                with torch.no_grad():
-                    targets = teacher(x)
-            elif train.targets is not None:
-                targets = train.targets[idx].to(device, non_blocking=True)
-            logits = model(x)
-        if precision != "fp32":  # the loss (softmax, logs, sums) in float32
-            logits, targets = logits.float(), None if targets is None else targets.float()
-        loss = loss_fn(logits, y, targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint "
-                f"is kept. Lower the learning rate (now {cfg.lr:g}) or raise grad_clip, then rerun with --resume")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-        else:  # fp16: scaled backward; clip the true gradients; a step with inf/NaN gradients is skipped
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        loss_sum += loss.item() * len(idx)
-        correct += int((logits.argmax(1) == y).sum()) if y.dtype == torch.int64 else 0
+        logits, y, loss = _train_step(loop, idx, augment_generator)
+        loss_sum.add_(loss.detach(), alpha=len(idx))
+        if y.dtype == torch.int64:
+            correct.add_((logits.detach().argmax(1) == y).sum())
         seen += len(idx)
-    return {"epoch": epoch, "loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
+        if step % NONFINITE_CHECK_STEPS == 0 or step == len(batches):
+            _check_finite(loss_sum, loop, epoch, checked + 1, step)
+            checked = step
+    return {"epoch": epoch, "loss": float(loss_sum) / max(seen, 1), "train_accuracy": int(correct) / max(seen, 1),
+            "lr": loop.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _train_step(loop: _Loop, idx: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, clipping and optimizer step on the examples `idx`; (logits, labels, loss)."""
+    train, device, cfg = loop.train, loop.device, loop.cfg
+    x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
+    if loop.augment is not None:
+        x = loop.augment(x, generator)
+    if x.ndim == 4:
+        x = x.contiguous(memory_format=loop.memory_format)
+    targets = None
+    with loop.autocast():
+        if loop.teacher is not None:
+            with torch.no_grad():
+                targets = loop.teacher(x)
+        elif train.targets is not None:
+            targets = train.targets[idx].to(device, non_blocking=True)
+        logits = loop.forward(x)
+    if loop.precision != "fp32":  # the loss (softmax, logs, sums) in float32
+        logits, targets = logits.float(), None if targets is None else targets.float()
+    loss = loop.loss_fn(logits, y, targets)
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.scaler is None:
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm(loop.params, cfg.grad_clip)
+        loop.optimizer.step()
+    else:  # fp16: scaled backward; clip the true gradients; a step with inf/NaN gradients is skipped
+        loop.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            loop.scaler.unscale_(loop.optimizer)
+            clip_grad_norm(loop.params, cfg.grad_clip)
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    loop.scheduler.step()
+    return logits, y, loss
+
+
+def _check_finite(loss_sum: torch.Tensor, loop: _Loop, epoch: int, first: int, last: int) -> None:
+    """NonFiniteLossError when the running loss sum of the epoch is NaN or infinite (steps first..last are
+    those since the last check)."""
+    if bool(torch.isfinite(loss_sum)):
+        return
+    steps = f"step {last}" if first == last else f"steps {first}-{last}"
+    raise NonFiniteLossError(
+        f"{loop.stage}: loss became {float(loss_sum)} at epoch {epoch}, in {steps} (it is checked every "
+        f"{NONFINITE_CHECK_STEPS} steps); the last good checkpoint is kept. Lower the learning rate (now "
+        f"{loop.cfg.lr:g}) or clip gradients harder (grad_clip, now {loop.cfg.grad_clip:g}), then rerun with --resume")
 
 
 @torch.no_grad()
@@ -351,6 +544,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
     """The model's logits for every row of `x`, in eval mode, as float32 on CPU."""
     was_training = model.training
     model.eval()
+    if len(x):
+        precision = resolve_precision(precision, device, model, x[:1], min(batch_size, len(x)), passes=1)
     with autocast(precision, device):
         outputs = [model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
     model.train(was_training)

@@ -430,7 +430,7 @@ def test_a_nan_loss_names_stage_epoch_step_and_the_fix_and_keeps_the_checkpoint(
 
     monkeypatch.setattr(train_module, "cross_entropy", nan_from_epoch_2)
     code, err = run_cli(config_file, out)
-    assert code == 2 and err.startswith("error: generalist: loss became nan at epoch 2, step 1")
+    assert code == 2 and err.startswith("error: generalist: loss became nan at epoch 2, in steps 1-")
     assert "learning rate" in err and "--resume" in err
     assert artifacts.load_torch(out / "generalist" / "checkpoint.pt")["epoch"] == 1
     assert not (out / "generalist" / "model.pt").exists()

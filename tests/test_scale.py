@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from ensemble_kd import parallel
+from ensemble_kd import parallel, train
 from ensemble_kd.artifacts import load_torch, read_jsonl
 from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig, load_config
 from ensemble_kd.confusion import ClassClusterer, build_matrices, confusability, hard_confusion, soft_confusion
@@ -22,7 +22,8 @@ from ensemble_kd.ensemble import combine
 from ensemble_kd.models import build_model
 from ensemble_kd.parallel import SchedulerError, effective_jobs, joblib_backend, specialist_device
 from ensemble_kd.specialists import train_all_specialists
-from ensemble_kd.train import TrainSet, _bf16_autocast_works, evaluate, fit, set_seed
+from ensemble_kd.train import (TrainSet, _bf16_autocast_works, evaluate, fit, forward_flops, native_bf16,
+                               resolve_precision, set_seed)
 from test_pipeline import tiny_config
 
 
@@ -205,7 +206,7 @@ def test_fp16_on_cpu_is_refused_with_what_to_use_instead(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("overrides, message", [
     (["precision=fp16"], "precision = 'fp16' needs a CUDA GPU"),  # the default device is cpu
-    (["precision=fp64"], "precision = 'fp64' is not one of fp32, bf16, fp16"),
+    (["precision=fp64"], "precision = 'fp64' is not one of auto, fp32, bf16, fp16"),
 ])
 def test_impossible_precisions_are_config_errors(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -214,6 +215,57 @@ def test_impossible_precisions_are_config_errors(overrides: list[str], message: 
 
 def test_fp16_with_a_cuda_or_auto_device_is_a_valid_config() -> None:
     assert load_config(overrides=["precision=fp16", "device=auto"]).precision == "fp16"
+
+
+def test_forward_flops_of_an_mlp_by_hand() -> None:
+    model = build_model(ModelConfig(arch="mlp", hidden=[32, 16]), (8,), 3, [0.0], [1.0])
+    assert forward_flops(model, torch.zeros(1, 8)) == 2 * (8 * 32 + 32 * 16 + 16 * 3)  # multiply-adds of the Linears
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native_and_the_model_large_enough(monkeypatch) -> None:
+    large = build_model(ModelConfig(arch="mlp", hidden=[1024, 1024]), (784,), 10, [0.0], [1.0])
+    tiny = build_model(ModelConfig(arch="mlp", hidden=[16]), (2,), 3, [0.0], [1.0])
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    # training: 3 x 128 x 2 x (784 x 1024 + 1024 x 1024 + 1024 x 10) = 1.4 GFLOP per step; tiny: 13 kFLOP
+    assert resolve_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "bf16"
+    assert resolve_precision("auto", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "fp32"
+    assert resolve_precision("fp32", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"  # asked for
+    assert resolve_precision("bf16", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "bf16"
+    assert large.training and tiny.training  # counting ran in eval mode and gave the mode back
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+@pytest.mark.parametrize("min_flops, recorded", [(0, "bf16"), (float("inf"), None)])
+def test_fit_under_auto_records_the_precision_it_chose(tmp_path: Path, monkeypatch, min_flops: float,
+                                                       recorded: str | None) -> None:
+    monkeypatch.setattr(train, "BF16_MIN_STEP_FLOPS", min_flops)
+    x, y = _blobs(60)
+    model = build_model(ModelConfig(arch="mlp", hidden=[8]), (2,), 3, [0.0], [1.0])
+    fit(model, TrainSet(x, y), TrainConfig(epochs=1, batch_size=32), tmp_path, stage="auto", seed=0, progress=False,
+        precision="auto")
+    assert load_torch(tmp_path / "model.pt").get("precision") == recorded  # absent for fp32
+
+
+def test_compile_is_a_validated_switch() -> None:
+    assert load_config().compile is False  # opt-in
+    assert load_config(overrides=["compile=true"]).compile is True
+    with pytest.raises(ConfigError, match="compile must be true or false"):
+        load_config(overrides=["compile=1"])
+
+
+@pytest.mark.skipif(not os.environ.get("ENSEMBLE_KD_COMPILE_TEST"), reason=(
+    "torch.compile on CPU builds C++ kernels with gcc: about 40 s for this tiny model on 2 busy cores, too slow "
+    "for the suite; set ENSEMBLE_KD_COMPILE_TEST=1 to run it"))
+def test_a_compiled_fit_learns_and_saves_the_plain_models_weights(tmp_path: Path) -> None:
+    x, y = _blobs()
+    set_seed(0)
+    model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.0), (2,), 3, [0.0], [1.0])
+    fit(model, TrainSet(x, y), TrainConfig(epochs=4, batch_size=32, lr=0.02), tmp_path, stage="compiled", seed=0,
+        progress=False, compile_model=True)
+    assert evaluate(model, x, y).accuracy > 0.9  # chance is 1/3
+    assert set(load_torch(tmp_path / "model.pt")["state_dict"]) == set(model.state_dict())  # no _orig_mod. prefix
 
 
 def test_the_ensemble_combination_stays_float32_inside_a_bf16_autocast_region() -> None:

@@ -12,8 +12,8 @@ from ensemble_kd import specialists
 from ensemble_kd.config import Config, ModelConfig, load_config
 from ensemble_kd.losses import fold_labels, fold_probs
 from ensemble_kd.models import build_model
-from ensemble_kd.specialists import (SpecialistError, enriched_indices, new_specialist, specialist_dir,
-                                     specialist_head, specialist_seed, train_all_specialists)
+from ensemble_kd.specialists import (SpecialistError, dispatch_order, enriched_indices, new_specialist,
+                                     specialist_dir, specialist_head, specialist_seed, train_all_specialists)
 from test_pipeline import TINY as PIPELINE_TINY
 
 # the pipeline tests' tiny run, but with the default thread count: the n_jobs test needs it
@@ -115,19 +115,33 @@ def test_specialist_seed_depends_only_on_run_seed_and_cluster_id() -> None:
     assert 0 <= first < 2**63
 
 
+def test_specialists_are_dispatched_longest_first() -> None:
+    cfg = load_config(overrides=["specialists.in_cluster_fraction=0.5"])
+    subsets = {0: [0], 1: [1, 2, 3], 2: [4, 5]}
+    labels = torch.tensor([0] * 50 + [1] * 5 + [2] * 5 + [3] * 5 + [4] * 10 + [5] * 10)
+    assert dispatch_order(cfg, subsets, labels) == [0, 2, 1]  # 50, 20 and 15 examples of their own classes
+    assert dispatch_order(cfg, subsets) == [1, 2, 0]  # without the labels: by number of classes
+    assert dispatch_order(cfg, {3: [0, 1], 1: [2, 3]}) == [1, 3]  # ties by cluster id
+
+
 # ---------------------------------------------------------------- training
 
 def _weights(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
     return [torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in paths]
 
 
-def test_parallel_and_sequential_training_give_identical_specialists(clustered_run: Path, tmp_path: Path) -> None:
+def test_parallel_and_sequential_training_give_identical_specialists(clustered_run: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     threads_before = torch.get_num_threads()
     weights = {}
+    caplog.set_level("INFO", logger="ensemble_kd.specialists")
     for n_jobs in (1, 2):  # 2 = real loky worker processes
         run_dir = shutil.copytree(clustered_run, tmp_path / f"jobs{n_jobs}")
         weights[n_jobs] = _weights(train_all_specialists(tiny_config(f"specialists.n_jobs={n_jobs}"), run_dir))
     assert torch.get_num_threads() == threads_before  # an in-process specialist restores the thread count
+    longest_first = dispatch_order(tiny_config(), dict(enumerate(specialists.read_clusters(clustered_run))))
+    assert [r.getMessage().split("(")[1].split(")")[0] for r in caplog.records if "at a time" in r.getMessage()] == [
+        "0, 1", ", ".join(map(str, longest_first))]  # one at a time in cluster order; two at a time longest first
     assert len(weights[1]) == len(weights[2]) == 2
     for sequential, parallel in zip(weights[1], weights[2]):
         assert sequential.keys() == parallel.keys()

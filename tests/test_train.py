@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from ensemble_kd import artifacts
+from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import ArtifactError
 from ensemble_kd.config import ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
-from ensemble_kd.train import (NonFiniteLossError, TrainSet, cross_entropy, evaluate, fit, load_finished, lr_factor,
-                               save_model, set_seed)
+from ensemble_kd.train import (NonFiniteLossError, TrainSet, clip_grad_norm, cross_entropy, evaluate, fit,
+                               load_finished, lr_factor, save_model, set_seed)
 
 # 200 examples in batches of 32 -> 7 steps per epoch; loss_fn call 7 * (e - 1) + s is epoch e, step s.
 CFG = TrainConfig(epochs=5, batch_size=32, lr=0.02, weight_decay=1e-4, warmup_epochs=1)
@@ -58,7 +59,7 @@ def counting_loss(crash_at: int | None = None, nan_at: int | None = None):
         if loss.calls == crash_at:
             raise Crash
         if loss.calls == nan_at:
-            return torch.tensor(float("nan"))
+            return base(logits, labels, targets) * float("nan")  # backward runs on it, as on a real NaN
         return base(logits, labels, targets)
 
     loss.calls = 0
@@ -261,7 +262,7 @@ def test_non_finite_loss_stops_with_an_actionable_message_and_keeps_the_last_che
     with pytest.raises(NonFiniteLossError) as err:
         train(fresh_model(), blobs, stage_dir, loss_fn=counting_loss(nan_at=STEPS + 1))  # epoch 2, step 1
     message = str(err.value)
-    for part in (STAGE, "nan", "epoch 2", "step 1", "learning rate", "--resume"):
+    for part in (STAGE, "nan", "epoch 2", "steps 1-7", "learning rate", "--resume"):  # checked at the epoch's end
         assert part in message, part
     checkpoint = artifacts.load_torch(stage_dir / artifacts.CHECKPOINT_FILE)
     assert checkpoint["epoch"] == 1
@@ -269,6 +270,115 @@ def test_non_finite_loss_stops_with_an_actionable_message_and_keeps_the_last_che
     assert not (stage_dir / artifacts.MODEL_FILE).exists()
     resumed = train(fresh_model(), blobs, stage_dir)  # and the run can go on from it
     assert_same_weights(resumed, reference)
+
+
+def test_a_nan_mid_epoch_is_caught_at_the_next_check_and_the_last_good_checkpoint_is_untouched(blobs, tmp_path,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(train_module, "NONFINITE_CHECK_STEPS", 5)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.02)  # 50 steps per epoch
+    stage_dir = tmp_path / "stage"
+    base, calls, saved = cross_entropy(), [0], {}
+
+    def loss(logits, labels, targets):
+        calls[0] += 1
+        if calls[0] == 51:  # epoch 2 starts: the checkpoint of epoch 1 is on disk
+            saved["checkpoint"] = (stage_dir / artifacts.CHECKPOINT_FILE).read_bytes()
+        return base(logits, labels, targets) * (float("nan") if calls[0] == 50 + 12 else 1.0)  # epoch 2, step 12
+
+    with pytest.raises(NonFiniteLossError, match=r"toy: loss became nan at epoch 2, in steps 11-15"):
+        fit(fresh_model(), blobs, cfg, stage_dir, stage=STAGE, seed=0, loss_fn=loss, progress=False)
+    assert calls[0] == 50 + 15  # stopped at the check after step 15, not at the end of the epoch
+    assert (stage_dir / artifacts.CHECKPOINT_FILE).read_bytes() == saved["checkpoint"]
+    assert epochs_logged(stage_dir) == [1]
+    assert not (stage_dir / artifacts.MODEL_FILE).exists()
+
+
+# ---------------------------------------------------------------- speed: clipping, host reads, memory format
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])  # over the limit (scaled), under it (untouched)
+def test_clip_grad_norm_matches_torchs_clip_grad_norm(blobs, max_norm):
+    ours, torchs = fresh_model(), fresh_model()
+    for model in (ours, torchs):
+        cross_entropy()(model.eval()(blobs.x), blobs.y, None).backward()  # eval: no dropout, the same gradients
+    clip_grad_norm(list(ours.parameters()), max_norm)
+    nn.utils.clip_grad_norm_(torchs.parameters(), max_norm)
+    for a, b in zip(ours.parameters(), torchs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours.parameters()]))
+    assert norm <= max_norm * (1 + 1e-5)
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every Python-level read of a tensor's value (item, bool, float, int)."""
+    reads = []
+    for name in ("item", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            reads.append(_name)
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_the_step_loop_reads_no_value_back_per_step(blobs, tmp_path, monkeypatch):
+    reads = {}
+    for batch_size in (32, 8):  # 7 and 25 steps per epoch
+        cfg = TrainConfig(epochs=2, batch_size=batch_size, lr=0.02, grad_clip=0.0)  # CPU clipping reads its norm
+        counted = count_host_reads(monkeypatch)
+        fit(fresh_model(), blobs, cfg, tmp_path / str(batch_size), stage=STAGE, seed=0, progress=False)
+        reads[batch_size] = list(counted)
+        monkeypatch.undo()
+    assert reads[32] == reads[8]  # as many reads however many steps
+    assert len(reads[8]) <= 2 * 3  # per epoch: the non-finite flag, the loss sum, the correct count
+
+
+def image_data(n: int = 96) -> TrainSet:
+    generator = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 3
+    x = 0.3 * torch.rand(n, 1, 8, 8, generator=generator)
+    for k in range(3):  # class k: a bright band across rows 2k .. 2k + 1
+        x[y == k, :, 2 * k:2 * k + 2, :] += 0.7
+    return TrainSet(x, y)
+
+
+def fresh_cnn(seed: int = 0) -> nn.Module:
+    set_seed(seed)
+    return build_model(ModelConfig(arch="cnn", channels=[4, 8], dropout=0.1), (1, 8, 8), 3, [0.5], [0.3])
+
+
+CNN_CFG = TrainConfig(epochs=3, batch_size=16, lr=0.01)  # 6 steps per epoch
+
+
+def test_a_conv_model_trains_channels_last_and_comes_back_contiguous(tmp_path):
+    model, layouts = fresh_cnn(), []
+    conv = model.features[3]  # 4 -> 4 channels (with one input channel both layouts coincide)
+
+    def loss(logits, labels, targets):
+        layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous())
+        return cross_entropy()(logits, labels, targets)
+
+    data = image_data()
+    fit(model, data, CNN_CFG, tmp_path, stage=STAGE, seed=0, loss_fn=loss, progress=False)
+    assert layouts and all(layouts)
+    assert conv.weight.is_contiguous()
+    assert artifacts.load_torch(tmp_path / artifacts.MODEL_FILE)["state_dict"]["features.3.weight"].is_contiguous()
+    assert evaluate(model, data.x, data.y).accuracy > 0.9  # chance is 1/3
+
+
+def test_a_checkpoint_in_contiguous_layout_resumes_correctly_under_channels_last(tmp_path, monkeypatch):
+    # an earlier version trained conv models contiguous: fused optimizers must not pair its state
+    # with channels-last parameters by memory position
+    data = image_data()
+    monkeypatch.setattr(train_module, "training_memory_format", lambda model, device: torch.contiguous_format)
+    reference = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "reference", stage=STAGE, seed=0, progress=False)
+    with pytest.raises(Crash):
+        fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", stage=STAGE, seed=0, progress=False,
+            loss_fn=counting_loss(crash_at=2 * 6 + 1))
+    monkeypatch.undo()
+    resumed = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", stage=STAGE, seed=0, progress=False)
+    for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)  # conv rounding differs by ~1e-7 only
 
 
 # ---------------------------------------------------------------- teacher and targets
