@@ -143,13 +143,14 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     `kind` is a student folder of the run (student, student_from_generalist,
     student_hard_labels): its teacher is the run's ensemble, its generalist or none. The
     student gets the run's architecture, alpha, temperature, training and transfer method
-    (`student.transfer`: a live teacher on augmented views, or the teacher's logits on the
-    plain training images); `student_seed` sets its initial weights, batch order and views.
+    (`student.transfer`); `student_seed` sets its initial weights and batch order (and the
+    live views); cached teacher logits (views, dataset) are the run's own, computed once.
     Trained in `out_root/<run>/<kind>-seed<k>` and reused from there when finished."""
     from ensemble_kd import artifacts
     from ensemble_kd.config import load_config
     from ensemble_kd.data import load_data
-    from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student, student_fingerprint
+    from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, TEACHER_LOGITS, distill, new_student,
+                                     student_fingerprint, teacher_fingerprint)
     from ensemble_kd.ensemble import build_ensemble
     from ensemble_kd.generalist import load_generalist
     from ensemble_kd.train import evaluate
@@ -163,5 +164,6 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     fingerprint = dict(student_fingerprint(cfg, data, kind), student_seed=student_seed)
     student = distill(new_student(cfg, data, seed=student_seed), teacher, data, cfg,
                       out_root / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
-                      seed=student_seed)
+                      seed=student_seed, teacher_cache=run / kind / TEACHER_LOGITS,  # the run's, where cached
+                      teacher_fingerprint=teacher_fingerprint(cfg, data, kind))
     return evaluate(student.cpu(), data.x_test, data.y_test).accuracy

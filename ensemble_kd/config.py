@@ -106,7 +106,8 @@ class EnsembleConfig:
 class StudentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden=[64]))  # the compact student
     train: TrainConfig = field(default_factory=TrainConfig)  # how it is trained
-    transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) | dataset: its logits on the plain training images, computed once
+    transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) | views: fixed augmented views it labels once | dataset: its logits on the plain training images
+    views: int = 8  # transfer = views: how many fixed augmented views of the training set; epoch e uses view (e - 1) % views
     alpha: float = 0.1  # weight of the hard-label term; 1 - alpha goes to the distillation term
     temperature: float = 4.0  # distillation temperature T
     max_params_ratio: float = 1.0  # the student may have at most this fraction of the generalist's parameters
@@ -270,7 +271,7 @@ _CHOICES = {
     "specialists.train.schedule": ("cosine", "step", "constant"),
     "student.train.schedule": ("cosine", "step", "constant"),
     "clusters.matrix": ("soft", "hard", "covariance"),
-    "student.transfer": ("live", "dataset"),
+    "student.transfer": ("live", "views", "dataset"),
     "specialists.backend": ("loky", "dask"),
     "specialists.dustbin_correction": ("validation", "prior", "none"),
     "device": ("cpu", "cuda", "auto"),
@@ -306,6 +307,7 @@ def validate_config(cfg: Config) -> None:
         (cfg.specialists.temperature > 0 and cfg.student.temperature > 0, "temperatures must be > 0"),
         (0 <= cfg.student.alpha <= 1 and 0 <= cfg.specialists.soft_alpha <= 1, "alpha values must be in [0, 1]"),
         (cfg.specialists.soft_epochs >= 0, "specialists.soft_epochs must be >= 0"),
+        (cfg.student.views >= 1, "student.views must be >= 1"),
         (0 <= cfg.clusters.overlap <= 1, "clusters.overlap must be in [0, 1] (0 = clusters partition the classes)"),
         (cfg.specialists.init == "scratch" or cfg.specialists.model.arch == "generalist",
          "specialists.model sets an architecture of its own, which needs specialists.init = 'scratch' "

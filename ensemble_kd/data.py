@@ -249,25 +249,47 @@ def augment_batch(x: Tensor, flip: bool, crop_pad: int, generator: torch.Generat
     """
     if not flip and crop_pad <= 0:
         return x
-    if x.ndim != 4:
-        raise DataError(f"data.flip and data.crop_pad need image batches (N, C, H, W), got shape "
-                        f"{tuple(x.shape)}; set data.flip=false and data.crop_pad=0 for flat features")
-    n, channels, height, width = x.shape
-    out = x
-    if flip:
-        mirrored = torch.rand(n, generator=generator, device=generator.device).to(x.device) < 0.5
-        out = torch.where(mirrored.view(n, 1, 1, 1), x.flip(3), x)
+    _check_images(x)
+    return apply_augmentation(x, *draw_augmentation(len(x), flip, crop_pad, generator), crop_pad)
+
+
+def draw_augmentation(n: int, flip: bool, crop_pad: int,
+                      generator: torch.Generator) -> tuple[Tensor | None, Tensor | None]:
+    """The random part of `augment_batch` for n images: (flips (n,) bool or None, crop offsets (n, 2)
+    in [0, 2 * crop_pad] or None), on the generator's device. Drawn in the order augment_batch uses."""
+    device = generator.device
+    flips = torch.rand(n, generator=generator, device=device) < 0.5 if flip else None
+    offsets = None
     if crop_pad > 0:
         span = 2 * crop_pad + 1
-        offset_y = torch.randint(span, (n,), generator=generator, device=generator.device).to(x.device)
-        offset_x = torch.randint(span, (n,), generator=generator, device=generator.device).to(x.device)
+        offset_y = torch.randint(span, (n,), generator=generator, device=device)
+        offset_x = torch.randint(span, (n,), generator=generator, device=device)
+        offsets = torch.stack([offset_y, offset_x], dim=1)
+    return flips, offsets
+
+
+def apply_augmentation(x: Tensor, flips: Tensor | None, offsets: Tensor | None, crop_pad: int) -> Tensor:
+    """Flip the images of (N, C, H, W) `x` where `flips` is true, then crop each at its `offsets`
+    (rows, columns) of the image zero-padded by `crop_pad`; a None part is skipped."""
+    n, channels, height, width = x.shape
+    out = x
+    if flips is not None:
+        out = torch.where(flips.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
+    if offsets is not None and crop_pad > 0:
+        offsets = offsets.to(x.device)
         padded = F.pad(out, (crop_pad, crop_pad, crop_pad, crop_pad))
-        rows = offset_y.view(n, 1) + torch.arange(height, device=x.device)  # (N, H) rows of the padded image
-        cols = offset_x.view(n, 1) + torch.arange(width, device=x.device)  # (N, W)
+        rows = offsets[:, :1] + torch.arange(height, device=x.device)  # (N, H) rows of the padded image
+        cols = offsets[:, 1:] + torch.arange(width, device=x.device)  # (N, W)
         out = padded[torch.arange(n, device=x.device).view(n, 1, 1, 1),
                      torch.arange(channels, device=x.device).view(1, channels, 1, 1),
                      rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
     return out
+
+
+def _check_images(x: Tensor) -> None:
+    if x.ndim != 4:
+        raise DataError(f"data.flip and data.crop_pad need image batches (N, C, H, W), got shape "
+                        f"{tuple(x.shape)}; set data.flip=false and data.crop_pad=0 for flat features")
 
 
 # ---------------------------------------------------------------- digits

@@ -14,19 +14,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import artifacts
 from .config import Config, ConfigError
-from .data import Splits
+from .data import Splits, draw_augmentation
 from .generalist import generalist_fingerprint, make_augment, model_fingerprint
 from .losses import kd_loss
 from .specialists import specialist_recipe
 from .models import Classifier, build_model, count_params
-from .train import TrainSet, autocast, cross_entropy, fit, load_finished, predict_logits, resolve_device, set_seed
+from .train import TrainSet, Views, autocast, cross_entropy, fit, load_finished, predict_logits, resolve_device, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +52,95 @@ def check_student_size(cfg: Config, data: Splits) -> int:
     return student
 
 
-def cached_teacher_logits(teacher: nn.Module, x: torch.Tensor, path: Path, fingerprint: dict[str, Any],
-                          device: torch.device | str = "cpu", precision: str = "fp32") -> torch.Tensor:
-    """The teacher's logits on every row of `x`, computed once and kept at `path`."""
+TEACHER_LOGITS = "teacher_logits.pt"  # in a student's folder: its teacher's logits on the transfer set
+
+
+def cached_teacher_logits(compute: Callable[[], torch.Tensor], path: Path, fingerprint: dict[str, Any]) -> torch.Tensor:
+    """`compute()` (a teacher's logits on the transfer set), run once and kept at `path` with `fingerprint`."""
     if path.exists():
         saved = artifacts.load_torch(path)
-        if saved.get("fingerprint") == fingerprint and saved["logits"].shape[0] == len(x):
+        if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
             return saved["logits"]
         log.info("%s belongs to another teacher or data; computing the teacher's logits again", path)
-    teacher.to(device).eval()
-    logits = predict_logits(teacher, x, device=device, precision=precision)
+    logits = compute()
     artifacts.save_torch(path, {"logits": logits, "fingerprint": fingerprint})
     return logits
 
 
 def student_augment(cfg: Config):
-    """The students' augmentation: the data's (flip, crop) with `student.transfer = "live"`, none with "dataset"."""
+    """The students' random augmentation: the data's (flip, crop) with `student.transfer = "live"`, else none
+    ("views" draws its fixed views once, "dataset" uses the plain images)."""
     return make_augment(cfg) if cfg.student.transfer == "live" else None
 
 
-def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Config, stage_dir: Path,
-            fingerprint: dict[str, Any], alpha: float, progress: bool = True, seed: int | None = None) -> nn.Module:
-    """Train `student` on hard labels (teacher None) or on `kd_loss` against `teacher`.
+def transfer_views(cfg: Config, n: int) -> Views | None:
+    """The fixed augmented views of `student.transfer = "views"` for n training images, drawn from the
+    run seed (the same for every student of the run); None for other methods or without augmentation."""
+    if cfg.student.transfer != "views" or (not cfg.data.flip and cfg.data.crop_pad == 0):
+        return None
+    generator = torch.Generator().manual_seed(cfg.seed * 7_919 + 17)  # not the stream of any training epoch
+    draws = [draw_augmentation(n, cfg.data.flip, cfg.data.crop_pad, generator) for _ in range(cfg.student.views)]
+    flips = torch.stack([f for f, _ in draws]) if cfg.data.flip else None
+    offsets = torch.stack([o for _, o in draws]).to(torch.int16) if cfg.data.crop_pad > 0 else None
+    return Views(flips, offsets, cfg.data.crop_pad)
 
-    `seed` sets the batch order and the augmented views (default: the run's seed).
+
+@torch.no_grad()
+def view_logits(teacher: nn.Module, x: torch.Tensor, views: Views, device: torch.device, precision: str,
+                batch_size: int = 1024) -> torch.Tensor:
+    """(count, N, C) float32 on CPU: the teacher's logits on every image of `x` in every view."""
+    teacher.to(device).eval()
+    per_view = []
+    for view in range(views.count):
+        chunks = []
+        for idx in torch.arange(len(x)).split(batch_size):
+            batch, _ = views.batch(x[idx].to(device), view, idx)
+            with autocast(precision, device):
+                chunks.append(teacher(batch).float().cpu())
+        per_view.append(torch.cat(chunks))
+    return torch.stack(per_view)
+
+
+def teacher_targets(teacher: nn.Module, data: Splits, cfg: Config, path: Path,
+                    fingerprint: dict[str, Any]) -> tuple[torch.Tensor, Views | None]:
+    """The teacher's logits on the transfer set, computed once and kept at `path`: (count, N, C) on the
+    fixed views with `student.transfer = "views"` (returned with the views), else (N, C) on the
+    plain training images."""
+    device = resolve_device(cfg.device)
+    views = transfer_views(cfg, len(data.x_train))
+    if views is not None:
+        views.logits = cached_teacher_logits(
+            lambda: view_logits(teacher, data.x_train, views, device, cfg.precision), path, fingerprint)
+        return views.logits, views
+    logits = cached_teacher_logits(lambda: predict_logits(teacher.to(device).eval(), data.x_train, device=device,
+                                                          precision=cfg.precision), path, fingerprint)
+    return logits, None
+
+
+def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Config, stage_dir: Path,
+            fingerprint: dict[str, Any], alpha: float, progress: bool = True, seed: int | None = None,
+            teacher_cache: Path | None = None, teacher_fingerprint: dict[str, Any] | None = None) -> nn.Module:
+    """Train `student` on hard labels (teacher None) or on `kd_loss` against `teacher`.
 
     Every student of a run gets the same transfer method (`student.transfer`), so a
     comparison of teachers is fair: "live" runs the teacher on each augmented batch the
-    student sees; "dataset" (or no augmentation configured) uses the teacher's logits on the
-    plain training images, computed once and cached in `stage_dir`."""
+    student sees; "views" trains epoch e on the fixed augmented view (e - 1) % student.views
+    with the teacher's logits on it, computed once; "dataset" (or no augmentation
+    configured) uses the teacher's logits on the plain training images. Cached logits are
+    kept at `teacher_cache` (default `stage_dir/teacher_logits.pt`), checked against
+    `teacher_fingerprint`. `seed` sets the batch order and the live views (default: the run's seed).
+    """
     device = resolve_device(cfg.device)
     augment = student_augment(cfg)
-    train, loss_fn, live_teacher = TrainSet(data.x_train, data.y_train), cross_entropy(cfg.student.train.label_smoothing), None
+    train = TrainSet(data.x_train, data.y_train, views=transfer_views(cfg, len(data.x_train)))
+    loss_fn, live_teacher = cross_entropy(cfg.student.train.label_smoothing), None
     if teacher is not None:
         temperature = cfg.student.temperature
         loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
         if augment is None:
-            train.targets = cached_teacher_logits(teacher, data.x_train, stage_dir / "teacher_logits.pt",
-                                                  fingerprint, device, cfg.precision)
+            logits, views = teacher_targets(teacher, data, cfg, teacher_cache or stage_dir / TEACHER_LOGITS,
+                                            teacher_fingerprint or fingerprint)
+            train.views, train.targets = views, None if views is not None else logits
         else:
             live_teacher = teacher.to(device).eval()
     return fit(student, train, cfg.student.train, stage_dir, stage=stage_dir.name,
@@ -99,7 +150,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
                compile_model=cfg.compile, progress=progress)
 
 
-def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
+def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
+    """What a teacher's logits on the transfer set depend on: the teacher of the student `kind`
+    (the ensemble, the generalist, or none) and the transfer set."""
     teacher: dict[str, Any] = {"kind": kind}
     if kind != HARD_LABELS:
         teacher["generalist"] = generalist_fingerprint(cfg, data)
@@ -107,9 +160,18 @@ def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
         teacher["specialists"] = specialist_recipe(cfg)
         teacher["clusters"] = dataclasses.asdict(cfg.clusters)
         teacher["ensemble"] = dataclasses.asdict(cfg.ensemble)
-    return model_fingerprint(cfg.student.model, data, cfg.seed, teacher=teacher, alpha=cfg.student.alpha,
-                             temperature=cfg.student.temperature, train=dataclasses.asdict(cfg.student.train),
-                             flip=cfg.data.flip, crop_pad=cfg.data.crop_pad, transfer=cfg.student.transfer)
+    return {"teacher": teacher, "data": data.fingerprint(), "seed": cfg.seed, **transfer_fingerprint(cfg)}
+
+
+def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
+    views = cfg.student.views if cfg.student.transfer == "views" else 0
+    return {"transfer": cfg.student.transfer, "views": views, "flip": cfg.data.flip, "crop_pad": cfg.data.crop_pad}
+
+
+def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
+    return model_fingerprint(cfg.student.model, data, cfg.seed, teacher=teacher_fingerprint(cfg, data, kind)["teacher"],
+                             alpha=cfg.student.alpha, temperature=cfg.student.temperature,
+                             train=dataclasses.asdict(cfg.student.train), **transfer_fingerprint(cfg))
 
 
 TEACHERS_FILE = "teachers.json"  # in the student's folder: how much the two teachers differ on the transfer set
@@ -117,21 +179,26 @@ TEACHERS_FILE = "teachers.json"  # in the student's folder: how much the two tea
 
 @torch.no_grad()
 def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Splits, cfg: Config,
-                         batch_size: int = 1024) -> float:
+                         run_dir: str | Path, batch_size: int = 1024) -> float:
     """Share of the transfer set on which the ensemble's and the generalist's top-1 answers differ.
 
-    The transfer set is what the students are taught on: the training images, seen through
-    one seeded augmented pass with `student.transfer = "live"`. A student can only learn
-    from the ensemble what differs from the generalist there."""
-    device = resolve_device(cfg.device)
+    The transfer set is what the students are taught on: the training images, through their
+    fixed views ("views"), one seeded augmented pass ("live"), or plain ("dataset"). A student
+    can only learn from the ensemble what differs from the generalist there. Cached teacher
+    logits are read from the students' folders of `run_dir` (computed there if missing)."""
     augment = student_augment(cfg)
+    if augment is None:
+        ours, theirs = (teacher_targets(teacher, data, cfg, Path(run_dir) / kind / TEACHER_LOGITS,
+                                        teacher_fingerprint(cfg, data, kind))[0]
+                        for kind, teacher in ((STUDENT, ensemble), (FROM_GENERALIST, generalist)))
+        return float((ours.argmax(-1) != theirs.argmax(-1)).double().mean())
+    device = resolve_device(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     ensemble.to(device).eval()
     generalist.to(device).eval()
     differ = torch.zeros((), dtype=torch.long, device=device)
     for chunk in data.x_train.split(batch_size):
-        x = chunk.to(device)
-        x = augment(x, generator) if augment is not None else x
+        x = augment(chunk.to(device), generator)
         with autocast(cfg.precision, device):
             differ += (ensemble(x).argmax(1) != generalist(x).argmax(1)).sum()
     return int(differ) / max(len(data.x_train), 1)
@@ -141,14 +208,9 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
                    generalist: nn.Module, progress: bool = True) -> dict[str, Path]:
     """Train the student from the ensemble and the two baselines; returns their model files.
 
-    Also writes `student/teachers.json`: the transfer method and the teachers' top-1
+    Then writes `student/teachers.json`: the transfer method and the teachers' top-1
     disagreement on the transfer set."""
     check_student_size(cfg, data)
-    teachers_path = Path(run_dir) / STUDENT / TEACHERS_FILE
-    fingerprint = student_fingerprint(cfg, data, STUDENT)
-    if not teachers_path.exists() or artifacts.read_json(teachers_path).get("fingerprint") != fingerprint:
-        artifacts.write_json(teachers_path, {"transfer": cfg.student.transfer, "top1_disagreement": round(
-            teacher_disagreement(ensemble, generalist, data, cfg), 6), "fingerprint": fingerprint})
     plans = [(STUDENT, ensemble, cfg.student.alpha), (FROM_GENERALIST, generalist, cfg.student.alpha),
              (HARD_LABELS, None, 1.0)]
     paths = {}
@@ -156,8 +218,14 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
         stage_dir = Path(run_dir) / name
         log.info("training %s", name)
         distill(new_student(cfg, data), teacher, data, cfg, stage_dir, student_fingerprint(cfg, data, name),
-                alpha, progress)
+                alpha, progress, teacher_fingerprint=teacher_fingerprint(cfg, data, name))
         paths[name] = stage_dir / artifacts.MODEL_FILE
+    teachers_path = Path(run_dir) / STUDENT / TEACHERS_FILE
+    fingerprint = student_fingerprint(cfg, data, STUDENT)
+    if not teachers_path.exists() or artifacts.read_json(teachers_path).get("fingerprint") != fingerprint:
+        disagreement = teacher_disagreement(ensemble, generalist, data, cfg, run_dir)
+        artifacts.write_json(teachers_path, {"transfer": cfg.student.transfer, "top1_disagreement": round(
+            disagreement, 6), "fingerprint": fingerprint})
     return paths
 
 

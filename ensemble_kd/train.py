@@ -62,12 +62,43 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
+class Views:
+    """Fixed augmented views of a training set: epoch e trains on view (e - 1) % count, each image
+    flipped and cropped as recorded here, with a teacher's logits on exactly that view as targets
+    (`student.transfer = "views"`). The teacher runs once per view, not once per epoch and student."""
+
+    flips: torch.Tensor | None  # (count, N) bool: image flipped in that view (None: no flips)
+    offsets: torch.Tensor | None  # (count, N, 2) crop offsets into the image padded by crop_pad (None: no crops)
+    crop_pad: int  # padding of the crops
+    logits: torch.Tensor | None = None  # (count, N, C) the teacher's logits on each view; None for hard labels
+
+    @property
+    def count(self) -> int:
+        parts = [t for t in (self.flips, self.offsets, self.logits) if t is not None]
+        return len(parts[0]) if parts else 1
+
+    def to(self, device: torch.device) -> "Views":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Views(move(self.flips), move(self.offsets), self.crop_pad, move(self.logits))
+
+    def batch(self, x: torch.Tensor, view: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Examples `idx` (already gathered as `x`) seen through `view`, and the teacher's logits there."""
+        from .data import apply_augmentation
+
+        flips = None if self.flips is None else self.flips[view][idx]
+        offsets = None if self.offsets is None else self.offsets[view][idx]
+        logits = None if self.logits is None else self.logits[view][idx]
+        return apply_augmentation(x, flips, offsets, self.crop_pad), logits
+
+
+@dataclass
 class TrainSet:
     """Examples held as tensors: inputs, hard labels and optional per-example teacher targets."""
 
     x: torch.Tensor
     y: torch.Tensor
     targets: torch.Tensor | None = None  # cached teacher logits, aligned with x
+    views: Views | None = None  # fixed augmented views (and a teacher's logits on them), one per epoch in turn
 
     def __len__(self) -> int:
         return len(self.y)
@@ -209,14 +240,16 @@ def keep_on_device(train: TrainSet, device: torch.device, share: float = 0.5) ->
     memory there (so batches need no copy from the host); unchanged on CPU or when too large."""
     if device.type != "cuda":
         return train
-    tensors = [t for t in (train.x, train.y, train.targets) if t is not None]
+    views = [] if train.views is None else [train.views.flips, train.views.offsets, train.views.logits]
+    tensors = [t for t in (train.x, train.y, train.targets, *views) if t is not None]
     size = sum(t.element_size() * t.nelement() for t in tensors)
     free, _ = torch.cuda.mem_get_info(device)
     if size > share * free:
         log.info("training data (%.1f GiB) stays on the CPU: more than %.0f%% of the %.1f GiB free on %s",
                  size / 2**30, 100 * share, free / 2**30, device)
         return train
-    return TrainSet(train.x.to(device), train.y.to(device), None if train.targets is None else train.targets.to(device))
+    return TrainSet(train.x.to(device), train.y.to(device), None if train.targets is None else train.targets.to(device),
+                    None if train.views is None else train.views.to(device))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -476,8 +509,9 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     bar = tqdm(batches, desc=f"{loop.stage} {epoch}/{loop.cfg.epochs}", leave=False, disable=not loop.progress,
                unit="batch")
     seen, checked = 0, 0
+    view = None if loop.train.views is None else (epoch - 1) % loop.train.views.count
     for step, idx in enumerate(bar, start=1):
-        logits, y, loss = _train_step(loop, idx, augment_generator)
+        logits, y, loss = _train_step(loop, idx, augment_generator, view)
         loss_sum.add_(loss.detach(), alpha=len(idx))
         if y.dtype == torch.int64:
             correct.add_((logits.detach().argmax(1) == y).sum())
@@ -489,11 +523,15 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
             "lr": loop.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _train_step(loop: _Loop, idx: torch.Tensor,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, clipping and optimizer step on the examples `idx`; (logits, labels, loss)."""
+def _train_step(loop: _Loop, idx: torch.Tensor, generator: torch.Generator,
+                view: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, clipping and optimizer step on the examples `idx` (seen through the
+    fixed `view` of `train.views` when there are views); (logits, labels, loss)."""
     train, device, cfg = loop.train, loop.device, loop.cfg
     x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
+    view_targets = None
+    if view is not None:
+        x, view_targets = train.views.batch(x, view, idx)
     if loop.augment is not None:
         x = loop.augment(x, generator)
     if x.ndim == 4:
@@ -503,6 +541,8 @@ def _train_step(loop: _Loop, idx: torch.Tensor,
         if loop.teacher is not None:
             with torch.no_grad():
                 targets = loop.teacher(x)
+        elif view_targets is not None:
+            targets = view_targets.to(device, non_blocking=True)
         elif train.targets is not None:
             targets = train.targets[idx].to(device, non_blocking=True)
         logits = loop.forward(x)

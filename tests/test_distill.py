@@ -12,7 +12,8 @@ from ensemble_kd import artifacts, distill
 from ensemble_kd.config import Config, ConfigError, load_config
 from ensemble_kd.data import Splits
 from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, cached_teacher_logits, check_student_size,
-                                 new_student, train_students)
+                                 new_student, train_students, transfer_views)
+from ensemble_kd.train import predict_logits
 
 N_TRAIN, N_CLASSES, BATCH, EPOCHS = 40, 4, 16, 3
 BATCHES_PER_EPOCH = 3  # ceil(40 / 16)
@@ -56,15 +57,15 @@ def test_cached_teacher_logits_run_the_teacher_once_per_batch_then_reuse_the_fil
     teacher = CountingTeacher()
     x = torch.rand(2100, 16)
     path = tmp_path / "teacher_logits.pt"
-    logits = cached_teacher_logits(teacher, x, path, {"teacher": "a"})
+    logits = cached_teacher_logits(lambda: predict_logits(teacher, x), path, {"teacher": "a"})
     assert teacher.calls == 3 and teacher.rows == 2100  # batches of 1024: 1024 + 1024 + 52
     assert set(teacher.training_flags) == {False}  # frozen teacher runs in eval mode
     with torch.no_grad():
         assert torch.allclose(logits, teacher(x))
     teacher.calls = 0
-    again = cached_teacher_logits(teacher, x, path, {"teacher": "a"})
+    again = cached_teacher_logits(lambda: predict_logits(teacher, x), path, {"teacher": "a"})
     assert teacher.calls == 0 and torch.equal(again, logits)
-    cached_teacher_logits(teacher, x, path, {"teacher": "b"})  # another teacher: computed again
+    cached_teacher_logits(lambda: predict_logits(teacher, x), path, {"teacher": "b"})  # another teacher: again
     assert teacher.calls == 3
 
 
@@ -91,6 +92,31 @@ def test_distill_with_augmentation_runs_the_teacher_on_every_batch_of_every_epoc
     assert not (tmp_path / "student" / "teacher_logits.pt").exists()
 
 
+VIEWS = 2
+
+
+def test_distill_with_fixed_views_runs_the_teacher_once_per_view_for_every_student_seed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = CountingTeacher()
+    cfg = student_config("data.flip=true", "data.crop_pad=1", "student.transfer=views", f"student.views={VIEWS}")
+    data = image_splits()
+    cache = tmp_path / "teacher_logits.pt"
+    for seed in (1, 2):  # two students of different seeds share the teacher's logits on the views
+        distill.distill(new_student(cfg, data, seed=seed), teacher, data, cfg, tmp_path / f"student{seed}",
+                        {"seed": seed}, alpha=0.5, progress=False, seed=seed, teacher_cache=cache,
+                        teacher_fingerprint={"teacher": "a"})
+    assert teacher.rows == VIEWS * N_TRAIN  # each view once, not once per epoch or per student
+    saved = artifacts.load_torch(cache)["logits"]
+    assert saved.shape == (VIEWS, N_TRAIN, N_CLASSES)
+    views = transfer_views(cfg, N_TRAIN)
+    assert views.count == VIEWS and torch.equal(views.flips, transfer_views(cfg, N_TRAIN).flips)  # from the run seed
+    with torch.no_grad():  # the cached logits are the teacher's on exactly those views
+        first, _ = views.batch(data.x_train, 0, torch.arange(N_TRAIN))
+        assert torch.allclose(saved[0], teacher(first))
+    assert not torch.equal(saved[0], saved[1])
+    assert transfer_views(student_config("student.transfer=views"), N_TRAIN) is None  # no augmentation: plain
+
+
 def test_check_student_size_against_the_generalist() -> None:
     data = image_splits()
     # flat 16 inputs, 4 classes: student 16*8+8 + 8*4+4 = 172 parameters, generalist 16*16+16 + 16*4+4 = 340
@@ -105,9 +131,9 @@ def test_check_student_size_against_the_generalist() -> None:
 def test_the_three_students_start_from_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     starts, real_distill = {}, distill.distill
 
-    def recording_distill(student, teacher, data, cfg, stage_dir, fingerprint, alpha, progress=True):
+    def recording_distill(student, teacher, data, cfg, stage_dir, fingerprint, alpha, progress=True, **kwargs):
         starts[stage_dir.name] = (copy.deepcopy(student.state_dict()), teacher, alpha)
-        return real_distill(student, teacher, data, cfg, stage_dir, fingerprint, alpha, progress)
+        return real_distill(student, teacher, data, cfg, stage_dir, fingerprint, alpha, progress, **kwargs)
 
     monkeypatch.setattr(distill, "distill", recording_distill)
     torch.manual_seed(0)
