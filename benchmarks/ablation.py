@@ -5,10 +5,13 @@
     python benchmarks/ablation.py --quick                  # digits, a smoke test of the script
 
 Each row is one full `ensemble-kd` run of pipelines/configs/<data>.toml with the row's
-overrides, in benchmarks/cache/ablation/<data>-<row>-seed<k>. Rows that keep the recipe's
-generalist start from a copy of the recipe run's generalist (its fingerprint is checked
-when it is loaded), so only what the lever changes is trained again. Every run resumes
-where it stopped, so the script can be stopped and restarted at any time.
+overrides, in benchmarks/cache/ablation/<data>-<row>-seed<k>; the recipe row is the run of
+benchmarks/specialists.py for that seed (benchmarks/cache/runs/<data>-seed<k>), shared
+with it. Rows that keep the recipe's generalist start from a copy of the recipe run's
+generalist (its fingerprint is checked when it is loaded), so only what the lever changes
+is trained again. Every run resumes where it stopped, so the script can be stopped and
+restarted at any time. `--jobs N` runs N rows side by side once the recipe's generalist
+is there (on one GPU, small models leave room for several).
 
 For each row: the test accuracy of the generalist, the ensemble and the three students
 (the pipeline's students and `--student-seeds` more of each, averaged), the ensemble's
@@ -19,12 +22,14 @@ time of each stage. Writes benchmarks/results/ablation_<data>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 import common
+from joblib import Parallel, delayed
 
 from ensemble_kd import artifacts
 from ensemble_kd.config import Config, load_config
@@ -42,18 +47,27 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "no_overlap": ("clusters partition the classes", ["clusters.overlap=0"], None),
     "transfer_dataset": ("students learn the teachers' logits on the plain training images",
                          ["student.transfer=dataset"], None),
+    "transfer_live": ("the teachers run live on every augmented batch instead of fixed views",
+                      ["student.transfer=live"], None),
     "mlp": ("the earlier MLP recipe (MLP generalist, fine-tuned specialists, MLP student)", [],
             "fashion-mnist-mlp"),
 }
 QUICK_ROWS = ("recipe", "init_generalist", "no_overlap", "transfer_dataset")
 
 
-def row_config(data: str, row: str, seed: int, quick: bool) -> Config:
+def row_config(data: str, row: str, seed: int, quick: bool, extra: list[str]) -> Config:
     _, overrides, config_name = ROWS[row]
     name = config_name or data
-    quick_overrides = ["specialists.init=scratch", "specialists.soft_epochs=0", "clusters.overlap=0.2", "data.crop_pad=1"] if quick else []
+    quick_overrides = ["specialists.init=scratch", "specialists.soft_epochs=0", "clusters.overlap=0.2",
+                       "data.crop_pad=1", "student.transfer=views"] if quick else []
     return load_config(common.REPO / "pipelines" / "configs" / f"{name}.toml",
-                       [f"seed={seed}", *quick_overrides, *overrides])
+                       [f"seed={seed}", *quick_overrides, *overrides, *extra])
+
+
+def row_dir(data: str, row: str, seed: int) -> Path:
+    if row == "recipe":
+        return common.REPO / "benchmarks" / "cache" / "runs" / f"{data}-seed{seed}"
+    return CACHE / f"{data}-{row}-seed{seed}"
 
 
 def same_generalist(a: Config, b: Config) -> bool:
@@ -64,7 +78,7 @@ def run_row(cfg: Config, out: Path, donor: Path | None) -> dict[str, Any]:
     """One full run (resumed if started); a fresh run borrows `donor`'s finished generalist."""
     fresh = not (out / artifacts.CONFIG_FILE).exists()
     run_dir = start_run(cfg, out, resume=not fresh)
-    if fresh and donor is not None:
+    if fresh and donor is not None and (donor / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
         shutil.copytree(donor / artifacts.GENERALIST_DIR, run_dir / artifacts.GENERALIST_DIR)
         seconds = artifacts.read_json(donor / artifacts.MANIFEST_FILE)["stages"]["generalist"]["seconds"]
         artifacts.mark_stage(run_dir, "generalist", seconds, borrowed_from=donor.name)
@@ -93,6 +107,14 @@ def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: l
     return result
 
 
+def run_and_measure(data: str, row: str, seed: int, quick: bool, extra: list[str], donor: Path | None,
+                    student_seeds: list[int]) -> dict[str, Any]:
+    common.log_to_stderr(f"{row}: {ROWS[row][0]} ...")
+    out = row_dir(data, row, seed)
+    report = run_row(row_config(data, row, seed, quick, extra), out, donor)
+    return row_result(row, out, report, student_seeds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="fashion-mnist", help="the recipe: a config name in pipelines/configs/")
@@ -100,21 +122,38 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="rows to run (default: all)")
     parser.add_argument("--student-seeds", type=int, nargs="*", default=[11],
                         help="extra student seeds per row, besides the pipeline's own students")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override for every row, e.g. data.root=... (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side (worker processes)")
     parser.add_argument("--quick", action="store_true", help="digits, a smoke test of the script")
     args = parser.parse_args()
     data = "digits" if args.quick else args.data
     rows = args.rows or (list(QUICK_ROWS) if args.quick else list(ROWS))
-    recipe_cfg = row_config(data, "recipe", args.seed, args.quick)
-    recipe_dir = CACHE / f"{data}-recipe-seed{args.seed}"
-    results = []
-    for row in ["recipe"] + [r for r in rows if r != "recipe"]:
-        cfg = row_config(data, row, args.seed, args.quick)
-        out = CACHE / f"{data}-{row}-seed{args.seed}"
+    recipe_cfg = row_config(data, "recipe", args.seed, args.quick, args.overrides)
+    recipe_dir = row_dir(data, "recipe", args.seed)
+    if not (recipe_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
+        common.log_to_stderr("recipe: training its generalist first (the other rows borrow it) ...")
+        run_pipeline(recipe_cfg, start_run(recipe_cfg, recipe_dir, resume=(recipe_dir / artifacts.CONFIG_FILE).exists()),
+                     until="generalist", progress=False)
+    extra = [f"threads={max(1, (os.cpu_count() or 1) // args.jobs)}"] * (args.jobs > 1) + args.overrides
+    tasks = []
+    for row in rows:
+        cfg = row_config(data, row, args.seed, args.quick, extra)
         donor = recipe_dir if row != "recipe" and same_generalist(cfg, recipe_cfg) else None
-        common.log_to_stderr(f"{row}: {ROWS[row][0]} ...")
-        report = run_row(cfg, out, donor)
-        if row in rows:
-            results.append(row_result(row, out, report, args.student_seeds))
+        tasks.append(delayed(run_and_measure)(data, row, args.seed, args.quick, extra, donor, args.student_seeds))
+    name = "ablation_quick" if args.quick else f"ablation_{data}"
+    results: list[dict[str, Any]] = []
+    for result in Parallel(n_jobs=args.jobs, return_as="generator_unordered")(tasks):
+        results.append(result)
+        results.sort(key=lambda r: list(ROWS).index(r["row"]))
+        path = common.write_result(name, {"machine": common.machine_info(_device(recipe_cfg)), "data": data,
+                                          "seed": args.seed, "student_seeds": args.student_seeds,
+                                          "overrides": args.overrides, "rows": results})
+    print(format_rows(results))
+    print(f"wrote {path.relative_to(common.REPO)}")
+
+
+def format_rows(results: list[dict[str, Any]]) -> str:
     headers = ["row", "generalist", "ensemble", "error cut", "student", "from gen.", "hard", "ens-gen",
                "disagree", "minutes"]
     table = [[r["row"], f"{100 * r['generalist']:.2f}%", f"{100 * r['ensemble']:.2f}%",
@@ -122,11 +161,13 @@ def main() -> None:
               *(f"{100 * r[k]['mean']:.2f}%" for k in STUDENTS), f"{100 * r['student_minus_from_generalist']:+.2f}",
               "-" if r["teachers_top1_disagreement"] is None else f"{100 * r['teachers_top1_disagreement']:.2f}%",
               f"{r['seconds'] / 60:.1f}"] for r in results]
-    print(common.format_table(headers, table))
-    name = "ablation_quick" if args.quick else f"ablation_{data}"
-    path = common.write_result(name, {"machine": common.machine_info(), "data": data, "seed": args.seed,
-                                      "student_seeds": args.student_seeds, "rows": results})
-    print(f"wrote {path.relative_to(common.REPO)}")
+    return common.format_table(headers, table)
+
+
+def _device(cfg: Config) -> str:
+    from ensemble_kd.train import resolve_device
+
+    return str(resolve_device(cfg.device))
 
 
 if __name__ == "__main__":
