@@ -14,8 +14,10 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import EnsembleKDError
 
-class ArtifactError(RuntimeError):
+
+class ArtifactError(EnsembleKDError, RuntimeError):
     """An artifact is missing, corrupt, or belongs to another configuration."""
 
 

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import EnsembleKDError
 
 EPILOG = "Run a command with --help for its options. Docs: README.md; run directory layout: artifacts/README.md."
 
@@ -120,16 +121,8 @@ COMMANDS = {"run": cmd_run, "clusters": cmd_clusters, "export": cmd_export, "pre
             "report": cmd_report}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .artifacts import ArtifactError
-    from .confusion import ClusterError
-    from .data import DataError
-    from .export import ExportError, InputError
-    from .specialists import SpecialistError
-    from .train import NonFiniteLossError
-
-    return (ConfigError, ArtifactError, ClusterError, DataError, ExportError, InputError, SpecialistError,
-            NonFiniteLossError, FileNotFoundError, ImportError)
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; finished work is saved: rerun with --resume to continue", file=sys.stderr)
         return 130
-    except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    except EnsembleKDError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

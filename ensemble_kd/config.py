@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import EnsembleKDError
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(EnsembleKDError, ValueError):
     """A configuration problem the user can fix: an unknown key, a wrong type, an impossible value."""
 
 

@@ -56,6 +56,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .artifacts import write_bytes
 from .config import ClustersConfig
+from .errors import EnsembleKDError
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ _MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) 
 _DECIMALS = 6  # floats in the JSON report are rounded to this many decimals (deterministic bytes)
 
 
-class ClusterError(ValueError):
+class ClusterError(EnsembleKDError, ValueError):
     """The classes cannot be clustered as asked: bad inputs or limits no clustering can meet."""
 
 

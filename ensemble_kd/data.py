@@ -39,11 +39,12 @@ from torch import Tensor
 
 from .artifacts import save_torch
 from .config import DataConfig
+from .errors import EnsembleKDError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(EnsembleKDError, ValueError):
     """Bad or missing data the user can fix; the message names the file, class or count and the fix."""
 
 

@@ -30,6 +30,7 @@ import torch
 
 from .artifacts import atomic_write, save_torch, write_bytes, write_json
 from .config import ModelConfig
+from .errors import EnsembleKDError
 from .models import Classifier, build_model
 
 if TYPE_CHECKING:
@@ -56,11 +57,11 @@ ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ExportError(RuntimeError):
+class ExportError(EnsembleKDError, RuntimeError):
     """An export failed or an exported file is missing, corrupt or foreign."""
 
 
-class InputError(ValueError):
+class InputError(EnsembleKDError, ValueError):
     """Inputs given to an exported student have the wrong shape, type or content."""
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from . import artifacts
+from .errors import EnsembleKDError, MissingExtraError
 from .train import resolve_device
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ WAIT_FOR_WORKERS_S = 60.0  # how long joblib waits for a first Dask worker to jo
 DASK_EXTRA = "pip install 'ensemble-kd[dask]'"
 
 
-class SchedulerError(ConnectionError):
+class SchedulerError(EnsembleKDError, ConnectionError):
     """The Dask scheduler cannot be reached, or its workers cannot see the run directory."""
 
 
@@ -117,8 +118,8 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     try:
         from dask.distributed import Client
     except ImportError as err:
-        raise ImportError(f"specialists.backend = 'dask' needs dask.distributed, which is not installed: {DASK_EXTRA}"
-                          ) from err
+        raise MissingExtraError(f"specialists.backend = 'dask' needs dask.distributed, which is not installed: "
+                                f"{DASK_EXTRA}") from err
     try:
         return Client(address, timeout=timeout, set_as_default=False)
     except Exception as err:  # refused, timed out, a malformed address or not a Dask scheduler at all

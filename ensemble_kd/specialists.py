@@ -30,6 +30,7 @@ from . import artifacts
 from .artifacts import ArtifactError
 from .config import Config
 from .data import Splits, load_data
+from .errors import EnsembleKDError
 from .generalist import generalist_fingerprint, load_generalist, make_augment
 from .losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
@@ -39,7 +40,7 @@ from .train import TrainSet, fit, load_finished, predict_logits, save_model
 log = logging.getLogger(__name__)
 
 
-class SpecialistError(RuntimeError):
+class SpecialistError(EnsembleKDError, RuntimeError):
     """A specialist failed; names its cluster id and the cause."""
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .artifacts import ArtifactError
 from .config import ConfigError, TrainConfig
+from .errors import EnsembleKDError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ IndexFn = Callable[[int, torch.Generator], torch.Tensor]
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(EnsembleKDError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 

@@ -150,3 +150,41 @@ def test_pipeline_script_help_runs() -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--until" in result.stdout and "--resume" in result.stdout
+
+
+# ---------------------------------------------------------------- a new user's mistakes: one line each
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    """`ensemble-kd ARGV` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _one_error_line(code: int, err: str, *phrases: str) -> None:
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+
+
+def test_every_user_error_class_is_an_ensemble_kd_error_and_the_cli_catches_the_base(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ensemble_kd import artifacts, cli, confusion, data, errors, export, parallel, specialists, train
+    from ensemble_kd.config import ConfigError
+
+    for error in (ConfigError, artifacts.ArtifactError, confusion.ClusterError, data.DataError, export.ExportError,
+                  export.InputError, specialists.SpecialistError, train.NonFiniteLossError, parallel.SchedulerError,
+                  errors.MissingExtraError):
+        assert issubclass(error, errors.EnsembleKDError), error
+
+    class ErrorAddedLater(errors.EnsembleKDError):
+        pass
+
+    def fails(args):
+        raise ErrorAddedLater("something the user can fix\nacross two lines")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", fails)
+    code, _, err = _cli("report", "anywhere")
+    _one_error_line(code, err, "something the user can fix across two lines")
