@@ -72,7 +72,7 @@ class GeneralistConfig:
 
 @dataclass
 class ClustersConfig:
-    k: int = 3  # number of clusters of confusable classes (one specialist each)
+    k: int = 3  # number of clusters of confusable classes (one specialist each); 0 = choose from the number of classes
     matrix: str = "soft"  # soft | hard | covariance: which confusability matrix k-means sees
     min_size: int = 2  # smallest allowed cluster (in classes)
     max_size: int = 0  # largest allowed cluster; 0 = no limit
@@ -291,7 +291,7 @@ def validate_config(cfg: Config) -> None:
         (0 < cfg.data.val_fraction < 1, "data.val_fraction must be between 0 and 1"),
         (cfg.data.train_limit >= 0, "data.train_limit must be >= 0 (0 = all)"),
         (cfg.data.crop_pad >= 0, "data.crop_pad must be >= 0"),
-        (cfg.clusters.k >= 1, "clusters.k must be >= 1"),
+        (cfg.clusters.k >= 0, "clusters.k must be >= 0 (0 = choose it from the number of classes)"),
         (cfg.clusters.min_size >= 1, "clusters.min_size must be >= 1"),
         (cfg.generalist.model.pool >= 1 and cfg.student.model.pool >= 1, "model.pool must be >= 1"),
         (cfg.clusters.max_size == 0 or cfg.clusters.max_size >= cfg.clusters.min_size,

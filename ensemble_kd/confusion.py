@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import textwrap
 import warnings
 from pathlib import Path
@@ -360,10 +361,24 @@ class ClassClusterer:
             return kmeans.fit_predict(features).astype(np.int64)
 
 
-def clusterer_from_config(cfg: ClustersConfig, random_state: int = 0) -> ClassClusterer:
-    """A ClassClusterer with the limits of the `[clusters]` config section."""
-    return ClassClusterer(k=cfg.k, min_size=cfg.min_size, max_size=cfg.max_size,
+def clusterer_from_config(cfg: ClustersConfig, random_state: int = 0, k: int | None = None) -> ClassClusterer:
+    """A ClassClusterer with the limits of the `[clusters]` config section (and `k` instead of cfg.k if given)."""
+    return ClassClusterer(k=cfg.k if k is None else k, min_size=cfg.min_size, max_size=cfg.max_size,
                           min_confusion=cfg.min_confusion, n_init=cfg.n_init, random_state=random_state)
+
+
+def choose_k(cfg: ClustersConfig, num_classes: int) -> int:
+    """`clusters.k`, or for k = 0 about sqrt(C) clusters within the size limits.
+
+    0 when no two clusters fit (2 classes, or 3 with min_size 2): a single cluster would
+    hold every class and leave its specialist nothing to tell apart, so there are no
+    specialists and the ensemble is the generalist alone."""
+    if cfg.k > 0:
+        return cfg.k
+    k = min(max(2, round(math.sqrt(num_classes))), num_classes // cfg.min_size)
+    if cfg.max_size:
+        k = max(k, math.ceil(num_classes / cfg.max_size))
+    return k if k >= 2 and k * cfg.min_size <= num_classes else 0
 
 
 # ---------------------------------------------------------------- the report
@@ -403,6 +418,14 @@ def clusters_to_json(clusterer: ClassClusterer, class_names: list[str], matrix_k
             "classes": classes, "excluded": [int(i) for i in clusterer.excluded_]}
 
 
+def no_clusters_json(class_names: list[str], matrix_kind: str, affinity: np.ndarray) -> dict[str, Any]:
+    """The clusters file when `choose_k` finds none: every class in no cluster, nothing excluded."""
+    confusion = confusion_share(affinity)
+    classes = [{"id": i, "name": str(name), "cluster": None, "inside_share": 0.0,
+                "confusion_share": _round(confusion[i])} for i, name in enumerate(class_names)]
+    return {"matrix": str(matrix_kind), "k": 0, "clusters": [], "classes": classes, "excluded": []}
+
+
 def format_cluster_table(clusters_json: dict[str, Any]) -> str:
     """A readable table: one block per cluster with its size, mean inside share and classes."""
     share_by_id = {c["id"]: c["inside_share"] for c in clusters_json["classes"]}
@@ -411,6 +434,9 @@ def format_cluster_table(clusters_json: dict[str, Any]) -> str:
              "inside = share of a class's confusion that stays in its cluster",
              f"{'cluster':>8}  {'size':>4}  {'inside':>6}  classes (inside share)"]
     indent = " " * 24
+    if not clusters_json["clusters"]:
+        lines.append(f"{'none':>8}  too few classes for two clusters: no specialists, the ensemble is the "
+                     "generalist alone")
     for cluster in clusters_json["clusters"]:
         members = ", ".join(f"{name_by_id[i]} ({share_by_id[i]:.2f})" for i in cluster["ids"])
         head = f"{cluster['id']:>8}  {len(cluster['ids']):>4}  {cluster['inside_share']:>6.2f}  "
@@ -519,8 +545,12 @@ def find_clusters(cfg: Config, data: Splits, run_dir: str | Path, generalist: to
     matrices = build_matrices(y_val, probs, data.num_classes)
     kind = cfg.clusters.matrix
     affinity = confusability(matrices[kind], kind)
-    clusterer = clusterer_from_config(cfg.clusters, random_state=cfg.seed).fit(affinity)
-    clusters = clusters_to_json(clusterer, list(data.class_names), kind, affinity)
+    k = choose_k(cfg.clusters, data.num_classes)
+    if k == 0:
+        clusters = no_clusters_json(list(data.class_names), kind, affinity)
+    else:
+        clusterer = clusterer_from_config(cfg.clusters, random_state=cfg.seed, k=k).fit(affinity)
+        clusters = clusters_to_json(clusterer, list(data.class_names), kind, affinity)
     _save_npz(run_dir / artifacts.CONFUSION_DIR / MATRICES_FILE, affinity=affinity, y_val=y_val, **matrices)
     path = run_dir / artifacts.CLUSTERS_FILE
     if path.exists() and artifacts.read_json(path) != json.loads(json.dumps(clusters)):

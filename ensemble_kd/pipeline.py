@@ -6,6 +6,7 @@ stopped anywhere continues with `resume=True`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from . import artifacts
 from .config import Config, ConfigError, to_toml
+from .confusion import choose_k
 from .data import Splits, load_data
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,16 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
 
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:
-    """Impossible cluster settings are an error before any training."""
-    c = cfg.clusters
+    """Impossible cluster settings are an error before any training; says which k `clusters.k = 0` chose."""
+    c = dataclasses.replace(cfg.clusters, k=choose_k(cfg.clusters, data.num_classes))
+    if cfg.clusters.k == 0 and c.k == 0:
+        log.warning("clusters.k = 0 and the data has %d classes: too few for clusters of clusters.min_size = %d "
+                    "that leave other classes to each specialist, so no specialists; the ensemble is the "
+                    "generalist alone", data.num_classes, c.min_size)
+        return
+    if cfg.clusters.k == 0:
+        log.info("clusters.k = 0: chose k = %d for %d classes (about the square root of the number of classes)",
+                 c.k, data.num_classes)
     if c.k > data.num_classes:
         raise ConfigError(f"clusters.k = {c.k} but the data has only {data.num_classes} classes; "
                           f"choose k <= {data.num_classes}")

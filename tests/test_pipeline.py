@@ -178,3 +178,23 @@ def test_impossible_clusters_fail_before_any_training(tmp_path: Path, overrides:
     with pytest.raises(ConfigError, match=message):
         run_pipeline(cfg, run_dir, progress=False)
     assert not (run_dir / "generalist").exists()
+
+
+# ---------------------------------------------------------------- k from the number of classes, from 2 classes up
+
+
+@pytest.mark.parametrize("num_classes, k", [(2, 0), (3, 0), (4, 2), (6, 2), (10, 3), (100, 10), (1000, 32)])
+def test_k_zero_chooses_about_the_square_root_of_the_classes_and_none_when_no_two_clusters_fit(
+        num_classes: int, k: int) -> None:
+    from ensemble_kd.confusion import choose_k
+
+    assert choose_k(tiny_config("clusters.k=0").clusters, num_classes) == k
+    assert choose_k(tiny_config("clusters.k=0", "clusters.min_size=1").clusters, 3) == 2
+
+
+def test_k_zero_says_in_the_log_which_k_it_chose(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config("clusters.k=0")
+    with caplog.at_level("INFO", logger="ensemble_kd.pipeline"):
+        run_pipeline(cfg, start_run(cfg, tmp_path / "run"), until="clusters", progress=False)
+    assert "clusters.k = 0: chose k = 2 for 6 classes" in caplog.text
+    assert json.loads((tmp_path / "run" / "clusters.json").read_text())["k"] == 2
