@@ -53,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline, start_run
+    from .pipeline import preflight, run_pipeline, start_run
     from .report import format_table
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
+    preflight(cfg, args.until)
     run_dir = start_run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     logging.getLogger(__name__).info("run directory: %s", run_dir)
     report = run_pipeline(cfg, run_dir, until=args.until, progress=not args.quiet)

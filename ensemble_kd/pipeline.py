@@ -7,6 +7,7 @@ stopped anywhere continues with `resume=True`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 from . import artifacts
 from .config import Config, ConfigError, to_toml
 from .confusion import choose_k
-from .data import Splits, load_data
+from .data import DataError, Splits, load_data
+from .models import build_model
+from .parallel import DASK_EXTRA
+from .train import autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,17 @@ def start_run(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite:
     return run_dir
 
 
+def preflight(cfg: Config, until: str = "export") -> None:
+    """ConfigError for what needs no data to know: an unknown stage, a missing device or extra."""
+    if until not in STAGES:
+        raise ConfigError(f"--until {until!r} is not a stage; choose from {', '.join(STAGES)}")
+    stop = STAGES.index(until)
+    autocast_dtype(cfg.precision, resolve_device(cfg.device))  # device = cuda without CUDA, bf16 unsupported
+    if cfg.specialists.backend == "dask" and stop >= STAGES.index("specialists") \
+            and importlib.util.find_spec("distributed") is None:
+        raise ConfigError(f"specialists.backend = 'dask' needs the dask extra: {DASK_EXTRA}")
+
+
 def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:
     """Run every stage up to and including `until`; returns the report (as written to report.json)."""
     from .confusion import find_clusters
@@ -49,8 +64,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     from .report import write_report
     from .specialists import train_all_specialists
 
-    if until not in STAGES:
-        raise ConfigError(f"--until {until!r} is not a stage; choose from {', '.join(STAGES)}")
+    preflight(cfg, until)
     run_dir = Path(run_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -58,6 +72,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     data = load_data(cfg.data, cfg.seed)
     log.info("data %s: %d train, %d val, %d test, %d classes, input %s", cfg.data.name, len(data.y_train),
              len(data.y_val), len(data.y_test), data.num_classes, tuple(data.input_shape))
+    _check_data_fits(cfg, data)
     _check_clusters_fit(cfg, data)
     if stop >= STAGES.index("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
@@ -81,6 +96,20 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
         report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
     write_report(run_dir, report)
     return report
+
+
+def _check_data_fits(cfg: Config, data: Splits) -> None:
+    """Settings the data cannot meet are an error before any training."""
+    if data.num_classes < 2:
+        raise DataError(f"the data has {data.num_classes} class ({', '.join(data.class_names)}); a classifier "
+                        "needs at least 2: add another class (for an imagefolder, another class folder)")
+    if cfg.ensemble.top_n > data.num_classes:
+        raise ConfigError(f"ensemble.top_n = {cfg.ensemble.top_n} but the data has only {data.num_classes} "
+                          f"classes; choose top_n <= {data.num_classes}")
+    try:
+        build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std)
+    except ConfigError as err:
+        raise ConfigError(f"generalist.model: {err}") from err
 
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:

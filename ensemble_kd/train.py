@@ -70,7 +70,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' but no CUDA GPU is visible; use --set device=cpu or device=auto")
+        raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --set device=cpu or device=auto")
     return torch.device(name)
 
 

@@ -188,3 +188,11 @@ def test_every_user_error_class_is_an_ensemble_kd_error_and_the_cli_catches_the_
     monkeypatch.setitem(cli.COMMANDS, "report", fails)
     code, _, err = _cli("report", "anywhere")
     _one_error_line(code, err, "something the user can fix across two lines")
+
+
+def test_device_cuda_without_cuda_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = _cli("run", "--set", "device=cuda", "--out", str(tmp_path / "run"))
+    _one_error_line(code, err, "device = 'cuda'", "device=cpu")
+    assert not (tmp_path / "run").exists()

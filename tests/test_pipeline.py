@@ -10,6 +10,7 @@ import torch
 
 from ensemble_kd.artifacts import ArtifactError
 from ensemble_kd.config import Config, ConfigError, load_config
+from ensemble_kd.data import DataError
 from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
 from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.report import format_coverage
@@ -198,3 +199,23 @@ def test_k_zero_says_in_the_log_which_k_it_chose(tmp_path: Path, caplog: pytest.
         run_pipeline(cfg, start_run(cfg, tmp_path / "run"), until="clusters", progress=False)
     assert "clusters.k = 0: chose k = 2 for 6 classes" in caplog.text
     assert json.loads((tmp_path / "run" / "clusters.json").read_text())["k"] == 2
+
+
+def test_one_class_and_settings_the_data_cannot_meet_fail_before_the_generalist(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "one"
+    for split in ("train", "test"):
+        (root / split / "only").mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (4, 4), 10 * i).save(root / split / "only" / f"{i}.png")
+    for overrides, error, message in [
+        (["data.name=imagefolder", f"data.root={root}", "clusters.k=0"], DataError, "needs at least 2"),
+        (["clusters.k=1", "clusters.min_size=1"], ConfigError, "clusters.k = 1 puts every class into one cluster"),
+        (["ensemble.top_n=7"], ConfigError, "ensemble.top_n = 7 but the data has only 6 classes"),
+        (["generalist.model.arch=cnn"], ConfigError, "generalist.model: cnn needs image inputs"),
+    ]:
+        with pytest.raises(error, match=message):
+            cfg = tiny_config(*overrides)
+            run_pipeline(cfg, start_run(cfg, tmp_path / "run", overwrite=True), progress=False)
+        assert not (tmp_path / "run" / "generalist").exists()
