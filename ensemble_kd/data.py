@@ -25,9 +25,9 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -450,7 +450,8 @@ def _extract_archive(archive: Path) -> tuple[Path, Path]:
         return cache_dir, extracted
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=cache_dir))
+        staging = cache_dir / f".extracting-{secrets.token_hex(4)}"
+        staging.mkdir()  # mode 0777 less the umask, like any folder (mkdtemp would make it 0700)
     except OSError as err:
         raise DataError(f"cannot create the cache folder {cache_dir} ({err}); set ENSEMBLE_KD_CACHE to a "
                         "writable folder") from err

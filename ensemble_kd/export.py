@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from .artifacts import atomic_write, save_torch, write_bytes, write_json
+from .artifacts import atomic_write, new_temp_file, save_torch, write_bytes, write_json
 from .config import ModelConfig
 from .errors import EnsembleKDError
 from .models import Classifier, build_model
@@ -236,9 +235,9 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
 
 def _temp_path(path: Path) -> Path:
     """A fresh, unused name beside `path` (the atomic writers write it in turn via their own temp file)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = new_temp_file(path)
     os.close(fd)
-    return Path(name)
+    return name
 
 
 def _export_checked(fmt: str, student: Classifier, batch: torch.Tensor, expected: torch.Tensor, meta_json: str,

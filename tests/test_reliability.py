@@ -178,6 +178,24 @@ def test_a_write_failing_halfway_keeps_the_previous_file_and_leaves_no_temp(
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_follow_the_umask_like_open(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        written = [artifacts.write_text(tmp_path / "config.toml", "seed = 0\n"),
+                   artifacts.save_torch(tmp_path / "model.pt", {"v": torch.ones(2)})]
+        model, meta = make_model("mlp")
+        export_student(model, meta, tmp_path / "export", ["torchscript", "state_dict"], torch.rand(2, *IMAGE_SHAPE))
+        written += sorted((tmp_path / "export").iterdir())
+        with open(tmp_path / "by-open.txt", "w") as f:
+            f.write("reference")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "by-open.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: expected for p in written}
+
+
 @pytest.fixture
 def previous_export(tmp_path: Path) -> tuple[Path, torch.Tensor, dict[str, bytes]]:
     """A good export in tmp_path/export: (folder, check batch, file name -> bytes)."""
@@ -399,7 +417,7 @@ def test_impossible_settings_known_after_loading_the_data_fail_before_the_genera
     out = tmp_path / "run"
     code, err = run_cli(config_file, out, *(a for o in overrides for a in ("--set", o)))
     assert code == 2 and err.startswith("error: ") and message in err
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml"]  # no generalist/, no manifest
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.toml"]  # no generalist/, no manifest
     start_run(tiny_config(), out)  # holding no work, the folder is reused without --resume
 
 
