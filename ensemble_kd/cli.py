@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     clusters.add_argument("--json", action="store_true", help="print clusters.json instead of the table")
     export = commands.add_parser("export", help="export a run's student")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--format", default="torchscript,onnx,state_dict",
-                        help="comma-separated: torchscript, export, onnx, state_dict")
+    export.add_argument("--format", help="comma-separated: torchscript, export, onnx (needs the onnx extra), "
+                                         "state_dict; default: the run's export.formats")
     export.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
     predict = commands.add_parser("predict", help="top-k classes of image files or a .npy batch")
     predict.add_argument("model", type=Path, help="an exported student file, or an export folder")
@@ -90,7 +90,7 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_from_run_dir
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    formats = None if args.format is None else [f.strip() for f in args.format.split(",") if f.strip()]
     result = export_from_run_dir(args.run_dir, formats, args.out)
     for fmt, entry in result["formats"].items():
         print(f"{fmt:12s} {entry['path']}  ({entry['bytes']:,} bytes, max |diff| vs eager {entry['max_abs_diff']:.2e})")
@@ -112,8 +112,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from . import artifacts
     from .report import format_table, write_report
 
-    report = artifacts.read_json(Path(args.run_dir) / artifacts.REPORT_JSON)
-    write_report(args.run_dir, report)
+    run_dir = artifacts.require_run_dir(args.run_dir)
+    path = run_dir / artifacts.REPORT_JSON
+    if not path.is_file():
+        finished = list(artifacts.finished_stages(run_dir))
+        raise artifacts.ArtifactError(
+            f"{run_dir} has no report yet: {artifacts.REPORT_JSON} is written when `ensemble-kd run` ends, after its "
+            f"last stage (export, or the stage --until names; finished so far: {', '.join(finished) or 'none'}); "
+            f"finish the run with: ensemble-kd run --out {run_dir} --resume")
+    report = artifacts.read_json(path)
+    write_report(run_dir, report)
     print(format_table(report))
     return 0
 

@@ -113,7 +113,7 @@ class StudentConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: ["torchscript", "onnx", "state_dict"])  # torchscript | export | onnx | state_dict
+    formats: list[str] = field(default_factory=lambda: ["torchscript", "state_dict"])  # torchscript | export | onnx (needs the onnx extra) | state_dict
     parity_atol: float = 1e-4  # largest allowed |exported - eager| on a check batch
 
 

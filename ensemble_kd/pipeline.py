@@ -19,6 +19,7 @@ from . import artifacts
 from .config import Config, ConfigError, to_toml
 from .confusion import choose_k
 from .data import DataError, Splits, load_data
+from .export import ONNX_EXTRA, missing_onnx_modules
 from .models import build_model
 from .parallel import DASK_EXTRA
 from .train import autocast_dtype, resolve_device
@@ -48,6 +49,10 @@ def preflight(cfg: Config, until: str = "export") -> None:
         raise ConfigError(f"--until {until!r} is not a stage; choose from {', '.join(STAGES)}")
     stop = STAGES.index(until)
     autocast_dtype(cfg.precision, resolve_device(cfg.device))  # device = cuda without CUDA, bf16 unsupported
+    if "onnx" in cfg.export.formats and stop >= STAGES.index("export") and missing_onnx_modules():
+        raise ConfigError(f"export.formats has 'onnx', which needs the onnx extra: {ONNX_EXTRA} (missing: "
+                          f"{', '.join(missing_onnx_modules())}); install it, or drop onnx from export.formats "
+                          "(torchscript and state_dict need nothing more)")
     if cfg.specialists.backend == "dask" and stop >= STAGES.index("specialists") \
             and importlib.util.find_spec("distributed") is None:
         raise ConfigError(f"specialists.backend = 'dask' needs the dask extra: {DASK_EXTRA}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,50 @@ def test_device_cuda_without_cuda_is_one_line_before_anything_is_written(tmp_pat
     code, _, err = _cli("run", "--set", "device=cuda", "--out", str(tmp_path / "run"))
     _one_error_line(code, err, "device = 'cuda'", "device=cpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_onnx_without_its_extra_is_refused_before_training_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ensemble_kd import pipeline
+
+    monkeypatch.setattr(pipeline, "missing_onnx_modules", lambda: ["onnxscript"])
+    code, _, err = _cli("run", *_sets(TINY_DIGITS), "--set", "export.formats=torchscript,onnx",
+                        "--out", str(tmp_path / "run"))
+    _one_error_line(code, err, "export.formats", "pip install 'ensemble-kd[onnx]'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_into_a_file_or_from_a_folder_that_is_no_run_is_one_line(cli_run: tuple[Path, int, str],
+                                                                        tmp_path: Path) -> None:
+    a_file = tmp_path / "model.onnx"
+    a_file.write_text("mine")
+    code, _, err = _cli("export", str(cli_run[0]), "--out", str(a_file))
+    _one_error_line(code, err, f"{a_file} is a file, not a folder")
+    assert a_file.read_text() == "mine"
+    code, _, err = _cli("export", str(tmp_path))
+    _one_error_line(code, err, f"{tmp_path} is not an ensemble-kd run directory")
+
+
+def test_export_writes_the_runs_own_formats_by_default(cli_run: tuple[Path, int, str], tmp_path: Path) -> None:
+    code, out, err = _cli("export", str(cli_run[0]), "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["student.json", "student.ts",
+                                                                       "student_state.pt"]
+
+
+def test_report_before_the_run_wrote_one_names_the_command_that_does(cli_run: tuple[Path, int, str],
+                                                                     tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run[0], run_dir, ignore=shutil.ignore_patterns("report.*"))
+    code, _, err = _cli("report", str(run_dir))
+    _one_error_line(code, err, "no report yet", f"ensemble-kd run --out {run_dir} --resume", "export")
+
+
+def test_predict_on_a_run_directory_uses_its_export_folder(cli_run: tuple[Path, int, str], tmp_path: Path,
+                                                           digits_test: torch.Tensor) -> None:
+    npy = tmp_path / "batch.npy"
+    np.save(npy, digits_test.numpy())
+    code, out, err = _cli("predict", str(cli_run[0]), str(npy))
+    assert code == 0, err
+    names = _expected_top(cli_run[0] / "export" / "student_state.pt", digits_test)
+    assert [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == names

@@ -228,3 +228,7 @@ def test_every_config_field_with_a_bad_value_exits_2_with_one_line_naming_it(tmp
         if (out / "generalist").exists():
             failures.append((overrides, "a generalist folder was made"))
     assert not failures
+
+
+def test_the_default_export_formats_need_only_the_base_install():
+    assert load_config().export.formats == ["torchscript", "state_dict"]  # onnx needs the onnx extra
