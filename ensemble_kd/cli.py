@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import load_config
+from .config import Config, load_config
 from .errors import EnsembleKDError
 
 EPILOG = "Run a command with --help for its options. Docs: README.md; run directory layout: artifacts/README.md."
@@ -52,12 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_run_dir(cfg: Config) -> Path:
+    return Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import preflight, run_pipeline, start_run
     from .report import format_table
+    from .resume import resume_config
 
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
+    if args.resume and not args.overwrite:  # the run's own settings, changed only where that is safe
+        out = args.out or _default_run_dir(load_config(args.config, args.overrides))
+        cfg = resume_config(out, args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or _default_run_dir(cfg)
     preflight(cfg, args.until)
     run_dir = start_run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     logging.getLogger(__name__).info("run directory: %s", run_dir)

@@ -5,6 +5,7 @@ the defaults are the values that work on the built-in `digits` data.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -206,11 +207,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
         _merge(cfg, values, "")
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of `cfg` with each `section.key=value` override applied, validated."""
+    cfg = copy.deepcopy(cfg)
     for text in overrides:
         keys, value = _parse_override(text)
         _merge(cfg, _nest(keys, value), "")
     validate_config(cfg)
     return cfg
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of a config as {"section.key": value}, in declaration order."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            values.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            values[prefix + f.name] = value
+    return values
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -16,12 +16,13 @@ from typing import Any, Callable
 import torch
 
 from . import artifacts
-from .config import Config, ConfigError, to_toml
+from .config import Config, ConfigError, load_config, to_toml
 from .confusion import choose_k
 from .data import DataError, Splits, load_data
 from .export import ONNX_EXTRA, missing_onnx_modules
 from .models import build_model
 from .parallel import DASK_EXTRA
+from .resume import check_resume
 from .train import autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,16 @@ def _timed(run_dir: Path, stage: str, work: Callable[[], Any]) -> Any:
 
 
 def start_run(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Prepare the run directory and save the resolved config in it."""
+    """Prepare and lock the run directory and save the resolved config in it.
+
+    With `resume`, `cfg` may differ from the run's config.toml only where
+    `resume.check_resume` allows (runtime settings, stages without work); a refused
+    resume leaves config.toml as it was."""
     run_dir = artifacts.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    artifacts.write_text(run_dir / artifacts.CONFIG_FILE, to_toml(cfg))
+    saved = run_dir / artifacts.CONFIG_FILE
+    if resume and saved.is_file():
+        check_resume(run_dir, load_config(saved), cfg)
+    artifacts.write_text(saved, to_toml(cfg))
     return run_dir
 
 

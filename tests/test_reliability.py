@@ -23,7 +23,7 @@ from PIL import Image
 
 from ensemble_kd import artifacts, data as data_module, export as export_module, train as train_module
 from ensemble_kd.cli import main
-from ensemble_kd.config import to_toml
+from ensemble_kd.config import load_config, to_toml
 from ensemble_kd.data import load_data
 from ensemble_kd.export import ExportError, export_student, load_student
 from ensemble_kd.pipeline import run_pipeline, start_run
@@ -261,12 +261,20 @@ def test_a_corrupt_generalist_is_an_error_naming_the_file_not_retrained(
 def test_a_generalist_of_another_architecture_is_refused_with_what_differs(
         reference: Path, config_file: Path, tmp_path: Path) -> None:
     run_dir = copy_run(reference, tmp_path)
-    before = model_files(run_dir)
+    before, config = model_files(run_dir), (run_dir / "config.toml").read_bytes()
     code, err = run_cli(config_file, run_dir, "--resume", "--set", "generalist.model.hidden=[12]")
-    assert code == 2 and err.startswith("error: ")
-    assert str(run_dir / "generalist" / "model.pt") in err and "another configuration" in err
-    assert "'hidden': [16]" in err and "'hidden': [12]" in err  # what the file has, what this run has
+    assert code == 2 and err.startswith("error: generalist.model.hidden cannot change when resuming")
+    assert str(run_dir / "generalist" / "model.pt") in err  # the work made with the old setting
+    assert "= [16]" in err and "not [12]" in err  # what the run has, what was asked
     assert "--out" in err and "--overwrite" in err
+    assert model_files(run_dir) == before and (run_dir / "config.toml").read_bytes() == config
+
+    (run_dir / "config.toml").write_text(to_toml(tiny_config("generalist.model.hidden=[12]")))  # edited by hand
+    code, err = run_cli(config_file, run_dir, "--resume")
+    assert code == 2 and "--config" in err and "generalist.model.hidden" in err
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet")
+    assert code == 2 and str(run_dir / "generalist" / "model.pt") in err and "another configuration" in err
+    assert "'hidden': [16]" in err and "'hidden': [12]" in err  # what the file has, what this run has
     assert model_files(run_dir) == before
 
 
@@ -318,6 +326,56 @@ def test_overwrite_replaces_the_run_and_refuses_folders_that_are_not_runs(
         code, err = run_cli(config_file, other, flag)
         assert code == 2 and "does not look like an ensemble-kd run" in err, flag
     assert [p.name for p in other.iterdir()] == ["thesis.tex"]
+
+
+# ---------------------------------------------------------------- 4b. a resumed run keeps its own settings
+
+def _until_clusters(reference: Path, tmp_path: Path) -> Path:
+    """A copy of the reference run as `run --until clusters` leaves it: generalist and clusters only."""
+    run_dir = copy_run(reference, tmp_path)
+    for name in ("specialists", "export", *STUDENTS):
+        shutil.rmtree(run_dir / name)
+    for name in ("report.json", "report.md", "accuracy_vs_size.png"):
+        (run_dir / name).unlink()
+    return run_dir
+
+
+def test_resume_without_config_reads_the_runs_own_settings(reference: Path, tmp_path: Path) -> None:
+    run_dir = _until_clusters(reference, tmp_path)
+    config = (run_dir / "config.toml").read_bytes()
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet")  # the command `--until clusters` suggests
+    assert code == 0, err
+    assert (run_dir / "config.toml").read_bytes() == config
+    for name in ("specialists/specialist_01", *STUDENTS):  # the same as the run that never stopped
+        assert_same_weights(run_dir / name / "model.pt", reference / name / "model.pt")
+
+
+@pytest.mark.parametrize("setting, stage", [
+    ("seed=1", "generalist"), ("data.val_fraction=0.3", "generalist"), ("clusters.k=3", "specialists"),
+    ("specialists.soft_lr=0.1", "specialists"), ("ensemble.top_n=2", "student"), ("student.alpha=0.5", "student"),
+])
+def test_resume_refuses_settings_that_finished_work_was_made_with_and_keeps_config_toml(
+        reference: Path, tmp_path: Path, setting: str, stage: str) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    config, models = (run_dir / "config.toml").read_bytes(), model_files(run_dir)
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet", "--set", setting)
+    key = setting.split("=")[0]
+    assert code == 2 and err.startswith(f"error: {key} cannot change when resuming {run_dir}: its {stage} stage")
+    assert "--out" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (run_dir / "config.toml").read_bytes() == config and model_files(run_dir) == models
+
+
+def test_resume_may_change_runtime_settings_and_stages_that_hold_no_work_yet(
+        reference: Path, tmp_path: Path) -> None:
+    run_dir = _until_clusters(reference, tmp_path)
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet", "--until", "clusters",
+                    "--set", "clusters.k=3", "--set", "student.train.epochs=2", "--set", "specialists.n_jobs=2",
+                    "--set", "export.formats=state_dict")
+    assert code == 0, err
+    saved = load_config(run_dir / "config.toml")  # the run records what it continues with
+    assert (saved.clusters.k, saved.student.train.epochs, saved.specialists.n_jobs) == (3, 2, 2)
+    assert saved.export.formats == ["state_dict"]
+    assert len(artifacts.read_json(run_dir / "clusters.json")["clusters"]) == 3
 
 
 # ---------------------------------------------------------------- 5. bad data: an error before training
