@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 from .config import Config, load_config
 from .errors import EnsembleKDError
@@ -139,6 +144,27 @@ COMMANDS = {"run": cmd_run, "clusters": cmd_clusters, "export": cmd_export, "pre
             "report": cmd_report}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the work in progress stops, finished work is kept."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_like_ctrl_c() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while a command runs (signal handlers need the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
@@ -148,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; finished work is saved: rerun with --resume to continue", file=sys.stderr)
-        return 130
+        with _sigterm_like_ctrl_c():
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a reader that went away (`| head`) shows up here, not at exit
+            return code
+    except KeyboardInterrupt as err:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        print(f"\n{what}; finished work is saved: rerun with --resume to continue", file=sys.stderr)
+        return code
+    except BrokenPipeError:  # e.g. `ensemble-kd clusters RUN --json | head`: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return 128 + signal.SIGPIPE
     except EnsembleKDError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -80,6 +82,39 @@ def effective_jobs(cfg: Config, n_tasks: int) -> int:
     else:
         wanted = max(1, cfg.specialists.n_jobs)
     return max(1, min(wanted, n_tasks))
+
+
+# ---------------------------------------------------------------- workers that outlive their run
+
+PARENT_CHECK_S = 0.5  # how often a loky worker checks that the run that started it is still alive
+_watched_parent: int | None = None  # the parent pid this worker process watches (one watcher per process)
+
+
+def worker_parent(cfg: Config) -> int | None:
+    """The pid a specialist worker must outlive no longer than: this process for loky, None for Dask
+    (a Dask worker's parent is its nanny; when the run's client goes, Dask cancels its futures)."""
+    return os.getpid() if cfg.specialists.backend == "loky" else None
+
+
+def stop_with_parent(parent_pid: int | None) -> None:
+    """In a worker process: end this process as soon as `parent_pid` is no longer its parent.
+
+    loky notices a dead parent only between tasks, so a worker would otherwise finish the
+    specialist it is training, minutes later, and write it into the run directory. A
+    daemon thread polls `os.getppid()` (a dead parent's children are re-parented) and
+    ends the process with os._exit, like the SIGKILL its parent got. Nothing to do when
+    called in the run's own process (sequential backend) or with None (Dask)."""
+    global _watched_parent
+    if parent_pid is None or parent_pid == os.getpid() or _watched_parent == parent_pid:
+        return
+    _watched_parent = parent_pid
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ensemble-kd-parent-watch", daemon=True).start()
 
 
 # ---------------------------------------------------------------- the joblib backend

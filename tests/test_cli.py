@@ -244,3 +244,11 @@ def test_predict_on_a_run_directory_uses_its_export_folder(cli_run: tuple[Path, 
     assert code == 0, err
     names = _expected_top(cli_run[0] / "export" / "student_state.pt", digits_test)
     assert [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == names
+
+
+def test_clusters_json_into_a_pipe_that_closes_early_ends_quietly(cli_run: tuple[Path, int, str]) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "ensemble_kd.cli", "clusters", str(cli_run[0]), "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # like `| head` that has read all it wanted, before the command prints
+    _, stderr = proc.communicate(timeout=120)
+    assert stderr == "" and proc.returncode == 141  # 128 + SIGPIPE, as a shell reports such a writer

@@ -522,7 +522,7 @@ import os, signal, sys, time
 from ensemble_kd import specialists
 from ensemble_kd.config import load_config
 
-def worker(cfg, run_dir, cluster_id, threads):  # defined in __main__, so loky ships it to the worker by value
+def worker(cfg, run_dir, cluster_id, *args):  # defined in __main__, so loky ships it to the worker by value
     from ensemble_kd import specialists as spec
     if cluster_id == 1:
         real_fit = spec.fit
@@ -536,7 +536,7 @@ def worker(cfg, run_dir, cluster_id, threads):  # defined in __main__, so loky s
             return real_fit(*args, stage=stage, **kwargs)
 
         spec.fit = fit
-    return spec._worker(cfg, run_dir, cluster_id, threads)
+    return spec._worker(cfg, run_dir, cluster_id, *args)
 
 specialists._worker = worker
 try:
@@ -577,10 +577,11 @@ def test_sequential_and_parallel_runs_give_identical_clusters_and_students(refer
         assert_same_weights(run_dir / name / "model.pt", reference / name / "model.pt")
 
 
-# ---------------------------------------------------------------- 10. Ctrl-C during parallel specialists
+# ---------------------------------------------------------------- 10. Ctrl-C, SIGTERM, SIGKILL during parallel specialists
 
-SLOW_SPECIALISTS = """
+STALLED_SPECIALISTS = """
 import signal, sys, time
+from pathlib import Path
 from ensemble_kd import specialists
 from ensemble_kd.cli import main
 
@@ -588,17 +589,18 @@ from ensemble_kd.cli import main
 # whose children inherit SIGINT ignored and so would never see the signal this test sends
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-def worker(cfg, run_dir, cluster_id, threads):  # pickled by value: each specialist stalls before its soft phase
+def worker(cfg, run_dir, cluster_id, *args):  # pickled by value: each specialist waits before its soft phase
     from ensemble_kd import specialists as spec
     real_fit = spec.fit
 
-    def fit(*args, stage, **kwargs):
-        if stage.endswith("soft"):
-            time.sleep(300)
-        return real_fit(*args, stage=stage, **kwargs)
+    def fit(*fit_args, stage, **kwargs):  # until the test creates the file "go" beside the run directory
+        go, deadline = Path(run_dir).parent / "go", time.time() + 300
+        while stage.endswith("soft") and not go.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        return real_fit(*fit_args, stage=stage, **kwargs)
 
     spec.fit = fit
-    return spec._worker(cfg, run_dir, cluster_id, threads)
+    return spec._worker(cfg, run_dir, cluster_id, *args)
 
 specialists._worker = worker
 sys.exit(main(["run", *sys.argv[1:]]))
@@ -625,20 +627,48 @@ def _alive(processes: list) -> list:
     return [p for p in processes if running(p)]
 
 
-def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resume_finishes(
-        reference: Path, config_file: Path, tmp_path: Path) -> None:
-    psutil = pytest.importorskip("psutil", reason="psutil (installed with the dask extra) lists the workers")
-    out = tmp_path / "run"
-    script = tmp_path / "slow.py"
-    script.write_text(SLOW_SPECIALISTS)
-    proc = subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
+def _start_stalled_run(config_file: Path, out: Path) -> subprocess.Popen:
+    """A `run` subprocess whose two loky workers will wait before their soft phase (STALLED_SPECIALISTS)."""
+    script = out.parent / "stalled.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(STALLED_SPECIALISTS)
+    return subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
                              "--set", "specialists.n_jobs=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=SUBPROCESS_ENV, start_new_session=True)
+
+
+def _workers_once_stalled(proc: subprocess.Popen, out: Path) -> list:
+    """The run's child processes (loky workers and their resource tracker), once both specialists started."""
+    psutil = pytest.importorskip("psutil", reason="psutil (installed with the dask extra) lists the workers")
+    started = [specialist_dir(out, k) / "STARTED" for k in (0, 1)]
+    if not _wait_for(lambda: all(p.exists() for p in started) or proc.poll() is not None, 180):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, proc.communicate()[1]
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 2
+    return children
+
+
+def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _nothing_changes(run_dirs) -> bool:
+    """Let any worker still alive go on (the file "go" beside each run) and see whether a run directory changes."""
+    before = [_files(run_dir) for run_dir in run_dirs]
+    for run_dir in run_dirs:
+        (run_dir.parent / "go").touch()
+    time.sleep(2)  # a surviving worker trains its soft phase and writes its specialist within a second
+    return [_files(run_dir) for run_dir in run_dirs] == before
+
+
+def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resume_finishes(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start_stalled_run(config_file, out)
     try:
-        started = [specialist_dir(out, k) / "STARTED" for k in (0, 1)]
-        assert _wait_for(lambda: all(p.exists() for p in started), 180), proc.stderr.read() if proc.poll() else ""
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 2  # the loky workers (and their resource trackers)
+        children = _workers_once_stalled(proc, out)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
         _, stderr = proc.communicate(timeout=30)
@@ -654,3 +684,33 @@ def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resu
     run_cli_ok(config_file, out, "--resume", "--set", "specialists.n_jobs=1")
     for name in ("specialists/specialist_01", *STUDENTS):
         assert_same_weights(out / name / "model.pt", reference / name / "model.pt")
+
+
+def test_sigterm_and_sigkill_end_a_run_with_its_workers_and_while_it_lives_a_second_is_refused(
+        config_file: Path, tmp_path: Path) -> None:
+    """SIGTERM (`kill PID`, a batch scheduler) ends a run like Ctrl-C, exit code 143; SIGKILL (out of memory)
+    ends it at once. Either way its workers stop and nothing is written into the run afterwards.
+    The two runs go side by side, so they wait for their workers in the same seconds."""
+    outs = {name: tmp_path / name / "run" for name in ("terminated", "killed")}
+    procs = {name: _start_stalled_run(config_file, out) for name, out in outs.items()}
+    try:
+        children = {name: _workers_once_stalled(procs[name], out) for name, out in outs.items()}
+        for flags in (["--resume"], ["--overwrite"]):  # the lock: one run at a time in a directory
+            code, err = run_cli(config_file, outs["killed"], *flags)
+            assert code == 2 and err.startswith(f"error: {outs['killed']} is in use by another ensemble-kd run "
+                                                f"(pid {procs['killed'].pid})"), err
+        procs["terminated"].terminate()  # SIGTERM to the run alone, not its process group
+        procs["killed"].kill()
+        _, stderr = procs["terminated"].communicate(timeout=30)
+        procs["killed"].wait(timeout=30)
+        for name in outs:
+            assert _wait_for(lambda: not _alive(children[name]), 10), [p.cmdline() for p in _alive(children[name])]
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert procs["terminated"].returncode == 143, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "terminated (SIGTERM); finished work is saved: rerun with --resume to continue"]
+    assert _nothing_changes(outs.values())
+    run_cli_ok(config_file, outs["killed"], "--resume", "--until", "clusters")  # the kernel released the lock
