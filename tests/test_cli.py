@@ -246,6 +246,27 @@ def test_predict_on_a_run_directory_uses_its_export_folder(cli_run: tuple[Path, 
     assert [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == names
 
 
+def test_predict_says_in_one_line_what_it_resized_or_converted_and_refuses_an_empty_npy(
+        cli_run: tuple[Path, int, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "big.png")
+    Image.new("L", (8, 8), 90).save(tmp_path / "fits.png")
+    model = str(cli_run[0] / "export")
+    with caplog.at_level("WARNING"):
+        code, out, err = _cli("predict", model, str(tmp_path / "big.png"), str(tmp_path / "fits.png"))
+    assert code == 0 and len(out.splitlines()) == 2, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "1 of 2 inputs" in warnings[0] and "big.png" in warnings[0] and "fits.png" not in warnings[0]
+    assert "28x28 -> 8x8" in warnings[0] and "greyscale" in warnings[0]
+
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), dtype=np.float32))
+    code, out, err = _cli("predict", model, str(tmp_path / "empty.npy"))
+    _one_error_line(code, err, "empty.npy", "holds no examples")
+    assert out == ""
+
+
 def test_clusters_json_into_a_pipe_that_closes_early_ends_quietly(cli_run: tuple[Path, int, str]) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "ensemble_kd.cli", "clusters", str(cli_run[0]), "--json"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
