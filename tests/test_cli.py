@@ -273,3 +273,17 @@ def test_clusters_json_into_a_pipe_that_closes_early_ends_quietly(cli_run: tuple
     proc.stdout.close()  # like `| head` that has read all it wanted, before the command prints
     _, stderr = proc.communicate(timeout=120)
     assert stderr == "" and proc.returncode == 141  # 128 + SIGPIPE, as a shell reports such a writer
+
+
+def test_the_pipeline_script_run_by_a_python_without_the_package_says_which_python_to_use() -> None:
+    result = subprocess.run([sys.executable, "-S", "pipelines/full_pipeline.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)  # -S: no site-packages, no package
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and ".venv/bin/python" in result.stderr
+
+
+def test_the_readme_says_how_to_reach_the_installed_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert ".venv/bin/ensemble-kd" in readme and "source .venv/bin/activate" in readme
+    assert ".venv/bin/python pipelines/full_pipeline.py" in readme
+    assert "## Your own data" in readme and "pipelines/configs/imagefolder.toml" in readme
