@@ -17,7 +17,6 @@ import torch
 
 from . import artifacts
 from .config import Config, ConfigError, load_config, to_toml
-from .confusion import choose_k
 from .data import DataError, Splits, load_data
 from .export import ONNX_EXTRA, missing_onnx_modules
 from .models import build_model
@@ -127,6 +126,8 @@ def _check_data_fits(cfg: Config, data: Splits) -> None:
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:
     """Impossible cluster settings are an error before any training; says which k `clusters.k = 0` chose."""
+    from .confusion import choose_k
+
     c = dataclasses.replace(cfg.clusters, k=choose_k(cfg.clusters, data.num_classes))
     if cfg.clusters.k == 0 and c.k == 0:
         log.warning("clusters.k = 0 and the data has %d classes: too few for clusters of clusters.min_size = %d "

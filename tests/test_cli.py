@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -267,12 +268,18 @@ def test_predict_says_in_one_line_what_it_resized_or_converted_and_refuses_an_em
     assert out == ""
 
 
-def test_clusters_json_into_a_pipe_that_closes_early_ends_quietly(cli_run: tuple[Path, int, str]) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "ensemble_kd.cli", "clusters", str(cli_run[0]), "--json"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdout.close()  # like `| head` that has read all it wanted, before the command prints
-    _, stderr = proc.communicate(timeout=120)
-    assert stderr == "" and proc.returncode == 141  # 128 + SIGPIPE, as a shell reports such a writer
+def test_clusters_json_into_a_pipe_that_closes_early_ends_quietly(cli_run: tuple[Path, int, str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has read all it wanted
+    stdout = io.TextIOWrapper(io.FileIO(write_end, "w"))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["clusters", str(cli_run[0]), "--json"])
+    assert code == 141 and err.getvalue() == ""  # 128 + SIGPIPE, as a shell reports such a writer
+    stdout.flush()  # what Python does at exit: no second BrokenPipeError there either
+    stdout.close()
 
 
 def test_the_pipeline_script_run_by_a_python_without_the_package_says_which_python_to_use() -> None:
