@@ -589,20 +589,22 @@ from ensemble_kd.cli import main
 # whose children inherit SIGINT ignored and so would never see the signal this test sends
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-def worker(cfg, run_dir, cluster_id, *args):  # pickled by value: each specialist waits before its soft phase
+def worker(cfg, run_dir, cluster_id, *args):  # pickled by value: runs in the worker process
     from ensemble_kd import specialists as spec
-    real_fit = spec.fit
+    real_train = spec.train_specialist
 
-    def fit(*fit_args, stage, **kwargs):  # until the test creates the file "go" beside the run directory
+    def train_specialist(*train_args, **kwargs):  # waits for the file "go" beside the run directory first
+        (Path(run_dir).parent / f"waiting-{cluster_id}").touch()
         go, deadline = Path(run_dir).parent / "go", time.time() + 300
-        while stage.endswith("soft") and not go.exists() and time.time() < deadline:
+        while not go.exists() and time.time() < deadline:
             time.sleep(0.05)
-        return real_fit(*fit_args, stage=stage, **kwargs)
+        return real_train(*train_args, **kwargs)
 
-    spec.fit = fit
-    return spec._worker(cfg, run_dir, cluster_id, *args)
+    spec.train_specialist = train_specialist
+    library_worker = getattr(spec, "library_worker", spec._worker)  # in a loky worker, _worker is the library's
+    return library_worker(cfg, run_dir, cluster_id, *args)
 
-specialists._worker = worker
+specialists.library_worker, specialists._worker = specialists._worker, worker  # in this process: n_jobs = 1
 sys.exit(main(["run", *sys.argv[1:]]))
 """
 
@@ -627,26 +629,24 @@ def _alive(processes: list) -> list:
     return [p for p in processes if running(p)]
 
 
-def _start_stalled_run(config_file: Path, out: Path) -> subprocess.Popen:
-    """A `run` subprocess whose two loky workers will wait before their soft phase (STALLED_SPECIALISTS)."""
+def _start_stalled_run(config_file: Path, out: Path, n_jobs: int = 2) -> subprocess.Popen:
+    """A `run` subprocess whose specialists wait for the file "go" beside `out` before they start training."""
     script = out.parent / "stalled.py"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(STALLED_SPECIALISTS)
     return subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
-                             "--set", "specialists.n_jobs=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--set", f"specialists.n_jobs={n_jobs}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=SUBPROCESS_ENV, start_new_session=True)
 
 
-def _workers_once_stalled(proc: subprocess.Popen, out: Path) -> list:
-    """The run's child processes (loky workers and their resource tracker), once both specialists started."""
+def _children_once_waiting(proc: subprocess.Popen, out: Path, specialists: int) -> list:
+    """The run's child processes (loky workers and their resource tracker) once `specialists` of them wait."""
     psutil = pytest.importorskip("psutil", reason="psutil (installed with the dask extra) lists the workers")
-    started = [specialist_dir(out, k) / "STARTED" for k in (0, 1)]
-    if not _wait_for(lambda: all(p.exists() for p in started) or proc.poll() is not None, 180):
+    waiting = [out.parent / f"waiting-{k}" for k in range(specialists)]
+    if not _wait_for(lambda: all(p.exists() for p in waiting) or proc.poll() is not None, 180):
         os.killpg(proc.pid, signal.SIGKILL)
     assert proc.poll() is None, proc.communicate()[1]
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) >= 2
-    return children
+    return psutil.Process(proc.pid).children(recursive=True)
 
 
 def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -668,7 +668,8 @@ def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resu
     out = tmp_path / "run"
     proc = _start_stalled_run(config_file, out)
     try:
-        children = _workers_once_stalled(proc, out)
+        children = _children_once_waiting(proc, out, specialists=2)
+        assert len(children) >= 2  # the loky workers (and their resource tracker)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
         _, stderr = proc.communicate(timeout=30)
@@ -686,32 +687,44 @@ def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resu
         assert_same_weights(out / name / "model.pt", reference / name / "model.pt")
 
 
-def test_sigterm_and_sigkill_end_a_run_with_its_workers_and_while_it_lives_a_second_is_refused(
+def test_sigterm_ends_a_run_like_ctrl_c_with_exit_code_143_and_nothing_is_written_after(
         config_file: Path, tmp_path: Path) -> None:
-    """SIGTERM (`kill PID`, a batch scheduler) ends a run like Ctrl-C, exit code 143; SIGKILL (out of memory)
-    ends it at once. Either way its workers stop and nothing is written into the run afterwards.
-    The two runs go side by side, so they wait for their workers in the same seconds."""
-    outs = {name: tmp_path / name / "run" for name in ("terminated", "killed")}
-    procs = {name: _start_stalled_run(config_file, out) for name, out in outs.items()}
+    """SIGTERM (`kill PID`, a batch scheduler) raises the same KeyboardInterrupt as Ctrl-C in the run, so
+    joblib stops loky workers as in the Ctrl-C test; here the specialist trains in the run's own process."""
+    out = tmp_path / "run"
+    proc = _start_stalled_run(config_file, out, n_jobs=1)
     try:
-        children = {name: _workers_once_stalled(procs[name], out) for name, out in outs.items()}
-        for flags in (["--resume"], ["--overwrite"]):  # the lock: one run at a time in a directory
-            code, err = run_cli(config_file, outs["killed"], *flags)
-            assert code == 2 and err.startswith(f"error: {outs['killed']} is in use by another ensemble-kd run "
-                                                f"(pid {procs['killed'].pid})"), err
-        procs["terminated"].terminate()  # SIGTERM to the run alone, not its process group
-        procs["killed"].kill()
-        _, stderr = procs["terminated"].communicate(timeout=30)
-        procs["killed"].wait(timeout=30)
-        for name in outs:
-            assert _wait_for(lambda: not _alive(children[name]), 10), [p.cmdline() for p in _alive(children[name])]
+        _children_once_waiting(proc, out, specialists=1)
+        proc.terminate()  # SIGTERM to the run alone, not its process group
+        _, stderr = proc.communicate(timeout=30)
     finally:
-        for proc in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert procs["terminated"].returncode == 143, stderr
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr
     assert [line for line in stderr.splitlines() if line.strip()] == [
         "terminated (SIGTERM); finished work is saved: rerun with --resume to continue"]
-    assert _nothing_changes(outs.values())
-    assert artifacts.lock_run_dir(outs["killed"])  # the kernel released the dead run's lock
-    artifacts.unlock_run_dir(outs["killed"])
+    assert _nothing_changes([out])
+    assert (out / "generalist" / "model.pt").is_file() and (out / "clusters.json").is_file()
+
+
+def test_sigkill_stops_the_workers_at_once_and_while_a_run_lives_a_second_one_is_refused_naming_its_pid(
+        config_file: Path, tmp_path: Path) -> None:
+    """SIGKILL (out of memory, say) gives the run no chance to stop its loky workers: they stop themselves."""
+    out = tmp_path / "run"
+    proc = _start_stalled_run(config_file, out)
+    try:
+        workers = _children_once_waiting(proc, out, specialists=2)
+        assert len(workers) >= 2
+        for flags in (["--resume"], ["--overwrite"]):  # the lock: one run at a time in a directory
+            code, err = run_cli(config_file, out, *flags)
+            assert code == 2 and err.startswith(f"error: {out} is in use by another ensemble-kd run "
+                                                f"(pid {proc.pid})"), err
+        proc.kill()  # the run alone, not its process group
+        proc.wait(timeout=30)
+        assert _wait_for(lambda: not _alive(workers), 10), [p.cmdline() for p in _alive(workers)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _nothing_changes([out])  # a worker that went on would now load, train and write its specialist
+    assert artifacts.lock_run_dir(out)  # the kernel released the dead run's lock
+    artifacts.unlock_run_dir(out)
