@@ -331,7 +331,8 @@ def test_overwrite_replaces_the_run_and_refuses_folders_that_are_not_runs(
 # ---------------------------------------------------------------- 4b. a resumed run keeps its own settings
 
 def _until_clusters(reference: Path, tmp_path: Path) -> Path:
-    """A copy of the reference run as `run --until clusters` leaves it: generalist and clusters only."""
+    """A copy of the reference run as `run --until clusters` leaves it, in tmp_path/run: generalist and clusters."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = copy_run(reference, tmp_path)
     for name in ("specialists", "export", *STUDENTS):
         shutil.rmtree(run_dir / name)
@@ -629,14 +630,14 @@ def _alive(processes: list) -> list:
     return [p for p in processes if running(p)]
 
 
-def _start_stalled_run(config_file: Path, out: Path, n_jobs: int = 2) -> subprocess.Popen:
+def _start_stalled_run(config_file: Path, out: Path, *flags: str, n_jobs: int = 2) -> subprocess.Popen:
     """A `run` subprocess whose specialists wait for the file "go" beside `out` before they start training."""
     script = out.parent / "stalled.py"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(STALLED_SPECIALISTS)
     return subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
-                             "--set", f"specialists.n_jobs={n_jobs}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=SUBPROCESS_ENV, start_new_session=True)
+                             "--set", f"specialists.n_jobs={n_jobs}", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, start_new_session=True)
 
 
 def _children_once_waiting(proc: subprocess.Popen, out: Path, specialists: int) -> list:
@@ -659,14 +660,14 @@ def _nothing_changes(run_dirs) -> bool:
     before = [_files(run_dir) for run_dir in run_dirs]
     for run_dir in run_dirs:
         (run_dir.parent / "go").touch()
-    time.sleep(1)  # a surviving worker trains its soft phase and writes its specialist within a second
+    time.sleep(1)  # a surviving worker would start loading, training and writing its specialist at once
     return [_files(run_dir) for run_dir in run_dirs] == before
 
 
 def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resume_finishes(
         reference: Path, config_file: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = _start_stalled_run(config_file, out)
+    out = _until_clusters(reference, tmp_path)  # a run stopped after its clusters, continued
+    proc = _start_stalled_run(config_file, out, "--resume")
     try:
         children = _children_once_waiting(proc, out, specialists=2)
         assert len(children) >= 2  # the loky workers (and their resource tracker)
@@ -687,44 +688,40 @@ def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resu
         assert_same_weights(out / name / "model.pt", reference / name / "model.pt")
 
 
-def test_sigterm_ends_a_run_like_ctrl_c_with_exit_code_143_and_nothing_is_written_after(
-        config_file: Path, tmp_path: Path) -> None:
-    """SIGTERM (`kill PID`, a batch scheduler) raises the same KeyboardInterrupt as Ctrl-C in the run, so
-    joblib stops loky workers as in the Ctrl-C test; here the specialist trains in the run's own process."""
-    out = tmp_path / "run"
-    proc = _start_stalled_run(config_file, out, n_jobs=1)
-    try:
-        _children_once_waiting(proc, out, specialists=1)
-        proc.terminate()  # SIGTERM to the run alone, not its process group
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, stderr
-    assert [line for line in stderr.splitlines() if line.strip()] == [
-        "terminated (SIGTERM); finished work is saved: rerun with --resume to continue"]
-    assert _nothing_changes([out])
-    assert (out / "generalist" / "model.pt").is_file() and (out / "clusters.json").is_file()
+def test_sigterm_and_sigkill_end_a_run_and_nothing_is_written_after(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    """Two runs stopped while their specialists train, side by side so that they wait in the same seconds;
+    each continues one stopped after its clusters.
 
-
-def test_sigkill_stops_the_workers_at_once_and_while_a_run_lives_a_second_one_is_refused_naming_its_pid(
-        config_file: Path, tmp_path: Path) -> None:
-    """SIGKILL (out of memory, say) gives the run no chance to stop its loky workers: they stop themselves."""
-    out = tmp_path / "run"
-    proc = _start_stalled_run(config_file, out)
+    SIGTERM (`kill PID`, a batch scheduler) raises the same KeyboardInterrupt as Ctrl-C in the run, so it
+    ends like Ctrl-C with exit code 143 and one line (its specialist trains in the run's own process:
+    stopping loky workers is the Ctrl-C test's part). SIGKILL (out of memory, say) gives the run no chance
+    to stop its loky workers: they stop themselves. While the killed run lived, a second run into its
+    directory was refused naming its pid; afterwards no file changes in either run directory."""
+    term, kill = (_until_clusters(reference, tmp_path / name) for name in ("sigterm", "sigkill"))
+    procs = [_start_stalled_run(config_file, term, "--resume", n_jobs=1),
+             _start_stalled_run(config_file, kill, "--resume")]
     try:
-        workers = _children_once_waiting(proc, out, specialists=2)
-        assert len(workers) >= 2
+        _children_once_waiting(procs[0], term, specialists=1)
+        workers = _children_once_waiting(procs[1], kill, specialists=2)
+        assert len(workers) >= 2  # the loky workers (and their resource tracker)
         for flags in (["--resume"], ["--overwrite"]):  # the lock: one run at a time in a directory
-            code, err = run_cli(config_file, out, *flags)
-            assert code == 2 and err.startswith(f"error: {out} is in use by another ensemble-kd run "
-                                                f"(pid {proc.pid})"), err
-        proc.kill()  # the run alone, not its process group
-        proc.wait(timeout=30)
+            code, err = run_cli(config_file, kill, *flags)
+            assert code == 2 and err.startswith(f"error: {kill} is in use by another ensemble-kd run "
+                                                f"(pid {procs[1].pid})"), err
+        procs[0].terminate()  # SIGTERM to the run alone, not its process group
+        procs[1].kill()  # SIGKILL to the run alone
+        _, stderr = procs[0].communicate(timeout=30)
+        procs[1].wait(timeout=30)
         assert _wait_for(lambda: not _alive(workers), 10), [p.cmdline() for p in _alive(workers)]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert _nothing_changes([out])  # a worker that went on would now load, train and write its specialist
-    assert artifacts.lock_run_dir(out)  # the kernel released the dead run's lock
-    artifacts.unlock_run_dir(out)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert procs[0].returncode == 143, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "terminated (SIGTERM); finished work is saved: rerun with --resume to continue"]
+    assert _nothing_changes([term, kill])  # a worker that went on would now train and write its specialist
+    assert (term / "generalist" / "model.pt").is_file() and (term / "clusters.json").is_file()
+    assert artifacts.lock_run_dir(kill)  # the kernel released the dead run's lock
+    artifacts.unlock_run_dir(kill)
