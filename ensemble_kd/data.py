@@ -590,12 +590,12 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a (phone) photo must be turned to stand upright
 # what `read_image` changed -> (said as a warning?, how the log says it)
 _CHANGES = {
-    "upright": (False, "turned upright as their EXIF orientation says"),
-    "16-bit": (False, "16-bit, scaled to 8 bits (value / 257)"),
+    "upright": (False, "were turned upright as their EXIF orientation says"),
+    "16-bit": (False, "were 16-bit, scaled to 8 bits (value / 257)"),
     "alpha": (True, "had an alpha channel, which was dropped (transparent pixels keep their colour)"),
-    "to greyscale": (True, "colour, converted to greyscale"),
-    "to colour": (True, "greyscale among colour images, repeated to 3 channels"),
-    "resized": (True, "resized"),
+    "to greyscale": (True, "were colour, converted to greyscale"),
+    "to colour": (True, "were greyscale among colour images, repeated to 3 channels"),
+    "resized": (True, "were resized"),
 }
 
 

@@ -212,10 +212,7 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
     formats = _check_formats(list(formats))
     if "onnx" in formats:
         _require_onnx()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} is a file, not a folder: the student is exported into a folder (as "
-                          f"{', '.join(FILE_NAMES[f] for f in formats)} and {META_FILE}); give a folder for --out")
+    out_dir = _folder_for(out_dir, formats)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_json = _meta_json(meta)
     batch = _check_batch_on_cpu(check_batch, meta)
@@ -240,6 +237,15 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
             temp.unlink(missing_ok=True)
     write_json(out_dir / META_FILE, json.loads(meta_json))
     return {"formats": results, "meta": meta.to_dict()}
+
+
+def _folder_for(out_dir: str | Path, formats: list[str]) -> Path:
+    """`out_dir`, unless it is a file (ExportError: the export is a folder of files)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a folder: the student is exported into a folder (as "
+                          f"{', '.join(FILE_NAMES[f] for f in formats)} and {META_FILE}); give a folder for --out")
+    return out_dir
 
 
 def _temp_path(path: Path) -> Path:
@@ -458,12 +464,16 @@ def export_run(cfg: "Config", data: "Splits", run_dir: str | Path, student: Clas
 def export_from_run_dir(run_dir: str | Path, formats: list[str] | None = None,
                         out_dir: str | Path | None = None) -> dict:
     """`ensemble-kd export`: export the student of a finished run directory (formats: the run's by default)."""
+    from .artifacts import require_run_dir
     from .config import load_config
     from .data import load_data
     from .distill import load_student_model
 
-    from .artifacts import require_run_dir
-
     cfg = load_config(require_run_dir(run_dir) / CONFIG_FILE)
+    formats = _check_formats(list(cfg.export.formats if formats is None else formats))
+    if "onnx" in formats:  # what can fail without the data fails before it loads
+        _require_onnx()
+    if out_dir is not None:
+        _folder_for(out_dir, formats)
     data = load_data(cfg.data, cfg.seed)
     return export_run(cfg, data, run_dir, load_student_model(cfg, data, run_dir), formats, out_dir)

@@ -90,10 +90,9 @@ def _say_what_changed(changed: list[tuple[str, dict[str, str]]], input_shape: li
     fitted = [(path, changes) for path, changes in fitted if changes]
     if not fitted:
         return
-    words = {"alpha": "alpha channel dropped", "to greyscale": "converted to greyscale",
-             "to colour": "converted to RGB", "resized": "resized"}
-    examples = [f"{path} ({', '.join(f'{words[k]} {v}'.strip() for k, v in changes.items())})"
-                for path, changes in fitted[:3]]
+    said = {"alpha": "dropped the alpha channel of {}", "to greyscale": "converted {} to greyscale",
+            "to colour": "converted {} to RGB", "resized": "resized {}"}
+    examples = [f"{path} ({', '.join(said[k].format(v) for k, v in changes.items())})" for path, changes in fitted[:3]]
     logger.warning("%d of %d inputs did not match the student's input %s and were changed: %s%s", len(fitted),
                    len(changed), _shape_text(input_shape), "; ".join(examples), "; ..." if len(fitted) > 3 else "")
 
