@@ -24,6 +24,8 @@ install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/ensemble-kd run --config pipelines/configs/digits.toml --out $(RUN) --overwrite
+	@echo
+	@echo "The command is $(BIN)/ensemble-kd (or run: source $(BIN)/activate), e.g. $(BIN)/ensemble-kd report $(RUN)"
 
 test: install-dev
 	$(BIN)/python -m pytest -q

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .errors import EnsembleKDError
 
-class ArtifactError(RuntimeError):
+log = logging.getLogger(__name__)
+
+
+class ArtifactError(EnsembleKDError, RuntimeError):
     """An artifact is missing, corrupt, or belongs to another configuration."""
 
 
@@ -33,13 +39,14 @@ REPORT_MD = "report.md"
 MODEL_FILE = "model.pt"  # the finished model of a stage directory
 CHECKPOINT_FILE = "checkpoint.pt"  # the last epoch's training state of an unfinished stage
 METRICS_FILE = "metrics.jsonl"  # one JSON object per finished epoch
+LOCK_FILE = ".lock"  # locked (flock) by the process running in the directory; holds its pid
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Call `write(f)` on a temp file next to `path`, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -47,9 +54,24 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def new_temp_file(path: Path) -> tuple[int, Path]:
+    """A new, empty file beside `path` (hidden, ending in .tmp), open for writing: (descriptor, path).
+
+    Created as open() creates files, with mode 0666 less the umask, so that what is
+    renamed into place is as readable as any file the user writes (mkstemp's 0600 would
+    hide exported models from other users and containers)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}; remove the stale .{path.name}.*.tmp files")
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -110,41 +132,121 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def prepare_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create the run directory, refusing to reuse one that holds work without --resume or --overwrite.
+    """Create and lock the run directory, refusing to reuse one that holds work without --resume or --overwrite.
 
     A directory holding only config.toml (a run that stopped on an error before any stage
     began) holds no work and is reused as if it were empty. A non-empty directory that
     does not look like a run (no config.toml or manifest.json) is never resumed into or
-    deleted."""
-    import shutil
+    deleted. The lock (`lock_run_dir`) keeps a second run out while this process lives."""
+    run_dir = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    newly_locked = lock_run_dir(run_dir)
+    try:
+        if _holds_work(run_dir):
+            if overwrite:
+                _delete_contents(run_dir, keep=LOCK_FILE)
+            elif not resume:
+                raise ArtifactError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                                    "--overwrite to replace it, or --out to start a new one")
+    except BaseException:
+        if newly_locked:
+            unlock_run_dir(run_dir)
+        raise
+    return run_dir
 
+
+def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """The checks of `prepare_run_dir` that touch nothing: flags that contradict, a file, a folder that is
+    not a run, or nothing to resume."""
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise ArtifactError("--resume and --overwrite contradict each other; choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise ArtifactError(f"{run_dir} exists and is not a directory; choose another --out")
-    if _holds_work(run_dir):
-        if not _looks_like_run(run_dir):
-            raise ArtifactError(f"{run_dir} is not empty and does not look like an ensemble-kd run (no "
-                                f"{CONFIG_FILE} or {MANIFEST_FILE}); not writing into it or deleting it: "
-                                "choose another --out")
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise ArtifactError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
-                                "--overwrite to replace it, or --out to start a new one")
-    elif resume and not (run_dir / CONFIG_FILE).is_file():
+    if _holds_work(run_dir) and not _looks_like_run(run_dir):
+        raise ArtifactError(f"{run_dir} is not empty and does not look like an ensemble-kd run (no "
+                            f"{CONFIG_FILE} or {MANIFEST_FILE}); not writing into it or deleting it: "
+                            "choose another --out")
+    if resume and not _holds_work(run_dir) and not (run_dir / CONFIG_FILE).is_file():
         raise ArtifactError(f"--resume given but {run_dir} holds no run to resume; drop --resume to start one")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
 def _holds_work(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != CONFIG_FILE for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(p.name not in (CONFIG_FILE, LOCK_FILE) for p in run_dir.iterdir())
 
 
 def _looks_like_run(run_dir: Path) -> bool:
     return (run_dir / CONFIG_FILE).is_file() or (run_dir / MANIFEST_FILE).is_file()
+
+
+def _delete_contents(folder: Path, keep: str) -> None:
+    """Delete everything in `folder` but the entry named `keep` (the lock this process holds)."""
+    for entry in folder.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+# ---------------------------------------------------------------- one run at a time in a directory
+
+_locks: dict[Path, int] = {}  # run directories this process holds -> descriptor of their lock file
+
+
+def lock_run_dir(run_dir: str | Path) -> bool:
+    """Hold `run_dir`'s lock for the rest of this process; True if taken now, False if already held.
+
+    An OS file lock (flock) on run_dir/.lock: the kernel releases it when the process ends,
+    however it ends, so a crash never leaves a stale lock. ArtifactError naming the
+    holder's pid when another process has it. Without flock (not POSIX) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return False
+    key = Path(run_dir).resolve()
+    if key in _locks:
+        return False
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process holds it
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ArtifactError(f"{run_dir} is in use by another ensemble-kd run (pid {holder}); wait for it to "
+                            "finish or stop it, or choose another --out") from None
+    except OSError as err:  # a file system without flock (some network mounts)
+        os.close(fd)
+        log.warning("cannot lock %s (%s): nothing stops a second run from writing into it", run_dir, err)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _locks[key] = fd
+    return True
+
+
+def unlock_run_dir(run_dir: str | Path) -> None:
+    """Release the lock `lock_run_dir` took (a no-op if this process does not hold it)."""
+    fd = _locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` if it holds an ensemble-kd run (its config.toml); else an ArtifactError that says so."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        what = "does not exist" if not run_dir.exists() else f"is not an ensemble-kd run directory (no {CONFIG_FILE})"
+        raise ArtifactError(f"{run_dir} {what}; give the folder `ensemble-kd run --out` wrote")
+    return run_dir
+
+
+def finished_stages(run_dir: str | Path) -> dict[str, Any]:
+    """The stages manifest.json records as finished, in the order they finished."""
+    path = Path(run_dir) / MANIFEST_FILE
+    return read_json(path).get("stages", {}) if path.is_file() else {}
 
 
 def mark_stage(run_dir: str | Path, stage: str, seconds: float, **details: Any) -> None:

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
-from .config import ConfigError, load_config
+from .config import Config, load_config
+from .errors import EnsembleKDError
 
 EPILOG = "Run a command with --help for its options. Docs: README.md; run directory layout: artifacts/README.md."
 
@@ -38,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     clusters.add_argument("--json", action="store_true", help="print clusters.json instead of the table")
     export = commands.add_parser("export", help="export a run's student")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--format", default="torchscript,onnx,state_dict",
-                        help="comma-separated: torchscript, export, onnx, state_dict")
+    export.add_argument("--format", help="comma-separated: torchscript, export, onnx (needs the onnx extra), "
+                                         "state_dict; default: the run's export.formats")
     export.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
     predict = commands.add_parser("predict", help="top-k classes of image files or a .npy batch")
     predict.add_argument("model", type=Path, help="an exported student file, or an export folder")
@@ -51,12 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline, start_run
-    from .report import format_table
+def _default_run_dir(cfg: Config) -> Path:
+    return Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
 
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or Path("artifacts") / f"{cfg.data.name}-seed{cfg.seed}"
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import preflight, run_pipeline, start_run
+    from .report import format_table
+    from .resume import resume_config
+
+    if args.resume and not args.overwrite:  # the run's own settings, changed only where that is safe
+        out = args.out or _default_run_dir(load_config(args.config, args.overrides))
+        cfg = resume_config(out, args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or _default_run_dir(cfg)
+    preflight(cfg, args.until)
     run_dir = start_run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     logging.getLogger(__name__).info("run directory: %s", run_dir)
     report = run_pipeline(cfg, run_dir, until=args.until, progress=not args.quiet)
@@ -88,7 +104,7 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_from_run_dir
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    formats = None if args.format is None else [f.strip() for f in args.format.split(",") if f.strip()]
     result = export_from_run_dir(args.run_dir, formats, args.out)
     for fmt, entry in result["formats"].items():
         print(f"{fmt:12s} {entry['path']}  ({entry['bytes']:,} bytes, max |diff| vs eager {entry['max_abs_diff']:.2e})")
@@ -110,8 +126,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from . import artifacts
     from .report import format_table, write_report
 
-    report = artifacts.read_json(Path(args.run_dir) / artifacts.REPORT_JSON)
-    write_report(args.run_dir, report)
+    run_dir = artifacts.require_run_dir(args.run_dir)
+    path = run_dir / artifacts.REPORT_JSON
+    if not path.is_file():
+        finished = list(artifacts.finished_stages(run_dir))
+        raise artifacts.ArtifactError(
+            f"{run_dir} has no report yet: {artifacts.REPORT_JSON} is written when `ensemble-kd run` ends, after its "
+            f"last stage (export, or the stage --until names; finished so far: {', '.join(finished) or 'none'}); "
+            f"finish the run with: ensemble-kd run --out {run_dir} --resume")
+    report = artifacts.read_json(path)
+    write_report(run_dir, report)
     print(format_table(report))
     return 0
 
@@ -120,16 +144,29 @@ COMMANDS = {"run": cmd_run, "clusters": cmd_clusters, "export": cmd_export, "pre
             "report": cmd_report}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .artifacts import ArtifactError
-    from .confusion import ClusterError
-    from .data import DataError
-    from .export import ExportError, InputError
-    from .specialists import SpecialistError
-    from .train import NonFiniteLossError
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the work in progress stops, finished work is kept."""
 
-    return (ConfigError, ArtifactError, ClusterError, DataError, ExportError, InputError, SpecialistError,
-            NonFiniteLossError, FileNotFoundError, ImportError)
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_like_ctrl_c() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while a command runs (signal handlers need the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; finished work is saved: rerun with --resume to continue", file=sys.stderr)
-        return 130
-    except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        with _sigterm_like_ctrl_c():
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a reader that went away (`| head`) shows up here, not at exit
+            return code
+    except KeyboardInterrupt as err:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        print(f"\n{what}; finished work is saved: rerun with --resume to continue", file=sys.stderr)
+        return code
+    except BrokenPipeError:  # e.g. `ensemble-kd clusters RUN --json | head`: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return 128 + signal.SIGPIPE
+    except EnsembleKDError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import textwrap
 import warnings
 from pathlib import Path
@@ -56,6 +57,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from .artifacts import write_bytes
 from .config import ClustersConfig
+from .errors import EnsembleKDError
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +72,7 @@ _MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) 
 _DECIMALS = 6  # floats in the JSON report are rounded to this many decimals (deterministic bytes)
 
 
-class ClusterError(ValueError):
+class ClusterError(EnsembleKDError, ValueError):
     """The classes cannot be clustered as asked: bad inputs or limits no clustering can meet."""
 
 
@@ -312,6 +314,10 @@ class ClassClusterer:
             self.repair_moves_ += _shrink_large_clusters(sub_affinity, sub_labels, self.k, self.max_size)
         self.repair_moves_ += _fill_small_clusters(sub_affinity, sub_labels, self.k, self.min_size)
         clusters = [sorted(int(i) for i in eligible[sub_labels == c]) for c in range(self.k)]
+        if any(len(members) == num_classes for members in clusters):
+            raise ClusterError(f"k={self.k} leaves one cluster holding all {num_classes} classes (none is confused "
+                               f"less than min_confusion={self.min_confusion}), so its specialist would have no other "
+                               "classes to tell apart; raise clusters.k or clusters.min_confusion")
         primary = sorted(clusters, key=lambda members: members[0])
         self.labels_ = np.full(num_classes, -1, dtype=np.int64)
         for cluster_id, members in enumerate(primary):
@@ -398,11 +404,25 @@ def overlapping_memberships(affinity: np.ndarray, labels: np.ndarray, threshold:
     return also_in
 
 
-def clusterer_from_config(cfg: ClustersConfig, random_state: int = 0) -> ClassClusterer:
-    """A ClassClusterer with the limits of the `[clusters]` config section."""
-    return ClassClusterer(k=cfg.k, min_size=cfg.min_size, max_size=cfg.max_size,
+def clusterer_from_config(cfg: ClustersConfig, random_state: int = 0, k: int | None = None) -> ClassClusterer:
+    """A ClassClusterer with the limits of the `[clusters]` config section (and `k` instead of cfg.k if given)."""
+    return ClassClusterer(k=cfg.k if k is None else k, min_size=cfg.min_size, max_size=cfg.max_size,
                           min_confusion=cfg.min_confusion, n_init=cfg.n_init, random_state=random_state,
                           overlap=cfg.overlap)
+
+
+def choose_k(cfg: ClustersConfig, num_classes: int) -> int:
+    """`clusters.k`, or for k = 0 about sqrt(C) clusters within the size limits.
+
+    0 when no two clusters fit (2 classes, or 3 with min_size 2): a single cluster would
+    hold every class and leave its specialist nothing to tell apart, so there are no
+    specialists and the ensemble is the generalist alone."""
+    if cfg.k > 0:
+        return cfg.k
+    k = min(max(2, round(math.sqrt(num_classes))), num_classes // cfg.min_size)
+    if cfg.max_size:
+        k = max(k, math.ceil(num_classes / cfg.max_size))
+    return k if k >= 2 and k * cfg.min_size <= num_classes else 0
 
 
 # ---------------------------------------------------------------- the report
@@ -456,6 +476,15 @@ def _shares_inside(affinity: np.ndarray, in_cluster: np.ndarray) -> np.ndarray:
     return inside_shares_of(affinity, shares_a_cluster)
 
 
+def no_clusters_json(class_names: list[str], matrix_kind: str, affinity: np.ndarray) -> dict[str, Any]:
+    """The clusters file when `choose_k` finds none: every class in no cluster, nothing excluded."""
+    confusion = confusion_share(affinity)
+    classes = [{"id": i, "name": str(name), "cluster": None, "also_in": [], "inside_share": 0.0,
+                "confusion_share": _round(confusion[i])} for i, name in enumerate(class_names)]
+    return {"matrix": str(matrix_kind), "k": 0, "min_confusion": 0.0, "overlap": 0.0, "clusters": [],
+            "classes": classes, "excluded": []}
+
+
 def format_cluster_table(clusters_json: dict[str, Any]) -> str:
     """A readable table: one block per cluster with its size, mean inside share and classes."""
     share_by_id = {c["id"]: c["inside_share"] for c in clusters_json["classes"]}
@@ -468,6 +497,9 @@ def format_cluster_table(clusters_json: dict[str, Any]) -> str:
         lines.insert(1, f"+ = also in this cluster: a class that holds at least clusters.overlap = "
                         f"{clusters_json.get('overlap', 0):g} of its confusion here joins it too (overlapping clusters)")
     indent = " " * 24
+    if not clusters_json["clusters"]:
+        lines.append(f"{'none':>8}  too few classes for two clusters: no specialists, the ensemble is the "
+                     "generalist alone")
     for cluster in clusters_json["clusters"]:
         members = ", ".join(f"{name_by_id[i]}{'' if primary_of[i] == cluster['id'] else '+'} ({share_by_id[i]:.2f})"
                             for i in cluster["ids"])
@@ -596,8 +628,12 @@ def find_clusters(cfg: Config, data: Splits, run_dir: str | Path, generalist: to
     matrices = build_matrices(y_val, probs, data.num_classes)
     kind = cfg.clusters.matrix
     affinity = confusability(matrices[kind], kind)
-    clusterer = clusterer_from_config(cfg.clusters, random_state=cfg.seed).fit(affinity)
-    clusters = clusters_to_json(clusterer, list(data.class_names), kind, affinity)
+    k = choose_k(cfg.clusters, data.num_classes)
+    if k == 0:
+        clusters = no_clusters_json(list(data.class_names), kind, affinity)
+    else:
+        clusterer = clusterer_from_config(cfg.clusters, random_state=cfg.seed, k=k).fit(affinity)
+        clusters = clusters_to_json(clusterer, list(data.class_names), kind, affinity)
     _save_npz(run_dir / artifacts.CONFUSION_DIR / MATRICES_FILE, affinity=affinity, y_val=y_val, **matrices)
     path = run_dir / artifacts.CLUSTERS_FILE
     if path.exists() and artifacts.read_json(path) != json.loads(json.dumps(clusters)):

@@ -25,12 +25,12 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +39,12 @@ from torch import Tensor
 
 from .artifacts import save_torch
 from .config import DataConfig
+from .errors import EnsembleKDError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(EnsembleKDError, ValueError):
     """Bad or missing data the user can fix; the message names the file, class or count and the fix."""
 
 
@@ -471,7 +472,8 @@ def _extract_archive(archive: Path) -> tuple[Path, Path]:
         return cache_dir, extracted
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=cache_dir))
+        staging = cache_dir / f".extracting-{secrets.token_hex(4)}"
+        staging.mkdir()  # mode 0777 less the umask, like any folder (mkdtemp would make it 0700)
     except OSError as err:
         raise DataError(f"cannot create the cache folder {cache_dir} ({err}); set ENSEMBLE_KD_CACHE to a "
                         "writable folder") from err
@@ -564,10 +566,13 @@ def _list_images(split_dir: Path, classes: Sequence[str], all_classes: Sequence[
     return files
 
 
+_DECODER_VERSION = 2  # part of the tensor cache's key: caches of an older decoder are decoded again
+
+
 def _listing_signature(files: Sequence[tuple[str, int]], folder: Path, class_names: Sequence[str],
                        image_size: int) -> str:
-    """Changes whenever a file is added, removed, replaced or relabelled, or the size or classes change."""
-    digest = hashlib.sha256(json.dumps([list(class_names), image_size]).encode())
+    """Changes whenever a file is added, removed, replaced or relabelled, or the size, classes or decoder change."""
+    digest = hashlib.sha256(json.dumps([list(class_names), image_size, _DECODER_VERSION]).encode())
     for relative, label in files:
         stat = os.stat(os.path.join(folder, relative))
         digest.update(f"{relative}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -576,50 +581,117 @@ def _listing_signature(files: Sequence[tuple[str, int]], folder: Path, class_nam
 
 def _decoded_split(files: Sequence[tuple[str, int]], image_size: int, cache_dir: Path, split: str,
                    class_names: Sequence[str], folder: Path) -> tuple[Tensor, Tensor]:
-    """uint8 (N, C, H, W) images and int64 labels, from the tensor cache when the files are unchanged."""
+    """uint8 (N, C, H, W) images and int64 labels, from the tensor cache when the files are unchanged.
+
+    What decoding changed (alpha dropped, resized, ...) is logged on every load, cached or not."""
     signature = _listing_signature(files, folder, class_names, image_size)
     cache_file = cache_dir / "tensors" / f"{split}-size{image_size}-{signature}.pt"
     if cache_file.is_file():
         try:
             cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            _log_notes(split, folder, cached.get("notes", {}))
             return cached["x"], cached["y"]
         except Exception as err:  # a torn or foreign file: decode again
             log.warning("ignoring unreadable tensor cache %s (%s); decoding the images again", cache_file, err)
     log.info("decoding %d %s images from %s", len(files), split, folder)
-    x = _decode_images([path for path, _ in files], image_size, folder)
+    x, notes = _decode_images([path for path, _ in files], image_size, folder)
+    _log_notes(split, folder, notes)
     y = torch.tensor([label for _, label in files], dtype=torch.int64)
     try:
         for stale in cache_file.parent.glob(f"{split}-size{image_size}-*.pt"):
             stale.unlink(missing_ok=True)
-        save_torch(cache_file, {"x": x, "y": y})
+        save_torch(cache_file, {"x": x, "y": y, "notes": notes})
     except OSError as err:
         log.warning("could not write the tensor cache %s (%s); the images will be decoded again next time",
                     cache_file, err)
     return x, y
 
 
-def _decode_image(relative: str, image_size: int, folder: Path) -> np.ndarray:
-    """(H, W) for grayscale images, (H, W, 3) for everything else; resized to image_size if it is set."""
-    from PIL import Image
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how PIL opens 16-bit greyscale (PNG, TIFF)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a (phone) photo must be turned to stand upright
+# what `read_image` changed -> (said as a warning?, how the log says it)
+_CHANGES = {
+    "upright": (False, "were turned upright as their EXIF orientation says"),
+    "16-bit": (False, "were 16-bit, scaled to 8 bits (value / 257)"),
+    "alpha": (True, "had an alpha channel, which was dropped (transparent pixels keep their colour)"),
+    "to greyscale": (True, "were colour, converted to greyscale"),
+    "to colour": (True, "were greyscale among colour images, repeated to 3 channels"),
+    "resized": (True, "were resized"),
+}
 
+
+def read_image(path: str | Path, channels: int | None = None,
+               size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """An image file as upright 8-bit pixels, (H, W) greyscale or (H, W, 3) RGB, and what reading it changed.
+
+    The EXIF orientation is applied (phones store photos sideways with a tag saying so);
+    16-bit greyscale is scaled to 8 bits (value / 257, so 65535 -> 255, not clipped at
+    255); an alpha channel is dropped; `channels` 1 or 3 converts to greyscale or RGB
+    (None keeps each image's own); `size` (width, height) resizes (bilinear). The dict
+    maps each change made (keys of _CHANGES) to a detail, e.g. {"resized": "28x28 -> 8x8"}.
+    Raises PIL's errors (OSError, ValueError, ...) for files it cannot read."""
+    from PIL import Image, ImageOps
+
+    changes: dict[str, str] = {}
+    with Image.open(path) as opened:
+        image = opened
+        if opened.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(opened)
+            changes["upright"] = ""
+        if image.mode in _SIXTEEN_BIT_MODES:
+            wide = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+            changes["16-bit"] = ""
+        if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+            changes["alpha"] = image.mode
+        own = "L" if image.mode in _GRAY_MODES else "RGB"
+        target = own if channels is None else ("L" if channels == 1 else "RGB")
+        if target != own:
+            changes["to greyscale" if target == "L" else "to colour"] = image.mode
+        image = image.convert(target)
+        if size is not None and image.size != size:
+            changes["resized"] = f"{_size_text(image.size[::-1])} -> {_size_text(size[::-1])}"
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8), changes
+
+
+def describe_changes(changes: dict[str, tuple[int, str, str]], total: int) -> tuple[str, str]:
+    """(warning text, info text) from {change: (count, first file, its detail)}; "" where there is none."""
+    said: dict[bool, list[str]] = {True: [], False: []}
+    for change, (count, first, detail) in changes.items():
+        warn, text = _CHANGES[change]
+        example = f"{first}{': ' + detail if detail else ''}"
+        said[warn].append(f"{count} of {total} {text} (e.g. {example})")
+    return "; ".join(said[True]), "; ".join(said[False])
+
+
+def _log_notes(split: str, folder: Path, notes: dict[str, Any]) -> None:
+    if notes.get("warning"):
+        log.warning("%s images in %s: %s", split, folder, notes["warning"])
+    if notes.get("info"):
+        log.info("%s images in %s: %s", split, folder, notes["info"])
+
+
+def _decode_image(relative: str, image_size: int, folder: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """(H, W) for grayscale images, (H, W, 3) for everything else, upright and resized to image_size if
+    it is set; with what was changed (`read_image`)."""
     try:
-        with Image.open(os.path.join(folder, relative)) as image:
-            image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
-            if image_size > 0 and image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+        size = (image_size, image_size) if image_size > 0 else None
+        return read_image(os.path.join(folder, relative), size=size)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
         class_name = Path(relative).parts[1]
         raise DataError(f"cannot read image {relative} (class {class_name!r}, in {folder}): {err}; "
                         "remove or replace the file") from err
 
 
-def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> Tensor:
-    """Decode plainly, in order, into one uint8 (N, C, H, W) tensor.
+def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> tuple[Tensor, dict[str, str]]:
+    """Decode plainly, in order, into one uint8 (N, C, H, W) tensor, with notes of what was changed.
 
     Small JPEGs decode at ~13k/s on one core; a thread pool only added GIL contention.
     """
-    arrays = [_decode_image(path, image_size, folder) for path in paths]
+    decoded = [_decode_image(path, image_size, folder) for path in paths]
+    arrays = [array for array, _ in decoded]
     first_size = arrays[0].shape[:2]
     for path, array in zip(paths, arrays):
         if array.shape[:2] != first_size:
@@ -629,14 +701,24 @@ def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> Tenso
     all_gray = all(array.ndim == 2 for array in arrays)
     channels = 1 if all_gray else 3
     stacked = np.empty((len(arrays), *first_size, channels), dtype=np.uint8)
-    for i, array in enumerate(arrays):
+    changes: dict[str, tuple[int, str, str]] = {}
+    for i, (path, (array, changed)) in enumerate(zip(paths, decoded)):
         stacked[i] = array[..., None] if array.ndim == 2 else array  # gray broadcasts to RGB when mixed
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+        if array.ndim == 2 and not all_gray:
+            changed = dict(changed, **{"to colour": ""})
+        for change, detail in changed.items():
+            count, first, first_detail = changes.get(change, (0, path, detail))
+            changes[change] = (count + 1, first, first_detail)
+    warning, info = describe_changes(changes, len(paths))
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), {"warning": warning, "info": info}
 
 
 def _same_channels(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
     """Grayscale stays one channel only when both splits are all grayscale; otherwise repeat it to RGB."""
     if x_train.shape[1] == x_test.shape[1]:
         return x_train, x_test
+    gray, colour = ("train", "test") if x_train.shape[1] == 1 else ("test", "train")
+    log.warning("the %s images are all greyscale but the %s images are in colour: the greyscale ones are "
+                "repeated to 3 channels", gray, colour)
     expand = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
     return expand(x_train), expand(x_test)

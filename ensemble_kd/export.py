@@ -19,7 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from .artifacts import atomic_write, save_torch, write_bytes, write_json
+from .artifacts import CONFIG_FILE, EXPORT_DIR, atomic_write, new_temp_file, save_torch, write_bytes, write_json
 from .config import ModelConfig
+from .errors import EnsembleKDError
 from .models import Classifier, build_model
 
 if TYPE_CHECKING:
@@ -50,17 +50,18 @@ META_KEY = "meta.json"  # name of the embedded metadata (extra file / ONNX metad
 LOAD_PREFERENCE = ("state_dict", "torchscript", "onnx", "export")  # what load_student(dir) opens first
 STATE_FORMAT = "ensemble-kd-student"
 STATE_VERSION = 1
-ONNX_HINT = "ONNX export needs the onnx extra: pip install 'ensemble-kd[onnx]'"
+ONNX_EXTRA = "pip install 'ensemble-kd[onnx]'"
+ONNX_HINT = f"ONNX export needs the onnx extra: {ONNX_EXTRA}"
 ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ExportError(RuntimeError):
+class ExportError(EnsembleKDError, RuntimeError):
     """An export failed or an exported file is missing, corrupt or foreign."""
 
 
-class InputError(ValueError):
+class InputError(EnsembleKDError, ValueError):
     """Inputs given to an exported student have the wrong shape, type or content."""
 
 
@@ -96,8 +97,13 @@ class StudentMeta:
 # ---------------------------------------------------------------- writing
 
 
+def missing_onnx_modules() -> list[str]:
+    """The modules of the onnx extra that are not installed."""
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
 def _require_onnx() -> None:
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = missing_onnx_modules()
     if missing:
         raise ExportError(f"{ONNX_HINT} (missing: {', '.join(missing)})")
 
@@ -206,7 +212,7 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
     formats = _check_formats(list(formats))
     if "onnx" in formats:
         _require_onnx()
-    out_dir = Path(out_dir)
+    out_dir = _folder_for(out_dir, formats)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_json = _meta_json(meta)
     batch = _check_batch_on_cpu(check_batch, meta)
@@ -233,11 +239,20 @@ def export_student(model: Classifier, meta: StudentMeta, out_dir: str | Path, fo
     return {"formats": results, "meta": meta.to_dict()}
 
 
+def _folder_for(out_dir: str | Path, formats: list[str]) -> Path:
+    """`out_dir`, unless it is a file (ExportError: the export is a folder of files)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a folder: the student is exported into a folder (as "
+                          f"{', '.join(FILE_NAMES[f] for f in formats)} and {META_FILE}); give a folder for --out")
+    return out_dir
+
+
 def _temp_path(path: Path) -> Path:
     """A fresh, unused name beside `path` (the atomic writers write it in turn via their own temp file)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = new_temp_file(path)
     os.close(fd)
-    return Path(name)
+    return name
 
 
 def _export_checked(fmt: str, student: Classifier, batch: torch.Tensor, expected: torch.Tensor, meta_json: str,
@@ -394,13 +409,24 @@ def _meta_beside(path: Path) -> dict:
         raise ExportError(f"{meta_path} is not valid JSON ({err}); re-export the student") from err
 
 
+def _exported_in(folder: Path) -> tuple[Path, str] | None:
+    for fmt in LOAD_PREFERENCE:
+        if (folder / FILE_NAMES[fmt]).is_file():
+            return folder / FILE_NAMES[fmt], fmt
+    return None
+
+
 def _resolve(path: Path) -> tuple[Path, str]:
     if path.is_dir():
-        for fmt in LOAD_PREFERENCE:
-            if (path / FILE_NAMES[fmt]).is_file():
-                return path / FILE_NAMES[fmt], fmt
-        raise ExportError(f"{path} holds no exported student (looked for "
-                          f"{', '.join(FILE_NAMES[f] for f in LOAD_PREFERENCE)}); run `ensemble-kd export` first")
+        found = _exported_in(path) or _exported_in(path / EXPORT_DIR)  # a run directory keeps them in export/
+        if found:
+            return found
+        names = ", ".join(FILE_NAMES[f] for f in LOAD_PREFERENCE)
+        if (path / CONFIG_FILE).is_file():
+            raise ExportError(f"{path} is a run directory with no exported student yet (looked for {names} in "
+                              f"{path / EXPORT_DIR}); export it with `ensemble-kd export {path}`")
+        raise ExportError(f"{path} holds no exported student (looked for {names}); give an export folder or "
+                          "file, or run `ensemble-kd export` first")
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise ExportError(f"{path}: unknown model file type {path.suffix!r}; give a .ts, .pt2, .onnx or "
@@ -430,17 +456,24 @@ def export_run(cfg: "Config", data: "Splits", run_dir: str | Path, student: Clas
     meta = StudentMeta(class_names=list(data.class_names), input_shape=list(data.input_shape),
                        model_config=dataclasses.asdict(cfg.student.model), mean=list(data.mean),
                        std=list(data.std), config=dataclasses.asdict(cfg), data_fingerprint=data.fingerprint())
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EXPORT_DIR
     return export_student(student, meta, out_dir, list(formats or cfg.export.formats), data.x_test,
                           cfg.export.parity_atol)
 
 
-def export_from_run_dir(run_dir: str | Path, formats: list[str], out_dir: str | Path | None = None) -> dict:
-    """`ensemble-kd export`: export the student of a finished run directory."""
+def export_from_run_dir(run_dir: str | Path, formats: list[str] | None = None,
+                        out_dir: str | Path | None = None) -> dict:
+    """`ensemble-kd export`: export the student of a finished run directory (formats: the run's by default)."""
+    from .artifacts import require_run_dir
     from .config import load_config
     from .data import load_data
     from .distill import load_student_model
 
-    cfg = load_config(Path(run_dir) / "config.toml")
+    cfg = load_config(require_run_dir(run_dir) / CONFIG_FILE)
+    formats = _check_formats(list(cfg.export.formats if formats is None else formats))
+    if "onnx" in formats:  # what can fail without the data fails before it loads
+        _require_onnx()
+    if out_dir is not None:
+        _folder_for(out_dir, formats)
     data = load_data(cfg.data, cfg.seed)
     return export_run(cfg, data, run_dir, load_student_model(cfg, data, run_dir), formats, out_dir)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 
 class Normalize(nn.Module):
@@ -85,7 +85,7 @@ class BasicBlock(nn.Module):
 
 def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     if (cfg.depth - 2) % 6 != 0 or cfg.depth < 8:
-        raise ValueError(f"resnet depth must be 6n+2 (8, 14, 20, 32, ...), got {cfg.depth}")
+        raise ConfigError(f"resnet depth must be 6n+2 (8, 14, 20, 32, ...), got {cfg.depth}; set model.depth")
     blocks_per_stage = (cfg.depth - 2) // 6
     layers: list[nn.Module] = _conv_bn(input_shape[0], cfg.width)
     c_in = cfg.width
@@ -110,9 +110,9 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
     """A freshly initialised classifier for inputs of `input_shape` (without the batch dim)."""
     input_shape = tuple(int(d) for d in input_shape)
     if cfg.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {cfg.arch!r}; choose from {', '.join(ARCHITECTURES)}")
     if cfg.arch != "mlp" and len(input_shape) != 3:
-        raise ValueError(f"{cfg.arch} needs image inputs (channels, height, width), got shape {input_shape}; "
+        raise ConfigError(f"{cfg.arch} needs image inputs (channels, height, width), got shape {input_shape}; "
                          "use model.arch = 'mlp' for flat features")
     features, feature_dim = ARCHITECTURES[cfg.arch](cfg, input_shape)
     normalize = Normalize(mean, std, ndim=len(input_shape))

@@ -22,12 +22,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from . import artifacts
+from .errors import EnsembleKDError, MissingExtraError
 from .train import resolve_device
 
 if TYPE_CHECKING:
@@ -40,7 +43,7 @@ WAIT_FOR_WORKERS_S = 60.0  # how long joblib waits for a first Dask worker to jo
 DASK_EXTRA = "pip install 'ensemble-kd[dask]'"
 
 
-class SchedulerError(ConnectionError):
+class SchedulerError(EnsembleKDError, ConnectionError):
     """The Dask scheduler cannot be reached, or its workers cannot see the run directory."""
 
 
@@ -81,6 +84,39 @@ def effective_jobs(cfg: Config, n_tasks: int) -> int:
     return max(1, min(wanted, n_tasks))
 
 
+# ---------------------------------------------------------------- workers that outlive their run
+
+PARENT_CHECK_S = 0.5  # how often a loky worker checks that the run that started it is still alive
+_watched_parent: int | None = None  # the parent pid this worker process watches (one watcher per process)
+
+
+def worker_parent(cfg: Config) -> int | None:
+    """The pid a specialist worker must outlive no longer than: this process for loky, None for Dask
+    (a Dask worker's parent is its nanny; when the run's client goes, Dask cancels its futures)."""
+    return os.getpid() if cfg.specialists.backend == "loky" else None
+
+
+def stop_with_parent(parent_pid: int | None) -> None:
+    """In a worker process: end this process as soon as `parent_pid` is no longer its parent.
+
+    loky notices a dead parent only between tasks, so a worker would otherwise finish the
+    specialist it is training, minutes later, and write it into the run directory. A
+    daemon thread polls `os.getppid()` (a dead parent's children are re-parented) and
+    ends the process with os._exit, like the SIGKILL its parent got. Nothing to do when
+    called in the run's own process (sequential backend) or with None (Dask)."""
+    global _watched_parent
+    if parent_pid is None or parent_pid == os.getpid() or _watched_parent == parent_pid:
+        return
+    _watched_parent = parent_pid
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ensemble-kd-parent-watch", daemon=True).start()
+
+
 # ---------------------------------------------------------------- the joblib backend
 
 @contextlib.contextmanager
@@ -117,8 +153,8 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     try:
         from dask.distributed import Client
     except ImportError as err:
-        raise ImportError(f"specialists.backend = 'dask' needs dask.distributed, which is not installed: {DASK_EXTRA}"
-                          ) from err
+        raise MissingExtraError(f"specialists.backend = 'dask' needs dask.distributed, which is not installed: "
+                                f"{DASK_EXTRA}") from err
     try:
         return Client(address, timeout=timeout, set_as_default=False)
     except Exception as err:  # refused, timed out, a malformed address or not a Dask scheduler at all

@@ -100,6 +100,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts = [f"# ensemble-kd report: {report.get('run', '')}", "",
              f"Data: `{report.get('data', '')}`, {report.get('num_classes', '?')} classes, seed {report.get('seed')}.",
              "", "## Models (test set)", "", format_table(report), ""]
+    if report.get("clusters") == []:
+        parts += [f"No specialists: with {report.get('num_classes', '?')} classes `clusters.k = 0` found no two "
+                  "clusters that leave each specialist other classes to tell apart, so the ensemble is the "
+                  "generalist alone and `student` is distilled from it.", ""]
     clusters = format_cluster_accuracy(report)
     if clusters:
         parts += ["## Clusters of confusable classes", "", clusters, "", f"![clusters]({artifacts.HEATMAP_FILE})", ""]

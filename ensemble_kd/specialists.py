@@ -30,16 +30,17 @@ from . import artifacts
 from .artifacts import ArtifactError
 from .config import Config, ModelConfig
 from .data import Splits, load_data
+from .errors import EnsembleKDError
 from .generalist import generalist_fingerprint, load_generalist, make_augment
 from .losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
-from .parallel import effective_jobs, joblib_backend, specialist_device
+from .parallel import effective_jobs, joblib_backend, specialist_device, stop_with_parent, worker_parent
 from .train import TrainSet, fit, load_finished, predict_logits, save_model, set_seed
 
 log = logging.getLogger(__name__)
 
 
-class SpecialistError(RuntimeError):
+class SpecialistError(EnsembleKDError, RuntimeError):
     """A specialist failed; names its cluster id and the cause."""
 
 
@@ -237,7 +238,8 @@ def is_finished(run_dir: str | Path, cluster_id: int) -> bool:
     return (specialist_dir(run_dir, cluster_id) / artifacts.MODEL_FILE).exists()
 
 
-def _worker(cfg: Config, run_dir: str, cluster_id: int, threads: int) -> str:
+def _worker(cfg: Config, run_dir: str, cluster_id: int, threads: int, parent_pid: int | None = None) -> str:
+    stop_with_parent(parent_pid)  # a loky worker must not train on after its run was killed
     try:
         return str(train_specialist(cfg, run_dir, cluster_id, threads=threads))
     except Exception as err:
@@ -276,7 +278,8 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
             (specialist_dir(run_dir, k) / STARTED_FILE).unlink(missing_ok=True)
         try:
             with joblib_backend(cfg, n_jobs, run_dir):
-                Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads) for k in todo)
+                parent = worker_parent(cfg)
+                Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads, parent) for k in todo)
         except _worker_deaths(cfg) as err:
             raise SpecialistError(_died_message(run_dir, todo, err)) from err
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .artifacts import ArtifactError
 from .config import ConfigError, TrainConfig
+from .errors import EnsembleKDError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ IndexFn = Callable[[int, torch.Generator], torch.Tensor]
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(EnsembleKDError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -115,7 +116,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' but no CUDA GPU is visible; use --set device=cpu or device=auto")
+        raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --set device=cpu or device=auto")
     return torch.device(name)
 
 

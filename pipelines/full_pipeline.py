@@ -13,7 +13,12 @@ Stages (see ensemble_kd/pipeline.py, which runs them in this order, each reading
 """
 import sys
 
-from ensemble_kd.cli import main
+try:
+    from ensemble_kd.cli import main
+except ModuleNotFoundError as err:  # run by a Python without the package, e.g. the system's python
+    print(f"error: {err.name} is not installed for {sys.executable}; run this script with .venv/bin/python "
+          "(make demo or make test creates .venv), or `source .venv/bin/activate` first", file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +152,145 @@ def test_pipeline_script_help_runs() -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--until" in result.stdout and "--resume" in result.stdout
+
+
+# ---------------------------------------------------------------- a new user's mistakes: one line each
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    """`ensemble-kd ARGV` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _one_error_line(code: int, err: str, *phrases: str) -> None:
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+
+
+def test_every_user_error_class_is_an_ensemble_kd_error_and_the_cli_catches_the_base(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ensemble_kd import artifacts, cli, confusion, data, errors, export, parallel, specialists, train
+    from ensemble_kd.config import ConfigError
+
+    for error in (ConfigError, artifacts.ArtifactError, confusion.ClusterError, data.DataError, export.ExportError,
+                  export.InputError, specialists.SpecialistError, train.NonFiniteLossError, parallel.SchedulerError,
+                  errors.MissingExtraError):
+        assert issubclass(error, errors.EnsembleKDError), error
+
+    class ErrorAddedLater(errors.EnsembleKDError):
+        pass
+
+    def fails(args):
+        raise ErrorAddedLater("something the user can fix\nacross two lines")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", fails)
+    code, _, err = _cli("report", "anywhere")
+    _one_error_line(code, err, "something the user can fix across two lines")
+
+
+def test_device_cuda_without_cuda_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = _cli("run", "--set", "device=cuda", "--out", str(tmp_path / "run"))
+    _one_error_line(code, err, "device = 'cuda'", "device=cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_onnx_without_its_extra_is_refused_before_training_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ensemble_kd import pipeline
+
+    monkeypatch.setattr(pipeline, "missing_onnx_modules", lambda: ["onnxscript"])
+    code, _, err = _cli("run", *_sets(TINY_DIGITS), "--set", "export.formats=torchscript,onnx",
+                        "--out", str(tmp_path / "run"))
+    _one_error_line(code, err, "export.formats", "pip install 'ensemble-kd[onnx]'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_into_a_file_or_from_a_folder_that_is_no_run_is_one_line(cli_run: tuple[Path, int, str],
+                                                                        tmp_path: Path) -> None:
+    a_file = tmp_path / "model.onnx"
+    a_file.write_text("mine")
+    code, _, err = _cli("export", str(cli_run[0]), "--out", str(a_file))
+    _one_error_line(code, err, f"{a_file} is a file, not a folder")
+    assert a_file.read_text() == "mine"
+    code, _, err = _cli("export", str(tmp_path))
+    _one_error_line(code, err, f"{tmp_path} is not an ensemble-kd run directory")
+
+
+def test_export_writes_the_runs_own_formats_by_default(cli_run: tuple[Path, int, str], tmp_path: Path) -> None:
+    code, out, err = _cli("export", str(cli_run[0]), "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["student.json", "student.ts",
+                                                                       "student_state.pt"]
+
+
+def test_report_before_the_run_wrote_one_names_the_command_that_does(cli_run: tuple[Path, int, str],
+                                                                     tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run[0], run_dir, ignore=shutil.ignore_patterns("report.*"))
+    code, _, err = _cli("report", str(run_dir))
+    _one_error_line(code, err, "no report yet", f"ensemble-kd run --out {run_dir} --resume", "export")
+
+
+def test_predict_on_a_run_directory_uses_its_export_folder(cli_run: tuple[Path, int, str], tmp_path: Path,
+                                                           digits_test: torch.Tensor) -> None:
+    npy = tmp_path / "batch.npy"
+    np.save(npy, digits_test.numpy())
+    code, out, err = _cli("predict", str(cli_run[0]), str(npy))
+    assert code == 0, err
+    names = _expected_top(cli_run[0] / "export" / "student_state.pt", digits_test)
+    assert [line.split(": ")[1].split(" (")[0] for line in out.splitlines()] == names
+
+
+def test_predict_says_in_one_line_what_it_resized_or_converted_and_refuses_an_empty_npy(
+        cli_run: tuple[Path, int, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "big.png")
+    Image.new("L", (8, 8), 90).save(tmp_path / "fits.png")
+    model = str(cli_run[0] / "export")
+    with caplog.at_level("WARNING"):
+        code, out, err = _cli("predict", model, str(tmp_path / "big.png"), str(tmp_path / "fits.png"))
+    assert code == 0 and len(out.splitlines()) == 2, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "1 of 2 inputs" in warnings[0] and "big.png" in warnings[0] and "fits.png" not in warnings[0]
+    assert "28x28 -> 8x8" in warnings[0] and "greyscale" in warnings[0]
+
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), dtype=np.float32))
+    code, out, err = _cli("predict", model, str(tmp_path / "empty.npy"))
+    _one_error_line(code, err, "empty.npy", "holds no examples")
+    assert out == ""
+
+
+def test_clusters_json_into_a_pipe_that_closes_early_ends_quietly(cli_run: tuple[Path, int, str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has read all it wanted
+    stdout = io.TextIOWrapper(io.FileIO(write_end, "w"))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["clusters", str(cli_run[0]), "--json"])
+    assert code == 141 and err.getvalue() == ""  # 128 + SIGPIPE, as a shell reports such a writer
+    stdout.flush()  # what Python does at exit: no second BrokenPipeError there either
+    stdout.close()
+
+
+def test_the_pipeline_script_run_by_a_python_without_the_package_says_which_python_to_use() -> None:
+    result = subprocess.run([sys.executable, "-S", "pipelines/full_pipeline.py", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)  # -S: no site-packages, no package
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and ".venv/bin/python" in result.stderr
+
+
+def test_the_readme_says_how_to_reach_the_installed_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert ".venv/bin/ensemble-kd" in readme and "source .venv/bin/activate" in readme
+    assert ".venv/bin/python pipelines/full_pipeline.py" in readme
+    assert "## Your own data" in readme and "pipelines/configs/imagefolder.toml" in readme

@@ -1,4 +1,8 @@
 """load_config: defaults < TOML file < --set overrides, type and value checks, and the TOML round trip."""
+import contextlib
+import dataclasses
+import io
+import typing
 from pathlib import Path
 
 import pytest
@@ -137,7 +141,7 @@ def test_dask_backend_with_a_scheduler_is_accepted():
 def test_to_toml_round_trips_through_load_config(tmp_path):
     cfg = load_config(overrides=["seed=5", "data.name=fashion-mnist", "generalist.model.hidden=[]",
                                  "student.model.hidden=[7, 3]", "ensemble.tolerance=1e-9",
-                                 "specialists.scheduler=a \"quoted\" \\ path", "data.flip=true"])
+                                 "data.root=a \"quoted\" \\ path", "data.flip=true"])
     text = to_toml(cfg)
     assert "[generalist.model]" in text and "[specialists.train]" in text
     assert load_config(write(tmp_path, text)) == cfg
@@ -164,3 +168,67 @@ def test_there_are_pipeline_configs():
 def test_every_shipped_config_loads(path, tmp_path):
     cfg = load_config(path)
     assert load_config(write(tmp_path, to_toml(cfg))) == cfg
+
+
+# ---------------------------------------------------------------- every field, through the command line
+
+BAD_BY_TYPE = {  # values of the right type outside every field's range, then a value of the wrong type
+    int: ["-5", "2.5"], float: ["-5.0", "nan", '"x"'], bool: ['"maybe"'], str: ['"no-such-value"', "5"],
+    list[int]: ["[-5]", '["x"]'], list[str]: ['["no-such-value"]', "[5]"],
+}
+BAD_BY_FIELD = {  # where the type gives no bad value: each entry is the --set values of one case
+    "data.root": [["data.name=imagefolder", "data.root={tmp}/no-such-folder"]],
+    "specialists.scheduler": [["specialists.scheduler=not an address"]],
+}
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, annotation) of every leaf field of a config dataclass, recursively."""
+    hints = typing.get_type_hints(cls)
+    leaves = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            leaves += _leaf_fields(kind, f"{prefix}{f.name}.")
+        else:
+            leaves.append((prefix + f.name, kind))
+    return leaves
+
+
+def _bad_cases() -> list[tuple[str, list[str]]]:
+    cases = []
+    for key, kind in _leaf_fields(Config):
+        values = BAD_BY_TYPE[kind]
+        if key in BAD_BY_FIELD:
+            cases += [(key, overrides) for overrides in BAD_BY_FIELD[key]]
+            values = values[1:]  # the type's in-range value is fine here; its wrong type is still wrong
+        cases += [(key, [f"{key}={value}"]) for value in values]
+    return cases
+
+
+def test_every_config_field_with_a_bad_value_exits_2_with_one_line_naming_it(tmp_path, monkeypatch):
+    from ensemble_kd import generalist
+    from ensemble_kd.cli import main
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the generalist started training")
+
+    monkeypatch.setattr(generalist, "train_generalist", no_training)
+    cases = _bad_cases()
+    assert len({key for key, _ in cases}) == len(_leaf_fields(Config)) > 80  # a new field is covered too
+    failures = []
+    for i, (key, overrides) in enumerate(cases):
+        out, err = tmp_path / f"run{i}", io.StringIO()
+        sets = [arg for text in overrides for arg in ("--set", text.replace("{tmp}", str(tmp_path)))]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(["run", *sets, "--out", str(out), "--quiet"])
+        lines = err.getvalue().splitlines()
+        if not (code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0]):
+            failures.append((overrides, code, lines))
+        if (out / "generalist").exists():
+            failures.append((overrides, "a generalist folder was made"))
+    assert not failures
+
+
+def test_the_default_export_formats_need_only_the_base_install():
+    assert load_config().export.formats == ["torchscript", "state_dict"]  # onnx needs the onnx extra

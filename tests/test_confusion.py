@@ -396,3 +396,9 @@ def test_default_min_confusion_leaves_isolated_classes_to_the_generalist():
     assert clusterer.clusters_ == groups
     table = format_cluster_table(clusters_to_json(clusterer, [f"c{i}" for i in range(11)], "soft", affinity))
     assert "left to the generalist" in table
+
+
+def test_one_cluster_holding_every_class_is_refused():
+    affinity = block_affinity([[0, 1], [2, 3]], seed=0)  # every class well confused: none excluded
+    with pytest.raises(ClusterError, match="one cluster holding all 4 classes"):
+        ClassClusterer(k=1, min_confusion=0.05).fit(affinity)

@@ -267,6 +267,61 @@ def test_imagefolder_gray_stays_one_channel_and_mixed_becomes_rgb(tmp_path):
     assert torch.equal(gray_image[0], gray_image[1]) and torch.equal(gray_image[1], gray_image[2])
 
 
+UPRIGHT = np.array([[250, 10, 10, 10], [250, 90, 10, 10], [250, 10, 10, 170]], dtype=np.uint8)  # 4 wide, 3 high
+
+
+def _write_sideways(path: Path, upright: np.ndarray = UPRIGHT) -> None:
+    """Stored turned a quarter left, with the EXIF orientation (6) that says to turn it back, as phones do."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
+
+
+def test_imagefolder_turns_exif_rotated_photos_upright(tmp_path):
+    root = _make_folder(tmp_path / "phone", mode="L")
+    for split, count in (("train", 6), ("test", 2)):
+        for i in range(count):
+            _write_sideways(root / split / "cat" / f"{i:03d}.png")  # replaces the upright cats
+    s = load_data(_folder_cfg(root), 0)
+    assert s.input_shape == (1, 3, 4)  # height 3, width 4: as shown, not as stored (4 high, 3 wide)
+    cats = s.x_test[s.y_test == s.class_names.index("cat")]
+    assert len(cats) == 2 and all(torch.equal(img[0], torch.from_numpy(UPRIGHT / np.float32(255))) for img in cats)
+
+
+def test_imagefolder_scales_16_bit_greyscale_to_8_bits_instead_of_clipping(tmp_path):
+    root = tmp_path / "deep"
+    levels = {"dark": 257 * 20, "light": 257 * 200}  # 16-bit values of 8-bit 20 and 200
+    for split, count in (("train", 6), ("test", 2)):
+        for name, level in levels.items():
+            for i in range(count):
+                path = root / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((3, 4), level, dtype=np.uint16)).save(path)  # a 16-bit PNG
+    s = load_data(_folder_cfg(root), 0)
+    assert s.input_shape == (1, 3, 4)
+    seen = {s.class_names[int(label)]: round(float(img.mean()) * 255) for img, label in zip(s.x_test, s.y_test)}
+    assert seen == {"dark": 20, "light": 200}  # clipping at 255 would have made both white
+
+
+def test_imagefolder_says_once_per_split_that_it_dropped_alpha_and_made_grey_images_rgb(
+        tmp_path, caplog: pytest.LogCaptureFixture):
+    root = _make_folder(tmp_path / "mixed", mode="L")
+    for split, count in (("train", 6), ("test", 2)):
+        for i in range(count):
+            _write_image(root / split / "dog" / f"{i:03d}.png", (10, 20, 30, 0), mode="RGBA")
+    for attempt in ("decoded", "cached"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            s = load_data(_folder_cfg(root), 0)
+        assert s.input_shape == (3, 3, 4), attempt
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 2, (attempt, warnings)  # one line for train, one for test
+        for split, line in zip(("train", "test"), warnings):
+            assert line.startswith(f"{split} images in {root}")
+            assert "alpha channel" in line and "greyscale among colour images" in line, line
+
+
 def test_imagefolder_uses_tensor_cache(tmp_path, monkeypatch, private_cache):
     root = _make_folder(tmp_path / "pets")
     first = load_data(_folder_cfg(root), 0)

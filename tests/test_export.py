@@ -249,6 +249,19 @@ def test_load_inputs_scales_converts_and_resizes(tmp_path):
     assert rgb.shape == (1, 3, 4, 4) and torch.equal(rgb[0, 0], rgb[0, 2])
 
 
+def test_load_inputs_reads_images_as_training_does_exif_upright_and_16_bit_scaled(tmp_path, caplog):
+    from PIL import Image
+    from test_data import UPRIGHT, _write_sideways
+
+    _write_sideways(tmp_path / "phone.png")
+    Image.fromarray(np.full((3, 4), 257 * 60, dtype=np.uint16)).save(tmp_path / "deep.png")
+    with caplog.at_level(logging.WARNING, logger="ensemble_kd.predict"):
+        x = load_inputs([tmp_path / "phone.png", tmp_path / "deep.png"], [1, 3, 4])
+    assert torch.equal(x[0, 0], torch.from_numpy(UPRIGHT / np.float32(255)))  # not a sideways copy squeezed to fit
+    assert torch.allclose(x[1], torch.full((1, 3, 4), 60 / 255))
+    assert caplog.text == ""  # nothing had to be changed to fit the student
+
+
 def test_load_inputs_errors_name_the_file(tmp_path, caplog):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(InputError, match="bad.png: unreadable image"):

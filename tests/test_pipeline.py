@@ -10,6 +10,7 @@ import torch
 
 from ensemble_kd.artifacts import ArtifactError
 from ensemble_kd.config import Config, ConfigError, load_config
+from ensemble_kd.data import DataError
 from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
 from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.report import format_coverage
@@ -25,6 +26,7 @@ TINY = [  # 6 synthetic classes in 2 planted groups, two specialists, seconds pe
 N_TEST_PER_CLASS = 20  # synthetic: half of synthetic_per_class
 MODELS = ("generalist", "ensemble", "student", "student_hard_labels", "student_from_generalist")
 STUDENTS = ("student", "student_hard_labels", "student_from_generalist")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -183,3 +185,81 @@ def test_impossible_clusters_fail_before_any_training(tmp_path: Path, overrides:
     with pytest.raises(ConfigError, match=message):
         run_pipeline(cfg, run_dir, progress=False)
     assert not (run_dir / "generalist").exists()
+
+
+# ---------------------------------------------------------------- k from the number of classes, from 2 classes up
+
+@pytest.mark.parametrize("num_classes, k", [(2, 0), (3, 0), (4, 2), (6, 2), (10, 3), (100, 10), (1000, 32)])
+def test_k_zero_chooses_about_the_square_root_of_the_classes_and_none_when_no_two_clusters_fit(
+        num_classes: int, k: int) -> None:
+    from ensemble_kd.confusion import choose_k
+
+    assert choose_k(tiny_config("clusters.k=0").clusters, num_classes) == k
+    assert choose_k(tiny_config("clusters.k=0", "clusters.min_size=1").clusters, 3) == 2
+
+
+def test_k_zero_says_in_the_log_which_k_it_chose(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config("clusters.k=0")
+    with caplog.at_level("INFO", logger="ensemble_kd.pipeline"):
+        run_pipeline(cfg, start_run(cfg, tmp_path / "run"), until="clusters", progress=False)
+    assert "clusters.k = 0: chose k = 2 for 6 classes" in caplog.text
+    assert json.loads((tmp_path / "run" / "clusters.json").read_text())["k"] == 2
+
+
+def _two_class_folder(root: Path, per_class: int = 8) -> Path:
+    """Stripes and blocks, 12x10 pixels, some of them RGB: a user's tiny image folder."""
+    from PIL import Image
+
+    for split, count in (("train", per_class), ("test", 3)):
+        for i in range(count):
+            stripes = Image.new("L", (12, 10), 40)
+            stripes.paste(220, (0, 0, 12, 3))
+            stripes.paste(220, (0, 6, 12, 8))
+            blocks = Image.new("RGB", (12, 10), (30, 30, 30))
+            blocks.paste((200, 190, 180), (2 + i % 3, 2, 7 + i % 3, 8))
+            for name, image in (("stripes", stripes), ("blocks", blocks)):
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                image.save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_the_imagefolder_config_runs_end_to_end_on_two_classes_with_the_generalist_as_ensemble(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ensemble_kd.cli import main
+
+    monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))
+    root = _two_class_folder(tmp_path / "images")
+    quick = ["threads=1", "device=cpu", f"data.root={root}", "generalist.train.epochs=2", "specialists.n_jobs=1",
+             "student.train.epochs=2"]
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        code = main(["run", "--config", str(REPO / "pipelines/configs/imagefolder.toml"), "--out", str(out),
+                     "--quiet", *(a for o in quick for a in ("--set", o))])
+    assert code == 0
+    assert "no specialists; the ensemble is the generalist alone" in caplog.text
+    assert "greyscale among colour images" in caplog.text and "resized" in caplog.text  # said, not silent
+    report = _strict_json(out / "report.json")
+    assert report["clusters"] == [] and report["ensemble"]["test_accuracy"] == report["generalist"]["test_accuracy"]
+    assert "No specialists" in (out / "report.md").read_text()
+    assert (out / "export" / "student.ts").is_file() and (out / "export" / "student_state.pt").is_file()
+
+
+def test_one_class_and_settings_the_data_cannot_meet_fail_before_the_generalist(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "one"
+    for split in ("train", "test"):
+        (root / split / "only").mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (4, 4), 10 * i).save(root / split / "only" / f"{i}.png")
+    for overrides, error, message in [
+        (["data.name=imagefolder", f"data.root={root}", "clusters.k=0"], DataError, "needs at least 2"),
+        (["clusters.k=1", "clusters.min_size=1", "clusters.min_confusion=0"], ConfigError,
+         "clusters.k = 1 puts every class into one cluster"),
+        (["ensemble.top_n=7"], ConfigError, "ensemble.top_n = 7 but the data has only 6 classes"),
+        (["generalist.model.arch=cnn"], ConfigError, "generalist.model: cnn needs image inputs"),
+    ]:
+        with pytest.raises(error, match=message):
+            cfg = tiny_config(*overrides)
+            run_pipeline(cfg, start_run(cfg, tmp_path / "run", overwrite=True), progress=False)
+        assert not (tmp_path / "run" / "generalist").exists()

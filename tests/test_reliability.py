@@ -23,7 +23,7 @@ from PIL import Image
 
 from ensemble_kd import artifacts, data as data_module, export as export_module, train as train_module
 from ensemble_kd.cli import main
-from ensemble_kd.config import to_toml
+from ensemble_kd.config import load_config, to_toml
 from ensemble_kd.data import load_data
 from ensemble_kd.export import ExportError, export_student, load_student
 from ensemble_kd.pipeline import run_pipeline, start_run
@@ -178,6 +178,24 @@ def test_a_write_failing_halfway_keeps_the_previous_file_and_leaves_no_temp(
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_follow_the_umask_like_open(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        written = [artifacts.write_text(tmp_path / "config.toml", "seed = 0\n"),
+                   artifacts.save_torch(tmp_path / "model.pt", {"v": torch.ones(2)})]
+        model, meta = make_model("mlp")
+        export_student(model, meta, tmp_path / "export", ["torchscript", "state_dict"], torch.rand(2, *IMAGE_SHAPE))
+        written += sorted((tmp_path / "export").iterdir())
+        with open(tmp_path / "by-open.txt", "w") as f:
+            f.write("reference")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "by-open.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: expected for p in written}
+
+
 @pytest.fixture
 def previous_export(tmp_path: Path) -> tuple[Path, torch.Tensor, dict[str, bytes]]:
     """A good export in tmp_path/export: (folder, check batch, file name -> bytes)."""
@@ -243,12 +261,20 @@ def test_a_corrupt_generalist_is_an_error_naming_the_file_not_retrained(
 def test_a_generalist_of_another_architecture_is_refused_with_what_differs(
         reference: Path, config_file: Path, tmp_path: Path) -> None:
     run_dir = copy_run(reference, tmp_path)
-    before = model_files(run_dir)
+    before, config = model_files(run_dir), (run_dir / "config.toml").read_bytes()
     code, err = run_cli(config_file, run_dir, "--resume", "--set", "generalist.model.hidden=[12]")
-    assert code == 2 and err.startswith("error: ")
-    assert str(run_dir / "generalist" / "model.pt") in err and "another configuration" in err
-    assert "'hidden': [16]" in err and "'hidden': [12]" in err  # what the file has, what this run has
+    assert code == 2 and err.startswith("error: generalist.model.hidden cannot change when resuming")
+    assert str(run_dir / "generalist" / "model.pt") in err  # the work made with the old setting
+    assert "= [16]" in err and "not [12]" in err  # what the run has, what was asked
     assert "--out" in err and "--overwrite" in err
+    assert model_files(run_dir) == before and (run_dir / "config.toml").read_bytes() == config
+
+    (run_dir / "config.toml").write_text(to_toml(tiny_config("generalist.model.hidden=[12]")))  # edited by hand
+    code, err = run_cli(config_file, run_dir, "--resume")
+    assert code == 2 and "--config" in err and "generalist.model.hidden" in err
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet")
+    assert code == 2 and str(run_dir / "generalist" / "model.pt") in err and "another configuration" in err
+    assert "'hidden': [16]" in err and "'hidden': [12]" in err  # what the file has, what this run has
     assert model_files(run_dir) == before
 
 
@@ -302,6 +328,57 @@ def test_overwrite_replaces_the_run_and_refuses_folders_that_are_not_runs(
     assert [p.name for p in other.iterdir()] == ["thesis.tex"]
 
 
+# ---------------------------------------------------------------- 4b. a resumed run keeps its own settings
+
+def _until_clusters(reference: Path, tmp_path: Path) -> Path:
+    """A copy of the reference run as `run --until clusters` leaves it, in tmp_path/run: generalist and clusters."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_dir = copy_run(reference, tmp_path)
+    for name in ("specialists", "export", *STUDENTS):
+        shutil.rmtree(run_dir / name)
+    for name in ("report.json", "report.md", "accuracy_vs_size.png"):
+        (run_dir / name).unlink()
+    return run_dir
+
+
+def test_resume_without_config_reads_the_runs_own_settings(reference: Path, tmp_path: Path) -> None:
+    run_dir = _until_clusters(reference, tmp_path)
+    config = (run_dir / "config.toml").read_bytes()
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet")  # the command `--until clusters` suggests
+    assert code == 0, err
+    assert (run_dir / "config.toml").read_bytes() == config
+    for name in ("specialists/specialist_01", *STUDENTS):  # the same as the run that never stopped
+        assert_same_weights(run_dir / name / "model.pt", reference / name / "model.pt")
+
+
+@pytest.mark.parametrize("setting, stage", [
+    ("seed=1", "generalist"), ("data.val_fraction=0.3", "generalist"), ("clusters.k=3", "specialists"),
+    ("specialists.soft_lr=0.1", "specialists"), ("ensemble.top_n=2", "student"), ("student.alpha=0.5", "student"),
+])
+def test_resume_refuses_settings_that_finished_work_was_made_with_and_keeps_config_toml(
+        reference: Path, tmp_path: Path, setting: str, stage: str) -> None:
+    run_dir = copy_run(reference, tmp_path)
+    config, models = (run_dir / "config.toml").read_bytes(), model_files(run_dir)
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet", "--set", setting)
+    key = setting.split("=")[0]
+    assert code == 2 and err.startswith(f"error: {key} cannot change when resuming {run_dir}: its {stage} stage")
+    assert "--out" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (run_dir / "config.toml").read_bytes() == config and model_files(run_dir) == models
+
+
+def test_resume_may_change_runtime_settings_and_stages_that_hold_no_work_yet(
+        reference: Path, tmp_path: Path) -> None:
+    run_dir = _until_clusters(reference, tmp_path)
+    code, err = cli("run", "--out", str(run_dir), "--resume", "--quiet", "--until", "clusters",
+                    "--set", "clusters.k=3", "--set", "student.train.epochs=2", "--set", "specialists.n_jobs=2",
+                    "--set", "export.formats=state_dict")
+    assert code == 0, err
+    saved = load_config(run_dir / "config.toml")  # the run records what it continues with
+    assert (saved.clusters.k, saved.student.train.epochs, saved.specialists.n_jobs) == (3, 2, 2)
+    assert saved.export.formats == ["state_dict"]
+    assert len(artifacts.read_json(run_dir / "clusters.json")["clusters"]) == 3
+
+
 # ---------------------------------------------------------------- 5. bad data: an error before training
 
 def _image(path: Path, size: tuple[int, int] = (4, 4)) -> None:
@@ -340,7 +417,7 @@ def test_a_bad_imagefolder_fails_before_the_generalist(tmp_path: Path, monkeypat
     defect(root)
     out = tmp_path / "run"
     code, err = run_cli(config_file, out, "--set", "data.name=imagefolder", "--set", f"data.root={root}",
-                        "--set", "clusters.k=1", "--set", "clusters.min_size=1")
+                        "--set", "clusters.k=0")
     assert code == 2 and err.startswith("error: ") and message in err
     assert not (out / "generalist").exists()
 
@@ -400,7 +477,7 @@ def test_impossible_settings_known_after_loading_the_data_fail_before_the_genera
     out = tmp_path / "run"
     code, err = run_cli(config_file, out, *(a for o in overrides for a in ("--set", o)))
     assert code == 2 and err.startswith("error: ") and message in err
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml"]  # no generalist/, no manifest
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.toml"]  # no generalist/, no manifest
     start_run(tiny_config(), out)  # holding no work, the folder is reused without --resume
 
 
@@ -447,7 +524,7 @@ import os, signal, sys, time
 from ensemble_kd import specialists
 from ensemble_kd.config import load_config
 
-def worker(cfg, run_dir, cluster_id, threads):  # defined in __main__, so loky ships it to the worker by value
+def worker(cfg, run_dir, cluster_id, *args):  # defined in __main__, so loky ships it to the worker by value
     from ensemble_kd import specialists as spec
     if cluster_id == 1:
         real_fit = spec.fit
@@ -461,7 +538,7 @@ def worker(cfg, run_dir, cluster_id, threads):  # defined in __main__, so loky s
             return real_fit(*args, stage=stage, **kwargs)
 
         spec.fit = fit
-    return spec._worker(cfg, run_dir, cluster_id, threads)
+    return spec._worker(cfg, run_dir, cluster_id, *args)
 
 specialists._worker = worker
 try:
@@ -502,10 +579,11 @@ def test_sequential_and_parallel_runs_give_identical_clusters_and_students(refer
         assert_same_weights(run_dir / name / "model.pt", reference / name / "model.pt")
 
 
-# ---------------------------------------------------------------- 10. Ctrl-C during parallel specialists
+# ---------------------------------------------------------------- 10. Ctrl-C, SIGTERM, SIGKILL during parallel specialists
 
-SLOW_SPECIALISTS = """
+STALLED_SPECIALISTS = """
 import signal, sys, time
+from pathlib import Path
 from ensemble_kd import specialists
 from ensemble_kd.cli import main
 
@@ -513,19 +591,22 @@ from ensemble_kd.cli import main
 # whose children inherit SIGINT ignored and so would never see the signal this test sends
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-def worker(cfg, run_dir, cluster_id, threads):  # pickled by value: each specialist stalls before its soft phase
+def worker(cfg, run_dir, cluster_id, *args):  # pickled by value: runs in the worker process
     from ensemble_kd import specialists as spec
-    real_fit = spec.fit
+    real_train = spec.train_specialist
 
-    def fit(*args, stage, **kwargs):
-        if stage.endswith("soft"):
-            time.sleep(300)
-        return real_fit(*args, stage=stage, **kwargs)
+    def train_specialist(*train_args, **kwargs):  # waits for the file "go" beside the run directory first
+        (Path(run_dir).parent / f"waiting-{cluster_id}").touch()
+        go, deadline = Path(run_dir).parent / "go", time.time() + 300
+        while not go.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        return real_train(*train_args, **kwargs)
 
-    spec.fit = fit
-    return spec._worker(cfg, run_dir, cluster_id, threads)
+    spec.train_specialist = train_specialist
+    library_worker = getattr(spec, "library_worker", spec._worker)  # in a loky worker, _worker is the library's
+    return library_worker(cfg, run_dir, cluster_id, *args)
 
-specialists._worker = worker
+specialists.library_worker, specialists._worker = specialists._worker, worker  # in this process: n_jobs = 1
 sys.exit(main(["run", *sys.argv[1:]]))
 """
 
@@ -550,20 +631,47 @@ def _alive(processes: list) -> list:
     return [p for p in processes if running(p)]
 
 
+def _start_stalled_run(config_file: Path, out: Path, *flags: str, n_jobs: int = 2) -> subprocess.Popen:
+    """A `run` subprocess whose specialists wait for the file "go" beside `out` before they start training."""
+    script = out.parent / "stalled.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(STALLED_SPECIALISTS)
+    return subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
+                             "--set", f"specialists.n_jobs={n_jobs}", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, start_new_session=True)
+
+
+def _children_once_waiting(proc: subprocess.Popen, out: Path, specialists: int) -> list:
+    """The run's child processes (loky workers and their resource tracker) once `specialists` of them wait."""
+    psutil = pytest.importorskip("psutil", reason="psutil (installed with the dask extra) lists the workers")
+    waiting = [out.parent / f"waiting-{k}" for k in range(specialists)]
+    if not _wait_for(lambda: all(p.exists() for p in waiting) or proc.poll() is not None, 180):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.poll() is None, proc.communicate()[1]
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _nothing_changes(run_dirs) -> bool:
+    """Let any worker still alive go on (the file "go" beside each run) and see whether a run directory changes."""
+    before = [_files(run_dir) for run_dir in run_dirs]
+    for run_dir in run_dirs:
+        (run_dir.parent / "go").touch()
+    time.sleep(1)  # a surviving worker would start loading, training and writing its specialist at once
+    return [_files(run_dir) for run_dir in run_dirs] == before
+
+
 def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resume_finishes(
         reference: Path, config_file: Path, tmp_path: Path) -> None:
-    psutil = pytest.importorskip("psutil", reason="psutil (installed with the dask extra) lists the workers")
-    out = tmp_path / "run"
-    script = tmp_path / "slow.py"
-    script.write_text(SLOW_SPECIALISTS)
-    proc = subprocess.Popen([sys.executable, str(script), "--config", str(config_file), "--out", str(out), "--quiet",
-                             "--set", "specialists.n_jobs=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=SUBPROCESS_ENV, start_new_session=True)
+    out = _until_clusters(reference, tmp_path)  # a run stopped after its clusters, continued
+    proc = _start_stalled_run(config_file, out, "--resume")
     try:
-        started = [specialist_dir(out, k) / "STARTED" for k in (0, 1)]
-        assert _wait_for(lambda: all(p.exists() for p in started), 180), proc.stderr.read() if proc.poll() else ""
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 2  # the loky workers (and their resource trackers)
+        children = _children_once_waiting(proc, out, specialists=2)
+        assert len(children) >= 2  # the loky workers (and their resource tracker)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
         _, stderr = proc.communicate(timeout=30)
@@ -579,3 +687,42 @@ def test_ctrl_c_during_parallel_specialists_exits_130_leaves_no_workers_and_resu
     run_cli_ok(config_file, out, "--resume", "--set", "specialists.n_jobs=1")
     for name in ("specialists/specialist_01", *STUDENTS):
         assert_same_weights(out / name / "model.pt", reference / name / "model.pt")
+
+
+def test_sigterm_and_sigkill_end_a_run_and_nothing_is_written_after(
+        reference: Path, config_file: Path, tmp_path: Path) -> None:
+    """Two runs stopped while their specialists train, side by side so that they wait in the same seconds;
+    each continues one stopped after its clusters.
+
+    SIGTERM (`kill PID`, a batch scheduler) raises the same KeyboardInterrupt as Ctrl-C in the run, so it
+    ends like Ctrl-C with exit code 143 and one line (its specialist trains in the run's own process:
+    stopping loky workers is the Ctrl-C test's part). SIGKILL (out of memory, say) gives the run no chance
+    to stop its loky workers: they stop themselves. While the killed run lived, a second run into its
+    directory was refused naming its pid; afterwards no file changes in either run directory."""
+    term, kill = (_until_clusters(reference, tmp_path / name) for name in ("sigterm", "sigkill"))
+    procs = [_start_stalled_run(config_file, term, "--resume", n_jobs=1),
+             _start_stalled_run(config_file, kill, "--resume")]
+    try:
+        _children_once_waiting(procs[0], term, specialists=1)
+        workers = _children_once_waiting(procs[1], kill, specialists=2)
+        assert len(workers) >= 2  # the loky workers (and their resource tracker)
+        for flags in (["--resume"], ["--overwrite"]):  # the lock: one run at a time in a directory
+            code, err = run_cli(config_file, kill, *flags)
+            assert code == 2 and err.startswith(f"error: {kill} is in use by another ensemble-kd run "
+                                                f"(pid {procs[1].pid})"), err
+        procs[0].terminate()  # SIGTERM to the run alone, not its process group
+        procs[1].kill()  # SIGKILL to the run alone
+        _, stderr = procs[0].communicate(timeout=30)
+        procs[1].wait(timeout=30)
+        assert _wait_for(lambda: not _alive(workers), 10), [p.cmdline() for p in _alive(workers)]
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert procs[0].returncode == 143, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "terminated (SIGTERM); finished work is saved: rerun with --resume to continue"]
+    assert _nothing_changes([term, kill])  # a worker that went on would now train and write its specialist
+    assert (term / "generalist" / "model.pt").is_file() and (term / "clusters.json").is_file()
+    assert artifacts.lock_run_dir(kill)  # the kernel released the dead run's lock
+    artifacts.unlock_run_dir(kill)
