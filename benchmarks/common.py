@@ -68,7 +68,8 @@ def load_average() -> float | None:
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Write `result` as benchmarks/results/<name>.json (pretty, keys in insertion order)."""
+    """Write `result` as benchmarks/results/<name>.json (pretty, keys in insertion order; Path values
+    relative to the repository)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -77,9 +78,14 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+def relative(path: str | Path) -> str:
+    """`path` relative to the repository (result files never hold a machine's absolute paths)."""
+    return os.path.relpath(Path(path).absolute(), REPO)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
-        return str(value)
+        return relative(value)
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if hasattr(value, "item"):

@@ -292,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="hinton_mnist_") as workdir:
             result = run(args, budget, Path(workdir))
     result = {"benchmark": "hinton_mnist", "machine": machine,
-              "config": {**vars(args), "data_root": str(args.data_root), "budget": dataclasses.asdict(budget),
-                         "workdir": str(args.workdir) if args.workdir else None},
+              "config": {**vars(args), "budget": dataclasses.asdict(budget)},  # Paths: repository-relative
               "paper_test_errors": PAPER, **result, "summary": summarise(result, args),
               "total_seconds": round(time.perf_counter() - started, 1),
               "load_average_1min_at_end": common.load_average()}
