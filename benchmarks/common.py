@@ -155,11 +155,11 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     from ensemble_kd import artifacts
     from ensemble_kd.config import load_config
     from ensemble_kd.data import load_data
-    from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, TEACHER_LOGITS, distill, new_student,
+    from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student,
                                      student_fingerprint, teacher_fingerprint)
     from ensemble_kd.ensemble import build_ensemble
     from ensemble_kd.generalist import load_generalist
-    from ensemble_kd.train import evaluate
+    from ensemble_kd.inference import evaluate
 
     cfg = load_config(run / artifacts.CONFIG_FILE)
     data = load_data(cfg.data, cfg.seed)
@@ -170,6 +170,7 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     fingerprint = dict(student_fingerprint(cfg, data, kind), student_seed=student_seed)
     student = distill(new_student(cfg, data, seed=student_seed), teacher, data, cfg,
                       out_root / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
-                      seed=student_seed, teacher_cache=run / kind / TEACHER_LOGITS,  # the run's, where cached
+                      seed=student_seed,
+                      teacher_cache=run / kind / artifacts.TEACHER_LOGITS_FILE,  # the run's, where cached
                       teacher_fingerprint=teacher_fingerprint(cfg, data, kind))
     return evaluate(student.cpu(), data.x_test, data.y_test).accuracy

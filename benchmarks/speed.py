@@ -55,7 +55,8 @@ from ensemble_kd.config import Config, load_config
 from ensemble_kd.data import Splits, load_data
 from ensemble_kd.losses import kd_loss
 from ensemble_kd.models import build_model, count_params
-from ensemble_kd.train import TrainSet, cross_entropy, fit, lr_factor, predict_logits, set_seed
+from ensemble_kd.inference import predict_logits
+from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, lr_factor, set_seed
 
 log = logging.getLogger("speed")
 
@@ -171,8 +172,8 @@ def timed_fit(model: nn.Module, train: TrainSet, cfg: Any, progress: bool = Fals
     """Wall seconds of a whole fit() call (with its checkpoints) and of its epochs alone."""
     with tempfile.TemporaryDirectory(prefix="speed_fit_") as stage_dir:
         started = time.perf_counter()
-        fit(model, train, cfg, stage_dir, stage="bench", seed=0, progress=progress, precision=precision,
-            loss_fn=loss_fn)
+        fit(model, train, cfg, stage_dir, FitOptions(stage="bench", seed=0, progress=progress, precision=precision,
+                                                     loss_fn=loss_fn))
         wall = time.perf_counter() - started
         loop = sum(r["seconds"] for r in read_jsonl(Path(stage_dir) / "metrics.jsonl"))
     return {"wall": wall, "loop": loop}

@@ -294,3 +294,14 @@ def test_the_readme_says_how_to_reach_the_installed_command() -> None:
     assert ".venv/bin/ensemble-kd" in readme and "source .venv/bin/activate" in readme
     assert ".venv/bin/python pipelines/full_pipeline.py" in readme
     assert "## Your own data" in readme and "pipelines/configs/imagefolder.toml" in readme
+
+
+def test_the_readme_layout_table_lists_every_module_with_its_docstring_saying_what_it_holds() -> None:
+    import ast
+
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):].split("\n\n## ")[0]
+    for module in sorted((REPO / "ensemble_kd").glob("*.py")):
+        assert f"| `{module.name}` |" in layout, module.name
+        first_line = (ast.get_docstring(ast.parse(module.read_text())) or "").splitlines()
+        assert first_line and len(first_line[0]) > 20, module.name

@@ -10,37 +10,14 @@ import pytest
 import torch
 
 from ensemble_kd import export as export_module
-from ensemble_kd.config import ModelConfig
-from ensemble_kd.export import (FILE_NAMES, ExportError, InputError, StudentMeta, export_student,
+from ensemble_kd.export import (FILE_NAMES, ExportError, InputError, export_student,
                                 load_student)
-from ensemble_kd.models import build_model
 from ensemble_kd.predict import format_predictions, load_inputs, predict_files
 
-IMAGE_SHAPE = [1, 8, 8]
-FLAT_SHAPE = [10]
-CLASS_NAMES = ["zero", "one", "two", "three"]
+from conftest import ARCHS, CLASS_NAMES, IMAGE_SHAPE, make_model
+
 TORCH_FORMATS = ["torchscript", "export", "state_dict"]
 ATOL = 1e-4
-ARCHS = {  # name -> (model config, input shape)
-    "mlp": (ModelConfig(arch="mlp", hidden=[16], dropout=0.5), IMAGE_SHAPE),
-    "cnn": (ModelConfig(arch="cnn", channels=[4], dropout=0.5), IMAGE_SHAPE),
-    "mlp_flat": (ModelConfig(arch="mlp", hidden=[16], dropout=0.5), FLAT_SHAPE),
-}
-
-
-def make_model(arch: str) -> tuple[torch.nn.Module, StudentMeta]:
-    """A small model in train mode whose BatchNorm statistics have moved (so eval != train)."""
-    torch.manual_seed(0)
-    cfg, shape = ARCHS[arch]
-    mean, std = [0.3] * shape[0], [0.2] * shape[0]  # per channel, or per feature of flat inputs
-    model = build_model(cfg, shape, len(CLASS_NAMES), mean, std)
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, *shape))  # train-mode passes update BatchNorm running stats
-    meta = StudentMeta(class_names=CLASS_NAMES, input_shape=list(shape), model_config=vars(cfg).copy(),
-                       mean=mean, std=std, config={"seed": 0, "student": {"temperature": 4.0}},
-                       data_fingerprint="abc123")
-    return model, meta
 
 
 def eager_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,13 @@ from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig, load_confi
 from ensemble_kd.confusion import ClassClusterer, build_matrices, confusability, hard_confusion, soft_confusion
 from ensemble_kd.ensemble import combine
 from ensemble_kd.models import build_model
-from ensemble_kd.parallel import SchedulerError, effective_jobs, joblib_backend, specialist_device
+from ensemble_kd.parallel import SchedulerError, effective_jobs, run_jobs, specialist_device
 from ensemble_kd.specialists import train_all_specialists
-from ensemble_kd.train import (TrainSet, _bf16_autocast_works, evaluate, fit, forward_flops, native_bf16,
+from ensemble_kd.inference import evaluate
+from ensemble_kd.train import (FitOptions, TrainSet, _bf16_autocast_works, fit, forward_flops, native_bf16,
                                resolve_precision, set_seed)
-from test_pipeline import tiny_config
+
+from conftest import tiny_config, weights
 
 
 
@@ -41,54 +43,34 @@ def dask_cluster():
 
 
 
-def _weights(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in paths]
-
-
-def test_dask_and_loky_backends_train_identical_specialists(dask_cluster, clustered_run: Path, tmp_path: Path,
+def test_dask_and_loky_backends_train_identical_specialists(dask_cluster, tiny_run: tuple[Path, dict],
+                                                           clustered_run: Path, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    address = dask_cluster.scheduler_address
-    configs = {"loky": tiny_config(), "dask": tiny_config("specialists.backend=dask", f"specialists.scheduler={address}")}
-    weights = {}
-    for backend, cfg in configs.items():
-        run_dir = shutil.copytree(clustered_run, tmp_path / backend)  # the same generalist and clusters
-        weights[backend] = _weights(train_all_specialists(cfg, run_dir))
-    assert len(weights["loky"]) == len(weights["dask"]) == 2
-    assert "several threads" not in caplog.text
-    for local, remote in zip(weights["loky"], weights["dask"]):
-        assert local.keys() == remote.keys()
-        assert all(torch.equal(local[name], remote[name]) for name in local)
+    cfg = tiny_config("specialists.backend=dask", f"specialists.scheduler={dask_cluster.scheduler_address}")
+    run_dir = shutil.copytree(clustered_run, tmp_path / "dask")  # the same generalist and clusters
+    on_dask = [weights(path) for path in train_all_specialists(cfg, run_dir)]
+    local = [weights(tiny_run[0] / "specialists" / f"specialist_{k:02d}" / "model.pt") for k in range(2)]
+    assert len(on_dask) == 2 and "several threads" not in caplog.text
+    for trained_here, remote in zip(local, on_dask):
+        assert trained_here.keys() == remote.keys()
+        assert all(torch.equal(trained_here[name], remote[name]) for name in trained_here)
 
 
 def _pid(_: int) -> int:
     return os.getpid()
 
 
-def test_the_dask_client_is_closed_after_the_block_even_when_it_fails(dask_cluster,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from joblib import Parallel, delayed
-
+def test_dask_jobs_run_on_the_workers_in_order_and_the_client_is_closed_even_when_one_fails(
+        dask_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     clients, real_connect = [], parallel.connect
     monkeypatch.setattr(parallel, "connect", lambda *a, **k: clients.append(real_connect(*a, **k)) or clients[-1])
     cfg = tiny_config("specialists.backend=dask", f"specialists.scheduler={dask_cluster.scheduler_address}")
-    with joblib_backend(cfg, n_jobs=2):
-        squares = Parallel(n_jobs=2)(delayed(pow)(i, 2) for i in range(4))
-    assert squares == [0, 1, 4, 9]
-    with pytest.raises(ZeroDivisionError), joblib_backend(cfg, n_jobs=2):
-        Parallel(n_jobs=2)(delayed(divmod)(1, 0) for _ in range(2))
-    assert len(clients) == 2 and all(client.status == "closed" for client in clients)
-
-
-def test_a_cluster_with_one_worker_thread_still_runs_the_tasks(dask_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """joblib runs a backend that reports one worker in the calling process; ours must not."""
-    from joblib import Parallel, delayed
-    from joblib._dask import DaskDistributedBackend
-
-    monkeypatch.setattr(DaskDistributedBackend, "effective_n_jobs", lambda self, n_jobs: 1)  # as one worker thread
-    cfg = tiny_config("specialists.backend=dask", f"specialists.scheduler={dask_cluster.scheduler_address}")
-    with joblib_backend(cfg, n_jobs=1):
-        pids = Parallel(n_jobs=1)(delayed(_pid)(i) for i in range(3))
-    assert os.getpid() not in pids
+    assert run_jobs(cfg, 2, None, pow, [(i, 2) for i in range(4)]) == [0, 1, 4, 9]
+    pids = run_jobs(cfg, 1, None, _pid, [(i,) for i in range(3)])  # n_jobs 1: still on the cluster
+    assert os.getpid() not in pids  # joblib's Dask backend would run these here for a one-thread cluster
+    with pytest.raises(ZeroDivisionError):
+        run_jobs(cfg, 2, None, divmod, [(1, 0), (2, 0)])
+    assert len(clients) == 3 and all(client.status == "closed" for client in clients)
 
 
 def test_workers_that_cannot_see_the_run_directory_are_refused(dask_cluster, tmp_path: Path) -> None:
@@ -123,8 +105,7 @@ def test_an_unreachable_scheduler_fails_fast_with_what_to_do(tmp_path: Path) -> 
     started = time.perf_counter()
     with pytest.raises(SchedulerError, match=rf"cannot reach a Dask scheduler at .*127.0.0.1:{port}.* within 1 s"
                                              r".*`dask scheduler`"):
-        with joblib_backend(cfg, n_jobs=2, connect_timeout=1.0):
-            pass
+        run_jobs(cfg, 2, None, pow, [(2, 2)], connect_timeout=1.0)
     assert time.perf_counter() - started < 10
 
 
@@ -187,7 +168,7 @@ def test_bf16_training_on_cpu_learns_and_keeps_float32_weights(tmp_path: Path) -
     set_seed(0)
     model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.0), (2,), 3, [0.0], [1.0])
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.02)
-    fit(model, TrainSet(x, y), cfg, tmp_path, stage="bf16", seed=0, progress=False, precision="bf16")
+    fit(model, TrainSet(x, y), cfg, tmp_path, FitOptions(stage="bf16", seed=0, progress=False, precision="bf16"))
     losses = [record["loss"] for record in read_jsonl(tmp_path / "metrics.jsonl")]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert evaluate(model, x, y).accuracy > 0.9  # chance is 1/3
@@ -199,8 +180,8 @@ def test_fp16_on_cpu_is_refused_with_what_to_use_instead(tmp_path: Path) -> None
     x, y = _blobs(30)
     model = build_model(ModelConfig(arch="mlp", hidden=[4]), (2,), 3, [0.0], [1.0])
     with pytest.raises(ConfigError, match=r"fp16' needs a CUDA device.*use precision = 'bf16'"):
-        fit(model, TrainSet(x, y), TrainConfig(epochs=1), tmp_path, stage="fp16", seed=0, progress=False,
-            precision="fp16")
+        fit(model, TrainSet(x, y), TrainConfig(epochs=1), tmp_path, FitOptions(stage="fp16", seed=0, progress=False,
+            precision="fp16"))
     assert not (tmp_path / "model.pt").exists()
 
 
@@ -243,8 +224,8 @@ def test_fit_under_auto_records_the_precision_it_chose(tmp_path: Path, monkeypat
     monkeypatch.setattr(train, "BF16_MIN_STEP_FLOPS", min_flops)
     x, y = _blobs(60)
     model = build_model(ModelConfig(arch="mlp", hidden=[8]), (2,), 3, [0.0], [1.0])
-    fit(model, TrainSet(x, y), TrainConfig(epochs=1, batch_size=32), tmp_path, stage="auto", seed=0, progress=False,
-        precision="auto")
+    fit(model, TrainSet(x, y), TrainConfig(epochs=1, batch_size=32), tmp_path,
+        FitOptions(stage="auto", seed=0, progress=False, precision="auto"))
     assert load_torch(tmp_path / "model.pt").get("precision") == recorded  # absent for fp32
 
 
@@ -262,8 +243,8 @@ def test_a_compiled_fit_learns_and_saves_the_plain_models_weights(tmp_path: Path
     x, y = _blobs()
     set_seed(0)
     model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.0), (2,), 3, [0.0], [1.0])
-    fit(model, TrainSet(x, y), TrainConfig(epochs=4, batch_size=32, lr=0.02), tmp_path, stage="compiled", seed=0,
-        progress=False, compile_model=True)
+    fit(model, TrainSet(x, y), TrainConfig(epochs=4, batch_size=32, lr=0.02), tmp_path,
+        FitOptions(stage="compiled", seed=0, progress=False, compile_model=True))
     assert evaluate(model, x, y).accuracy > 0.9  # chance is 1/3
     assert set(load_torch(tmp_path / "model.pt")["state_dict"]) == set(model.state_dict())  # no _orig_mod. prefix
 
