@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -127,14 +127,33 @@ def _write_export(model: Classifier, example: torch.Tensor, meta_json: str, path
     atomic_write(path, lambda f: torch.export.save(program, f, extra_files={META_KEY: meta_json}))
 
 
+_ONNX_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # the exporter logs each optimisation pass at INFO
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Keep the ONNX exporter's progress (log records of every pass, printed steps, deprecation notes) out of
+    the run's output; what it printed goes to this module's debug log. Its failures still raise."""
+    loggers = [logging.getLogger(name) for name in _ONNX_LOGGERS]
+    levels = [each.level for each in loggers]
+    chatter = io.StringIO()
+    try:
+        for each in loggers:
+            each.setLevel(max(each.getEffectiveLevel(), logging.WARNING))
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+        if chatter.getvalue().strip():
+            logger.debug("ONNX exporter: %s", chatter.getvalue().strip())
+
+
 def _write_onnx(model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
-    chatter = io.StringIO()  # the exporter prints its steps ("[torch.onnx] Obtain model graph ..."): log, not output
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its own deprecation notes; a failure raises, and parity is checked
+    with _quiet_onnx_exporter():
         program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, dynamic_shapes=_batch_dim(),
                                     input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
-    if chatter.getvalue().strip():
-        logger.debug("ONNX exporter: %s", chatter.getvalue().strip())
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, meta_json

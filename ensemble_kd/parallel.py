@@ -1,9 +1,9 @@
 """Where specialists train: joblib's loky processes or a Dask cluster, how many at once, on which device.
 
-Specialists are independent, so stage 4 hands them to joblib, which runs them on
+Specialists are independent, so stage 4 hands them to `run_jobs`, which runs them on
 existing engines -- nothing here schedules work itself:
 
-* `loky` (default): worker processes on this machine, `specialists.n_jobs` at a time.
+* `loky` (default): joblib's worker processes on this machine, `specialists.n_jobs` at a time.
   On CUDA there is one worker per visible GPU instead (`n_jobs` is then ignored), and
   `specialist_device` puts specialist k on GPU k % n_gpus.
 * `dask`: a running `dask.distributed` cluster at `specialists.scheduler`, through

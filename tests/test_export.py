@@ -77,8 +77,12 @@ def test_export_and_load_matches_eager(arch, fmt, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_onnx_export_and_load_matches_eager(arch, tmp_path_factory):
-    model, meta, out_dir, report, _ = onnx_exported(arch, tmp_path_factory)
+def test_onnx_export_and_load_matches_eager(arch, tmp_path_factory, capfd, caplog):
+    with caplog.at_level(logging.INFO):
+        model, meta, out_dir, report, _ = onnx_exported(arch, tmp_path_factory)
+    out, err = capfd.readouterr()
+    assert "torch.onnx" not in out + err  # the exporter's progress chatter stays out of the run's output
+    assert not [r for r in caplog.records if r.name.startswith(("torch.onnx", "onnxscript", "onnx_ir"))]
     check_round_trip(model, meta, out_dir, report, "onnx")
     assert set(report["formats"]) == {"onnx"}
 

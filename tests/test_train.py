@@ -1,4 +1,6 @@
 """fit(): training, artifacts, determinism, resume after a crash or SIGKILL, guards, progress output; lr_factor."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -6,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -460,3 +463,13 @@ def test_loss_fn_gets_the_cached_targets_of_the_batch_without_a_teacher(blobs, t
 ])
 def test_lr_factor_by_hand(step, total, warmup, schedule, expected):
     assert lr_factor(step, total, warmup, schedule) == pytest.approx(expected, abs=1e-12)
+
+
+def test_progress_off_a_terminal_is_one_log_line_per_epoch_and_no_bar_redraws(
+        blobs, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stderr = io.StringIO()  # what a log file or CI sees: not a terminal
+    with contextlib.redirect_stderr(stderr), caplog.at_level("INFO", logger="ensemble_kd.train"):
+        train(fresh_model(), blobs, tmp_path, progress=True)
+    assert "\r" not in stderr.getvalue() and "batch" not in stderr.getvalue()  # no tqdm bar was drawn
+    epochs = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(epochs) == CFG.epochs and epochs[0].startswith(f"{STAGE} epoch 1/{CFG.epochs} loss ")
