@@ -29,7 +29,7 @@ from ensemble_kd.config import load_config
 from ensemble_kd.data import load_data
 from ensemble_kd.generalist import load_generalist, new_generalist, train_generalist
 from ensemble_kd.pipeline import start_run
-from ensemble_kd.train import evaluate, resolve_precision
+from ensemble_kd.train import evaluate, training_precision
 
 CONFIG = common.REPO / "pipelines" / "configs" / "fashion-mnist.toml"
 CACHE = common.REPO / "benchmarks" / "cache" / "precision"
@@ -73,8 +73,8 @@ def auto_choice(data_root: Path) -> str:
     """What precision = "auto" picks for this CNN at batch 128 on this machine's CPU."""
     cfg = load_config(CONFIG, [*CNN, *QUICK, f"data.root={data_root}"])
     data = load_data(cfg.data, cfg.seed)
-    return resolve_precision("auto", "cpu", new_generalist(cfg, data), data.x_train[:1],
-                             cfg.generalist.train.batch_size)
+    return training_precision("auto", "cpu", new_generalist(cfg, data), data.x_train,
+                              cfg.generalist.train.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ from ensemble_kd.data import Splits, augment_batch, load_data
 from ensemble_kd.losses import kd_loss
 from ensemble_kd.models import build_model, count_params
 from ensemble_kd.train import (TrainSet, clip_grad_norm, cross_entropy, fit, lr_factor, make_optimizer,
-                               predict_logits, resolve_precision, set_seed)
+                               predict_logits, set_seed, training_precision)
 
 log = logging.getLogger("speed")
 
@@ -449,7 +449,7 @@ def conv_rows(name: str, model_cfg: ModelConfig, train: TrainSet, rounds: int, d
     initial = build_model(model_cfg, shape, 10, [0.5] * shape[0], [0.3] * shape[0])
     cfg = TrainConfig(epochs=1, batch_size=128, lr=2e-3)
     augment = (lambda x, gen: augment_batch(x, False, crop_pad, gen)) if crop_pad else None
-    auto = resolve_precision("auto", device, initial.to(device), train.x[:1], cfg.batch_size)
+    auto = training_precision("auto", device, initial.to(device), train.x, cfg.batch_size)
 
     def run(precision: str, contiguous: bool) -> Callable[[], dict[str, Any]]:
         def work() -> dict[str, Any]:
@@ -708,7 +708,7 @@ def compile_vs_eager(cfg: Config, data: Splits, plan: Plan, device: torch.device
         shape = tuple(train.x.shape[1:])
         initial = build_model(model_cfg, shape, 10, [0.5] * shape[0], [0.3] * shape[0])
         train_cfg = TrainConfig(epochs=plan.compile_epochs, batch_size=batch, lr=1e-3)
-        precision = resolve_precision("auto", device, initial.to(device), train.x[:1], batch)
+        precision = training_precision("auto", device, initial.to(device), train.x, batch)
         runs = {mode: _quiet(lambda mode=mode: timed_fit(copy.deepcopy(initial), train, train_cfg, device,
                                                           precision=precision, augment=augment,
                                                           compile_model=mode == "compiled"))
