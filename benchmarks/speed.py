@@ -345,8 +345,32 @@ def fit_vs_plain(cfg: Config, data: Splits, plan: Plan, device: torch.device, qu
                     "clip_cost_ratio": ratios["clip_cost_ratio"]["best"] >= TARGETS["clip_cost_ratio"],
                     "clip_cost_ratio_cpu": ratios["clip_cost_ratio"]["cpu"] >= TARGETS["clip_cost_ratio"]},
             "seconds_raw": raw_seconds(runs),
+            **({"cuda_synchronizing_calls": cuda_syncs(fresh(), TrainSet(x, y), train_cfg, device)}
+               if device.type == "cuda" else {}),
             "note": "best of `rounds` interleaved runs; fit's time is its epoch loop (metrics.jsonl seconds); "
                     "speed ratio = other time / this time; cpu_time_ratios: of the whole calls' CPU seconds"}
+
+
+def cuda_syncs(model: nn.Module, train: TrainSet, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Calls that wait for the GPU during one fit() of 2 epochs (torch.cuda.set_sync_debug_mode): fit reads the
+    device every NONFINITE_CHECK_STEPS steps and a few times per epoch (the epoch's order, its sums, the
+    checkpoint), never per step."""
+    import collections
+    import warnings
+
+    cfg = dataclasses.replace(cfg, epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            timed_fit(model, train, cfg, device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message).lower())
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    return {"epochs": cfg.epochs, "steps": steps, "calls": sum(sites.values()),
+            "calls_per_step": round(sum(sites.values()) / steps, 3), "sites": dict(sites.most_common(20))}
 
 
 # ---------------------------------------------------------------- part 2: FLOP/s
@@ -644,15 +668,20 @@ def demo_command(repo: Path, out_dir: Path) -> list[str]:
             "--out", str(out_dir), "--overwrite", "--quiet"]
 
 
-def run_demo(repo: Path, out_dir: Path) -> float:
-    """Wall seconds of the demo pipeline of the code in `repo` (a subprocess importing ensemble_kd from there)."""
+def run_demo(repo: Path, out_dir: Path) -> tuple[float, float]:
+    """Wall seconds of the demo pipeline of the code in `repo` (a subprocess importing ensemble_kd from there),
+    and the CPU seconds of its processes (the worker processes included once they are reaped)."""
+    import resource
+
     env = dict(os.environ, PYTHONPATH=str(repo))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(demo_command(repo, out_dir), cwd=repo, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"the demo of {repo} failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return seconds
+    return seconds, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def checkout(revision: str, into: Path) -> Path:
@@ -671,23 +700,32 @@ def demo(out_dir: Path, plan: Plan, baseline: str | None, workdir: Path) -> dict
         before = checkout(baseline, workdir / "baseline")
         variants[f"baseline {baseline}"] = lambda: run_demo(before, workdir / "baseline_demo")
     rounds = plan.demo_rounds if baseline else 1
-    seconds = {name: [] for name in variants}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):  # no warm-up run: each demo is a fresh process, as `make demo` is
         names = list(variants)
         for name in names[r % len(names):] + names[:r % len(names)]:
-            seconds[name].append(variants[name]())
-        common.log_to_stderr("  demo: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in seconds.items()))
+            wall, used = variants[name]()
+            seconds[name].append(wall)
+            cpu[name].append(used)
+        common.log_to_stderr("  demo: " + ", ".join(f"{k} {v[-1]:.1f}s ({cpu[k][-1]:.1f} cpu)"
+                                                    for k, v in seconds.items()))
     manifest = read_json(out_dir / "manifest.json")
     stages = {k: round(v.get("seconds", 0), 1) for k, v in manifest.get("stages", {}).items() if isinstance(v, dict)}
     best = min(seconds["this tree"])
     result = {"command": "python -m ensemble_kd.cli run --config pipelines/configs/digits.toml --out <tmp>/demo "
                          "--overwrite --quiet", "rounds": rounds, "seconds": round(best, 1),
-              "seconds_raw": {k: [round(t, 2) for t in v] for k, v in seconds.items()}, "stage_seconds": stages,
+              "seconds_raw": {k: [round(t, 2) for t in v] for k, v in seconds.items()},
+              "cpu_seconds_raw": {k: [round(t, 2) for t in v] for k, v in cpu.items()}, "stage_seconds": stages,
               "seconds_before_issue_17_as_reported": TARGETS["demo_seconds_before"]}
     if baseline:
         before_best = min(seconds[f"baseline {baseline}"])
         result.update({"baseline": baseline, "baseline_seconds": round(before_best, 1),
                        "speedup_vs_baseline": round(before_best / best, 3),
+                       "cpu_seconds": round(min(cpu["this tree"]), 1),
+                       "baseline_cpu_seconds": round(min(cpu[f"baseline {baseline}"]), 1),
+                       "cpu_time_speedup_vs_baseline": round(min(cpu[f"baseline {baseline}"]) / min(cpu["this tree"]),
+                                                             3),
                        "median_round_speedup": round(common.median(
                            [b / a for a, b in zip(seconds["this tree"], seconds[f"baseline {baseline}"])]), 3),
                        "faster": best < before_best})

@@ -90,9 +90,9 @@ def resolve_device(name: str) -> torch.device:
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bf16 where it is native and pays, else fp32 (resolve_precision)
-# auto picks bf16 only from this many matmul FLOPs per step (3 x forward x batch when training): below it
-# autocast's casts cost more than bf16 saves (2-core EPYC with AVX512-BF16: a digits MLP at 30 MFLOP per
-# step ran at 0.94x in bf16, a Fashion-MNIST MLP at 105 MFLOP at 1.19x; benchmarks/README.md)
+# auto picks bf16 only from this many matmul FLOPs per step: below it autocast's casts cost more than bf16
+# saves (speed.py part 2, one thread of an AVX512-BF16 EPYC: the digits MLP ran at 0.88x in bf16 at 30 MFLOP
+# per step, 1.09x at 121 MFLOP; the Fashion-MNIST MLP 1.55x at 1.2 GFLOP; benchmarks/README.md)
 BF16_MIN_STEP_FLOPS = 1e8
 
 
