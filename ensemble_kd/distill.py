@@ -26,7 +26,7 @@ from .generalist import generalist_fingerprint, make_augment, model_fingerprint
 from .losses import kd_loss
 from .specialists import specialist_recipe
 from .models import Classifier, build_model, count_params
-from .train import TrainSet, Views, autocast, cross_entropy, fit, load_finished, predict_logits, resolve_device, set_seed
+from .train import TrainSet, Views, autocast, inference_precision, cross_entropy, fit, load_finished, predict_logits, resolve_device, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def view_logits(teacher: nn.Module, x: torch.Tensor, views: Views, device: torch
                 batch_size: int = 1024) -> torch.Tensor:
     """(count, N, C) float32 on CPU: the teacher's logits on every image of `x` in every view."""
     teacher.to(device).eval()
+    precision = inference_precision(teacher, precision, device, min(batch_size, len(x)))
     per_view = []
     for view in range(views.count):
         chunks = []
@@ -197,9 +198,10 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
     ensemble.to(device).eval()
     generalist.to(device).eval()
     differ = torch.zeros((), dtype=torch.long, device=device)
+    precision = inference_precision(ensemble, cfg.precision, device, batch_size)
     for chunk in data.x_train.split(batch_size):
         x = augment(chunk.to(device), generator)
-        with autocast(cfg.precision, device):
+        with autocast(precision, device):
             differ += (ensemble(x).argmax(1) != generalist(x).argmax(1)).sum()
     return int(differ) / max(len(data.x_train), 1)
 
