@@ -130,7 +130,7 @@ class ExportConfig:
 class Config:
     seed: int = 0  # seeds data splits, initialisation, shuffling and clustering
     device: str = "cpu"  # cpu | cuda | auto
-    precision: str = "fp32"  # auto | fp32 | bf16 | fp16: autocast for training and teacher inference (fp16 only on CUDA); auto: bf16 where native and it pays
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for training and teacher inference (fp16 only on CUDA); auto: bf16 where native and it pays
     compile: bool = False  # torch.compile every model fit() trains (opt-in: compiling takes seconds to minutes)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)  # which data and how it is split

@@ -25,7 +25,7 @@ from . import artifacts
 from .config import Config, ConfigError, recipe
 from .data import Splits, draw_augmentation, make_augment
 from .generalist import generalist_fingerprint, model_fingerprint
-from .inference import predict_logits
+from .inference import inference_precision, predict_logits
 from .losses import kd_loss
 from .models import Classifier, build_model, count_params
 from .train import (FitOptions, TrainSet, Views, autocast, cross_entropy, fit, load_finished, resolve_device,
@@ -92,6 +92,7 @@ def view_logits(teacher: nn.Module, x: torch.Tensor, views: Views, device: torch
                 batch_size: int = 1024) -> torch.Tensor:
     """(count, N, C) float32 on CPU: the teacher's logits on every image of `x` in every view."""
     teacher.to(device).eval()
+    precision = inference_precision(teacher, precision, device, min(batch_size, len(x)))
     per_view = []
     for view in range(views.count):
         chunks = []
@@ -197,9 +198,10 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
     ensemble.to(device).eval()
     generalist.to(device).eval()
     differ = torch.zeros((), dtype=torch.long, device=device)
+    precision = inference_precision(ensemble, cfg.precision, device, batch_size)
     for chunk in data.x_train.split(batch_size):
         x = augment(chunk.to(device), generator)
-        with autocast(cfg.precision, device):
+        with autocast(precision, device):
             differ += (ensemble(x).argmax(1) != generalist(x).argmax(1)).sum()
     return int(differ) / max(len(data.x_train), 1)
 

@@ -20,15 +20,24 @@ class EvalResult:
     logits: torch.Tensor  # (N, C) float32 on CPU
 
 
+def inference_precision(model: nn.Module, precision: str, device: str | torch.device, batch_size: int) -> str:
+    """`precision` for running `model` on batches of `batch_size` without gradients.
+
+    "auto" is decided without running the model: 2 x its parameters x the batch is a lower
+    bound of a batch's matmul FLOPs (each weight is used at least once per example)."""
+    if precision != "auto":
+        return precision
+    params = sum(p.numel() for p in model.parameters())
+    return resolve_precision(precision, device, 2 * params * batch_size)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
                    device: str | torch.device = "cpu", precision: str = "fp32") -> torch.Tensor:
     """The model's logits for every row of `x`, in eval mode, as float32 on CPU."""
     was_training = model.training
     model.eval()
-    if len(x):
-        precision = resolve_precision(precision, device, model, x[:1], min(batch_size, len(x)), passes=1)
-    with autocast(precision, device):
+    with autocast(inference_precision(model, precision, device, min(batch_size, len(x))), device):
         outputs = [model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)

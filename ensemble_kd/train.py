@@ -120,9 +120,9 @@ def resolve_device(name: str) -> torch.device:
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = choices.PRECISIONS  # PRECISIONS and auto: bf16 where it is native and pays, else fp32
-# auto picks bf16 only from this many matmul FLOPs per step (3 x forward x batch when training): below it
-# autocast's casts cost more than bf16 saves (2-core EPYC with AVX512-BF16: a digits MLP at 30 MFLOP per
-# step ran at 0.94x in bf16, a Fashion-MNIST MLP at 105 MFLOP at 1.19x; benchmarks/README.md)
+# auto picks bf16 only from this many matmul FLOPs per step: below it autocast's casts cost more than bf16
+# saves (speed.py part 2, one thread of an AVX512-BF16 EPYC: the digits MLP ran at 0.88x in bf16 at 30 MFLOP
+# per step, 1.09x at 121 MFLOP; the Fashion-MNIST MLP 1.55x at 1.2 GFLOP; benchmarks/README.md)
 BF16_MIN_STEP_FLOPS = 1e8
 
 
@@ -151,23 +151,26 @@ def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def resolve_precision(precision: str, device: str | torch.device, model: nn.Module | None = None,
-                      example: torch.Tensor | None = None, batch_size: int = 1, passes: int = 3) -> str:
+def resolve_precision(precision: str, device: str | torch.device, step_flops: float | None = None) -> str:
     """The precision that `precision` stands for on `device`: itself, unless it is "auto".
 
-    "auto" is bf16 when the device computes bfloat16 natively (`native_bf16`) and, given a
-    `model` and one `example` input, a step of `batch_size` examples does at least
-    `BF16_MIN_STEP_FLOPS` (`passes` = 3 for forward and backward, 1 for inference); else fp32.
+    "auto" is bf16 when the device computes bfloat16 natively (`native_bf16`) and one step
+    does at least BF16_MIN_STEP_FLOPS matmul FLOPs (`step_flops`, where known); else fp32.
     """
     if precision != "auto":
         return precision
-    device = torch.device(device)
-    if not native_bf16(device):
+    if not native_bf16(torch.device(device)):
         return "fp32"
-    if model is None or example is None:
-        return "bf16"
-    flops = passes * batch_size * forward_flops(model, example[:1].to(device))
-    return "bf16" if flops >= BF16_MIN_STEP_FLOPS else "fp32"
+    return "bf16" if step_flops is None or step_flops >= BF16_MIN_STEP_FLOPS else "fp32"
+
+
+def training_precision(precision: str, device: str | torch.device, model: nn.Module, example: torch.Tensor,
+                       batch_size: int) -> str:
+    """`precision` for training `model` in batches of `batch_size`; "auto" counts a step as 3 x (forward and
+    backward) the forward FLOPs of one `example` x batch_size."""
+    if precision != "auto" or not native_bf16(torch.device(device)):
+        return resolve_precision(precision, device)
+    return resolve_precision(precision, device, 3 * batch_size * forward_flops(model, example[:1].to(device)))
 
 
 def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
@@ -305,6 +308,37 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 1.0
 
 
+class StepSchedule:
+    """Sets each parameter group's learning rate to its base rate x `factor(step)` before every step.
+
+    The values of torch's `LambdaLR(optimizer, factor)`, bit for bit, without its per-step
+    bookkeeping (which cost about 2% of a small model's step on CPU: benchmarks/README.md).
+    Its state_dict has LambdaLR's `last_epoch` (steps taken) and `base_lrs`, so a checkpoint
+    written with either resumes with the other."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
+        self.optimizer, self.factor = optimizer, factor
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_epoch = 0
+        self._apply()
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.factor(self.last_epoch)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch, self.base_lrs = int(state["last_epoch"]), list(state["base_lrs"])
+        self._apply()
+
+
 def _check_fingerprint(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
     differing = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if differing:
@@ -340,7 +374,7 @@ def save_model(model: nn.Module, stage_dir: Path, fingerprint: dict[str, Any], *
                                 {"state_dict": state, "fingerprint": fingerprint, **extra})
 
 
-def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, stage_dir: Path,
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: StepSchedule, stage_dir: Path,
             fingerprint: dict[str, Any], scaler: Any = None) -> int:
     """Restore the last checkpoint; returns the number of epochs already done (0 if none)."""
     path = stage_dir / artifacts.CHECKPOINT_FILE
@@ -435,7 +469,7 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     steps_per_epoch = math.ceil(len(epoch_indices(0, torch.Generator().manual_seed(0))) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+    scheduler = StepSchedule(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
     scaler = _grad_scaler(precision)
     start = _resume(model, optimizer, scheduler, stage_dir, fingerprint, scaler)
@@ -471,7 +505,7 @@ def _chosen_precision(precision: str, device: torch.device, model: nn.Module, tr
     """`precision` resolved for training `model` in batches of `batch_size`, said in the log when it was "auto"."""
     if precision != "auto" or len(train) == 0:
         return resolve_precision(precision, device)
-    chosen = resolve_precision(precision, device, model, train.x[:1], min(batch_size, len(train)))
+    chosen = training_precision(precision, device, model, train.x, min(batch_size, len(train)))
     log.info("%s: precision auto -> %s on %s", stage, chosen, device)
     return chosen
 
@@ -486,7 +520,7 @@ class _Loop:
     train: TrainSet
     cfg: TrainConfig
     optimizer: torch.optim.Optimizer
-    scheduler: Any  # LambdaLR, stepped once per batch
+    scheduler: StepSchedule  # stepped once per batch
     scaler: Any  # fp16 GradScaler, else None
     loss_fn: LossFn
     teacher: nn.Module | None
@@ -510,7 +544,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     started = time.perf_counter()
     device = loop.device
     generator = torch.Generator().manual_seed(epoch_seed(loop.seed, epoch))
-    torch.manual_seed(epoch_seed(loop.seed, epoch))  # dropout draws from the global stream
+    _seed_global_stream(epoch_seed(loop.seed, epoch), device)  # dropout draws from it
     order = loop.epoch_indices(epoch, generator).to(loop.train.x.device)  # on a GPU: one copy per epoch
     augment_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(
         epoch_seed(loop.seed, epoch))  # draws where the batch is: no copy from the host per step
@@ -519,7 +553,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     correct = torch.zeros((), dtype=torch.int64, device=device)
     batches = order.split(loop.cfg.batch_size)
     bar = tqdm(batches, desc=f"{loop.stage} {epoch}/{loop.cfg.epochs}", leave=False, unit="batch",
-               disable=None if loop.progress else True)  # None: no bar when stderr is not a terminal
+               disable=None) if loop.progress else batches  # disable=None: no bar when stderr is not a terminal
     seen, checked = 0, 0
     view = None if loop.train.views is None else (epoch - 1) % loop.train.views.count
     for step, idx in enumerate(bar, start=1):
@@ -533,6 +567,15 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
             checked = step
     return {"epoch": epoch, "loss": float(loss_sum) / max(seen, 1), "train_accuracy": int(correct) / max(seen, 1),
             "lr": loop.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _seed_global_stream(seed: int, device: torch.device) -> None:
+    """Seed torch's global random stream of `device` (its dropout draws from it). On CPU only the CPU
+    generator: torch.manual_seed also seeds every other backend, 0.2 ms that a short epoch notices."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def _train_step(loop: _Loop, idx: torch.Tensor, generator: torch.Generator,

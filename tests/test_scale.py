@@ -22,9 +22,9 @@ from ensemble_kd.ensemble import combine
 from ensemble_kd.models import build_model
 from ensemble_kd.parallel import SchedulerError, effective_jobs, run_jobs, specialist_device
 from ensemble_kd.specialists import train_all_specialists
-from ensemble_kd.inference import evaluate
+from ensemble_kd.inference import evaluate, predict_logits
 from ensemble_kd.train import (FitOptions, TrainSet, _bf16_autocast_works, fit, forward_flops, native_bf16,
-                               resolve_precision, set_seed)
+                               resolve_precision, set_seed, training_precision)
 
 from conftest import tiny_config, weights
 
@@ -208,13 +208,26 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native_and_the_model_large_en
     tiny = build_model(ModelConfig(arch="mlp", hidden=[16]), (2,), 3, [0.0], [1.0])
     monkeypatch.setattr(train, "native_bf16", lambda device: True)
     # training: 3 x 128 x 2 x (784 x 1024 + 1024 x 1024 + 1024 x 10) = 1.4 GFLOP per step; tiny: 13 kFLOP
-    assert resolve_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "bf16"
-    assert resolve_precision("auto", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "fp32"
-    assert resolve_precision("fp32", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"  # asked for
-    assert resolve_precision("bf16", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "bf16"
+    assert training_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "bf16"
+    assert training_precision("auto", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "fp32"
+    assert training_precision("fp32", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"  # asked for
+    assert training_precision("bf16", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "bf16"
     assert large.training and tiny.training  # counting ran in eval mode and gave the mode back
+    assert resolve_precision("auto", "cpu", step_flops=2e8) == "bf16"
+    assert resolve_precision("auto", "cpu", step_flops=2e7) == "fp32"
     monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert resolve_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"
+    assert training_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"
+    assert resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_predict_logits_under_auto_never_runs_the_model_more_than_once_per_chunk(monkeypatch) -> None:
+    calls = []
+    model = build_model(ModelConfig(arch="mlp", hidden=[1024]), (784,), 10, [0.0], [1.0])
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    logits = predict_logits(model, torch.rand(300, 784), batch_size=128, precision="auto")
+    assert calls == [128, 128, 44]  # bf16 chosen from the parameter count, not from a trial pass
+    assert logits.dtype == torch.float32 and logits.shape == (300, 10)
 
 
 @pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")

@@ -20,8 +20,8 @@ from ensemble_kd.artifacts import ArtifactError
 from ensemble_kd.config import ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
 from ensemble_kd.inference import evaluate
-from ensemble_kd.train import (FitOptions, NonFiniteLossError, TrainSet, clip_grad_norm, cross_entropy, fit,
-                               load_finished, lr_factor, save_model, set_seed)
+from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy,
+                               fit, load_finished, lr_factor, save_model, set_seed)
 
 # 200 examples in batches of 32 -> 7 steps per epoch; loss_fn call 7 * (e - 1) + s is epoch e, step s.
 CFG = TrainConfig(epochs=5, batch_size=32, lr=0.02, weight_decay=1e-4, warmup_epochs=1)
@@ -463,6 +463,19 @@ def test_loss_fn_gets_the_cached_targets_of_the_batch_without_a_teacher(blobs, t
 ])
 def test_lr_factor_by_hand(step, total, warmup, schedule, expected):
     assert lr_factor(step, total, warmup, schedule) == pytest.approx(expected, abs=1e-12)
+
+
+def test_step_schedule_sets_lambdalrs_values_bit_for_bit_and_resumes_from_its_state():
+    factor = lambda step: lr_factor(step, 40, 6, "cosine")  # noqa: E731
+    ours = torch.optim.AdamW(fresh_model().parameters(), lr=0.02)
+    torchs = torch.optim.AdamW(fresh_model().parameters(), lr=0.02)
+    schedule, reference = StepSchedule(ours, factor), torch.optim.lr_scheduler.LambdaLR(torchs, factor)
+    for _ in range(41):
+        assert ours.param_groups[0]["lr"] == torchs.param_groups[0]["lr"]  # exactly, not approximately
+        ours.step(), torchs.step(), schedule.step(), reference.step()
+    resumed = StepSchedule(torch.optim.AdamW(fresh_model().parameters(), lr=0.02), factor)
+    resumed.load_state_dict(reference.state_dict())  # a checkpoint written with LambdaLR
+    assert resumed.last_epoch == 41 and resumed.optimizer.param_groups[0]["lr"] == torchs.param_groups[0]["lr"]
 
 
 def test_progress_off_a_terminal_is_one_log_line_per_epoch_and_no_bar_redraws(
