@@ -1,7 +1,7 @@
 """The names each setting may take (architectures, data sets, precisions, export formats, stages, ...).
 
 Kept in one place: config.py checks values against them, and the registries
-(models.ARCHITECTURES, export.FORMATS, train.PRECISIONS, the data loaders,
+(models.ARCHITECTURES, export.FORMATS, precision.PRECISIONS, the data loaders,
 confusion.MATRIX_KINDS, the pipeline's stages) are keyed by them.
 
 No torch here: config.py and the command line's --help import this module.

@@ -28,8 +28,8 @@ from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
 from .losses import kd_loss
 from .models import Classifier, build_model, count_params
-from .train import (FitOptions, TrainSet, Views, autocast, cross_entropy, fit, load_finished, resolve_device,
-                    set_seed)
+from .precision import autocast
+from .train import FitOptions, TrainSet, Views, cross_entropy, fit, load_finished, resolve_device, set_seed
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .train import autocast, resolve_precision
+from .precision import autocast, resolve_precision
 
 
 @dataclass

@@ -27,10 +27,11 @@ from .export import ONNX_EXTRA, export_run, missing_onnx_modules
 from .generalist import load_generalist, train_generalist
 from .models import build_model
 from .parallel import DASK_EXTRA
+from .precision import autocast_dtype
 from .report import write_heatmap, write_report
 from .resume import check_resume
 from .specialists import train_all_specialists
-from .train import autocast_dtype, resolve_device
+from .train import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble_kd import choices, confusion, data, export, models, pipeline, train
+from ensemble_kd import choices, confusion, data, export, generalist, models, pipeline, precision
+from ensemble_kd.cli import main
 from ensemble_kd.config import Config, ConfigError, load_config, to_toml
 from ensemble_kd.pipeline import start_run
 
@@ -163,7 +164,7 @@ def test_strings_with_quotes_backslashes_newlines_and_unicode_round_trip(tmp_pat
 def test_every_list_of_choices_is_the_one_its_registry_is_keyed_by():
     assert tuple(models.ARCHITECTURES) == choices.ARCHITECTURES
     assert tuple(export.FILE_NAMES) == tuple(export.WRITERS) == export.FORMATS == choices.EXPORT_FORMATS
-    assert ("auto", *train.PRECISIONS) == choices.PRECISIONS == train.PRECISION_CHOICES
+    assert ("auto", *precision.PRECISIONS) == choices.PRECISIONS == precision.PRECISION_CHOICES
     assert {"digits", "synthetic", "imagefolder", *data._TORCHVISION} == set(choices.DATA_SETS)
     assert tuple(confusion.build_matrices(np.array([0, 1]), np.eye(2), 2)) == choices.MATRIX_KINDS
     assert pipeline.STAGES == choices.STAGES
@@ -224,9 +225,6 @@ def _bad_cases() -> list[tuple[str, list[str]]]:
 
 
 def test_every_config_field_with_a_bad_value_exits_2_with_one_line_naming_it(tmp_path, monkeypatch):
-    from ensemble_kd import generalist
-    from ensemble_kd.cli import main
-
     def no_training(*args, **kwargs):
         raise AssertionError("the generalist started training")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from ensemble_kd import parallel, train
+from ensemble_kd import parallel, precision
 from ensemble_kd.artifacts import load_torch, read_jsonl
 from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig, load_config
 from ensemble_kd.confusion import ClassClusterer, build_matrices, confusability, hard_confusion, soft_confusion
@@ -23,8 +23,9 @@ from ensemble_kd.models import build_model
 from ensemble_kd.parallel import SchedulerError, effective_jobs, run_jobs, specialist_device
 from ensemble_kd.specialists import train_all_specialists
 from ensemble_kd.inference import evaluate, predict_logits
-from ensemble_kd.train import (FitOptions, TrainSet, _bf16_autocast_works, fit, forward_flops, native_bf16,
-                               resolve_precision, set_seed, training_precision)
+from ensemble_kd.precision import (_bf16_autocast_works, forward_flops, native_bf16, resolve_precision,
+                                   training_precision)
+from ensemble_kd.train import FitOptions, TrainSet, fit, set_seed
 
 from conftest import tiny_config, weights
 
@@ -206,7 +207,7 @@ def test_forward_flops_of_an_mlp_by_hand() -> None:
 def test_auto_precision_is_bf16_only_where_bf16_is_native_and_the_model_large_enough(monkeypatch) -> None:
     large = build_model(ModelConfig(arch="mlp", hidden=[1024, 1024]), (784,), 10, [0.0], [1.0])
     tiny = build_model(ModelConfig(arch="mlp", hidden=[16]), (2,), 3, [0.0], [1.0])
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     # training: 3 x 128 x 2 x (784 x 1024 + 1024 x 1024 + 1024 x 10) = 1.4 GFLOP per step; tiny: 13 kFLOP
     assert training_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "bf16"
     assert training_precision("auto", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "fp32"
@@ -215,7 +216,7 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native_and_the_model_large_en
     assert large.training and tiny.training  # counting ran in eval mode and gave the mode back
     assert resolve_precision("auto", "cpu", step_flops=2e8) == "bf16"
     assert resolve_precision("auto", "cpu", step_flops=2e7) == "fp32"
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert training_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"
     assert resolve_precision("auto", "cpu") == "fp32"
 
@@ -224,7 +225,7 @@ def test_predict_logits_under_auto_never_runs_the_model_more_than_once_per_chunk
     calls = []
     model = build_model(ModelConfig(arch="mlp", hidden=[1024]), (784,), 10, [0.0], [1.0])
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     logits = predict_logits(model, torch.rand(300, 784), batch_size=128, precision="auto")
     assert calls == [128, 128, 44]  # bf16 chosen from the parameter count, not from a trial pass
     assert logits.dtype == torch.float32 and logits.shape == (300, 10)
@@ -234,7 +235,7 @@ def test_predict_logits_under_auto_never_runs_the_model_more_than_once_per_chunk
 @pytest.mark.parametrize("min_flops, recorded", [(0, "bf16"), (float("inf"), None)])
 def test_fit_under_auto_records_the_precision_it_chose(tmp_path: Path, monkeypatch, min_flops: float,
                                                        recorded: str | None) -> None:
-    monkeypatch.setattr(train, "BF16_MIN_STEP_FLOPS", min_flops)
+    monkeypatch.setattr(precision, "BF16_MIN_STEP_FLOPS", min_flops)
     x, y = _blobs(60)
     model = build_model(ModelConfig(arch="mlp", hidden=[8]), (2,), 3, [0.0], [1.0])
     fit(model, TrainSet(x, y), TrainConfig(epochs=1, batch_size=32), tmp_path,
