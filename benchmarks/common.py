@@ -16,6 +16,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ensemble_kd import artifacts
+from ensemble_kd.config import load_config
+from ensemble_kd.data import load_data
+from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student, student_fingerprint,
+                                 teacher_fingerprint)
+from ensemble_kd.ensemble import build_ensemble
+from ensemble_kd.generalist import load_generalist
+from ensemble_kd.inference import evaluate
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"  # real MNIST / Fashion-MNIST copies on these machines
@@ -152,15 +161,6 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     (`student.transfer`); `student_seed` sets its initial weights and batch order (and the
     live views); cached teacher logits (views, dataset) are the run's own, computed once.
     Trained in `out_root/<run>/<kind>-seed<k>` and reused from there when finished."""
-    from ensemble_kd import artifacts
-    from ensemble_kd.config import load_config
-    from ensemble_kd.data import load_data
-    from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student,
-                                     student_fingerprint, teacher_fingerprint)
-    from ensemble_kd.ensemble import build_ensemble
-    from ensemble_kd.generalist import load_generalist
-    from ensemble_kd.inference import evaluate
-
     cfg = load_config(run / artifacts.CONFIG_FILE)
     data = load_data(cfg.data, cfg.seed)
     generalist = load_generalist(cfg, data, run) if kind != HARD_LABELS else None

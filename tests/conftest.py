@@ -7,8 +7,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ensemble_kd import artifacts
 from ensemble_kd.config import Config, ModelConfig, load_config
@@ -107,6 +109,17 @@ def make_blobs(n: int = 200, seed: int = 0) -> TrainSet:
 @pytest.fixture
 def blobs() -> TrainSet:
     return make_blobs()
+
+
+UPRIGHT = np.array([[250, 10, 10, 10], [250, 90, 10, 10], [250, 10, 10, 170]], dtype=np.uint8)  # 4 wide, 3 high
+
+
+def write_sideways(path: Path, upright: np.ndarray = UPRIGHT) -> None:
+    """Stored turned a quarter left, with the EXIF orientation (6) that says to turn it back, as phones do."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
 
 
 IMAGE_SHAPE = [1, 8, 8]

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from ensemble_kd import imagefolder
 from ensemble_kd.config import DataConfig
 from ensemble_kd.data import (DataError, augment_batch, channel_stats, load_data, planted_groups,
                               validate_split)
+
+from conftest import UPRIGHT, write_sideways
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -33,8 +36,6 @@ def _row_counter(*xs: torch.Tensor) -> Counter:
 # ---------------------------------------------------------------- digits
 
 def test_digits_shapes_splits_and_partition():
-    from sklearn.datasets import load_digits
-
     s = load_data(DataConfig(name="digits", val_fraction=0.15), seed=0)
     assert s.input_shape == (1, 8, 8) and s.num_classes == 10 and s.name == "digits"
     assert s.class_names == [str(d) for d in range(10)]
@@ -263,22 +264,11 @@ def test_imagefolder_gray_stays_one_channel_and_mixed_becomes_rgb(tmp_path):
     assert torch.equal(gray_image[0], gray_image[1]) and torch.equal(gray_image[1], gray_image[2])
 
 
-UPRIGHT = np.array([[250, 10, 10, 10], [250, 90, 10, 10], [250, 10, 10, 170]], dtype=np.uint8)  # 4 wide, 3 high
-
-
-def _write_sideways(path: Path, upright: np.ndarray = UPRIGHT) -> None:
-    """Stored turned a quarter left, with the EXIF orientation (6) that says to turn it back, as phones do."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
-
-
 def test_imagefolder_turns_exif_rotated_photos_upright(tmp_path):
     root = _make_folder(tmp_path / "phone", mode="L")
     for split, count in (("train", 6), ("test", 2)):
         for i in range(count):
-            _write_sideways(root / split / "cat" / f"{i:03d}.png")  # replaces the upright cats
+            write_sideways(root / split / "cat" / f"{i:03d}.png")  # replaces the upright cats
     s = load_data(_folder_cfg(root), 0)
     assert s.input_shape == (1, 3, 4)  # height 3, width 4: as shown, not as stored (4 high, 3 wide)
     cats = s.x_test[s.y_test == s.class_names.index("cat")]

@@ -8,13 +8,15 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import ensemble_kd
 from ensemble_kd import export as export_module
 from ensemble_kd.export import (FILE_NAMES, ExportError, InputError, export_student,
                                 load_student)
 from ensemble_kd.predict import format_predictions, load_inputs, predict_files
 
-from conftest import ARCHS, CLASS_NAMES, IMAGE_SHAPE, make_model
+from conftest import ARCHS, CLASS_NAMES, IMAGE_SHAPE, UPRIGHT, make_model, write_sideways
 
 TORCH_FORMATS = ["torchscript", "export", "state_dict"]
 ATOL = 1e-4
@@ -105,8 +107,6 @@ def test_export_program_does_not_carry_the_check_batch(tmp_path):
 
 
 def test_package_level_load_student_opens_an_export(tmp_path_factory):
-    import ensemble_kd
-
     model, meta, out_dir, _, _ = exported("mlp", "torch", tmp_path_factory)
     student = ensemble_kd.load_student(out_dir / FILE_NAMES["state_dict"])
     x = torch.rand(3, *meta.input_shape)
@@ -213,8 +213,6 @@ def test_missing_foreign_and_unknown_files(tmp_path):
 
 
 def test_load_inputs_scales_converts_and_resizes(tmp_path):
-    from PIL import Image
-
     grey = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
     Image.fromarray(grey, mode="L").save(tmp_path / "grey.png")
     Image.fromarray(np.full((16, 12, 3), 200, dtype=np.uint8), mode="RGB").save(tmp_path / "big.png")
@@ -231,10 +229,7 @@ def test_load_inputs_scales_converts_and_resizes(tmp_path):
 
 
 def test_load_inputs_reads_images_as_training_does_exif_upright_and_16_bit_scaled(tmp_path, caplog):
-    from PIL import Image
-    from test_data import UPRIGHT, _write_sideways
-
-    _write_sideways(tmp_path / "phone.png")
+    write_sideways(tmp_path / "phone.png")
     Image.fromarray(np.full((3, 4), 257 * 60, dtype=np.uint16)).save(tmp_path / "deep.png")
     with caplog.at_level(logging.WARNING, logger="ensemble_kd.predict"):
         x = load_inputs([tmp_path / "phone.png", tmp_path / "deep.png"], [1, 3, 4])
@@ -259,8 +254,6 @@ def test_load_inputs_errors_name_the_file(tmp_path, caplog):
 
 
 def test_predict_files_on_png_and_npy(tmp_path_factory, tmp_path):
-    from PIL import Image
-
     model, _, out_dir, _, _ = exported("cnn", "torch", tmp_path_factory)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)

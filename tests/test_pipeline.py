@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ensemble_kd.artifacts import ArtifactError
+from ensemble_kd.cli import main
 from ensemble_kd.config import ConfigError, load_config
-from ensemble_kd.confusion import ClusterError, read_clusters
+from ensemble_kd.confusion import ClusterError, choose_k, read_clusters
 from ensemble_kd.data import DataError, load_data
 from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
 from ensemble_kd.pipeline import run_pipeline, start_run
@@ -170,8 +172,6 @@ def test_impossible_clusters_fail_before_any_training(tmp_path: Path, overrides:
 @pytest.mark.parametrize("num_classes, k", [(2, 0), (3, 0), (4, 2), (6, 2), (10, 3), (100, 10), (1000, 32)])
 def test_k_zero_chooses_about_the_square_root_of_the_classes_and_none_when_no_two_clusters_fit(
         num_classes: int, k: int) -> None:
-    from ensemble_kd.confusion import choose_k
-
     assert choose_k(tiny_config("clusters.k=0").clusters, num_classes) == k
     assert choose_k(tiny_config("clusters.k=0", "clusters.min_size=1").clusters, 3) == 2
 
@@ -186,8 +186,6 @@ def test_k_zero_says_in_the_log_which_k_it_chose(tmp_path: Path, caplog: pytest.
 
 def _two_class_folder(root: Path, per_class: int = 8) -> Path:
     """Stripes and blocks, 12x10 pixels, some of them RGB: a user's tiny image folder."""
-    from PIL import Image
-
     for split, count in (("train", per_class), ("test", 3)):
         for i in range(count):
             stripes = Image.new("L", (12, 10), 40)
@@ -203,8 +201,6 @@ def _two_class_folder(root: Path, per_class: int = 8) -> Path:
 
 def test_the_imagefolder_config_runs_end_to_end_on_two_classes_with_the_generalist_as_ensemble(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from ensemble_kd.cli import main
-
     monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))
     root = _two_class_folder(tmp_path / "images")
     quick = ["threads=1", "device=cpu", f"data.root={root}", "generalist.train.epochs=2", "specialists.n_jobs=1",
@@ -223,8 +219,6 @@ def test_the_imagefolder_config_runs_end_to_end_on_two_classes_with_the_generali
 
 
 def test_one_class_and_settings_the_data_cannot_meet_fail_before_the_generalist(tmp_path: Path) -> None:
-    from PIL import Image
-
     root = tmp_path / "one"
     for split in ("train", "test"):
         (root / split / "only").mkdir(parents=True)

@@ -592,7 +592,7 @@ def _wait_for(condition, timeout: float) -> bool:
 
 
 def _alive(processes: list) -> list:
-    import psutil
+    import psutil  # the dask extra brings it; the test calling this has already skipped without it
 
     def running(p: psutil.Process) -> bool:
         try:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from ensemble_kd import specialists
-from ensemble_kd.config import ModelConfig, load_config
+from ensemble_kd.config import ConfigError, ModelConfig, load_config
 from ensemble_kd.confusion import read_clusters
+from ensemble_kd.data import load_data
+from ensemble_kd.generalist import load_generalist
 from ensemble_kd.losses import fold_labels, fold_probs
 from ensemble_kd.models import build_model
 from ensemble_kd.specialists import (SpecialistError, dispatch_order, enriched_indices, new_specialist,
@@ -170,9 +172,6 @@ def test_failing_specialist_names_its_cluster_and_cause_and_keeps_the_others(run
 # ---------------------------------------------------------------- how a specialist starts
 
 def test_scratch_specialists_have_fresh_weights_of_their_own_architecture(run_copy: Path) -> None:
-    from ensemble_kd.data import load_data
-    from ensemble_kd.generalist import load_generalist
-
     cfg = tiny_config("specialists.init=scratch", "specialists.model.arch=mlp", "specialists.model.hidden=[24]",
                       "specialists.soft_epochs=0")
     data = load_data(cfg.data, cfg.seed)
@@ -195,7 +194,5 @@ def test_scratch_specialists_have_fresh_weights_of_their_own_architecture(run_co
 
 
 def test_a_model_of_their_own_needs_scratch_initialisation() -> None:
-    from ensemble_kd.config import ConfigError
-
     with pytest.raises(ConfigError, match="specialists.init = 'scratch'"):
         tiny_config("specialists.model.arch=cnn")
