@@ -63,7 +63,7 @@ from . import artifacts
 from .choices import MATRIX_KINDS
 from .config import ClustersConfig, Config
 from .data import Splits
-from .errors import EnsembleKDError
+from .errors import EnsembleKDError, plural
 from .inference import predict_probs
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _check_labels(y_true: np.ndarray, num_classes: int, what: str = "y_true") ->
                            "pass labels, not probabilities or one-hot rows")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        raise ClusterError(f"{what} must be in [0, {num_classes}); found {bad.size} labels outside, "
+        raise ClusterError(f"{what} must be in [0, {num_classes}); found {plural(bad.size, 'label')} outside, "
                            f"e.g. {labels[bad[0]]} at index {bad[0]}; check num_classes and the label column")
     return labels.astype(np.int64)
 
@@ -123,7 +123,8 @@ def hard_confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> 
     y_true = _check_labels(y_true, num_classes)
     y_pred = _check_labels(y_pred, num_classes, "y_pred")
     if y_true.shape != y_pred.shape:
-        raise ClusterError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}; pass one prediction per example")
+        raise ClusterError(f"y_true has {plural(y_true.size, 'label')} but y_pred has {y_pred.size}; "
+                           "pass one prediction per example")
     pairs = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)  # no N x C one-hot
     counts = np.bincount(y_true, minlength=num_classes).astype(np.float64)
     return pairs.reshape(num_classes, num_classes) / np.maximum(counts, 1.0)[:, None]
@@ -134,7 +135,8 @@ def soft_confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     probs = _check_probs(probs)
     y_true = _check_labels(y_true, probs.shape[1])
     if y_true.size != probs.shape[0]:
-        raise ClusterError(f"y_true has {y_true.size} labels but probs has {probs.shape[0]} rows; pass one row per example")
+        raise ClusterError(f"y_true has {plural(y_true.size, 'label')} but probs has {plural(probs.shape[0], 'row')}; "
+                           "pass one row per example")
     return _mean_rows_by_class(y_true, probs, probs.shape[1])
 
 
@@ -361,7 +363,7 @@ class ClassClusterer:
         before any training) what holds whatever is excluded: max_size only when nothing can be."""
         eligible = num_classes if num_eligible is None else num_eligible
         excluded = num_classes - eligible
-        have = (f"only {eligible} of the {num_classes} classes are confused enough to cluster "
+        have = (f"only {eligible} of the {num_classes} classes {'is' if eligible == 1 else 'are'} confused enough to cluster "
                 f"(clusters.min_confusion = {self.min_confusion:g})" if excluded else
                 f"the data has {num_classes} classes")
         fewer = "clusters.min_confusion, " if excluded else ""

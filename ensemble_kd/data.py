@@ -35,7 +35,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, plural
 from .imagefolder import load_imagefolder
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def validate_split(x: Tensor, y: Tensor, num_classes: int, split: str,
     if y.ndim != 1:
         raise DataError(f"{split} labels have shape {tuple(y.shape)}; expected one class id per example (N,)")
     if len(x) != len(y):
-        raise DataError(f"{split} has {len(x)} inputs but {len(y)} labels; every input needs exactly one label")
+        raise DataError(f"{split} has {plural(len(x), 'input')} but {plural(len(y), 'label')}; every input needs exactly one label")
     if len(y) == 0:
         raise DataError(f"{split} split is empty; add examples (or lower data.val_fraction for the val split)")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
@@ -138,7 +138,7 @@ def _check_label_range(y: Tensor, num_classes: int, split: str) -> None:
     outside = ((y < 0) | (y >= num_classes)).nonzero().flatten()
     if len(outside):
         first = int(outside[0])
-        raise DataError(f"{split} labels must be in [0, {num_classes}); found {len(outside)} labels outside, "
+        raise DataError(f"{split} labels must be in [0, {num_classes}); found {plural(len(outside), 'label')} outside, "
                         f"e.g. {int(y[first])} at index {first}; check the labels or the class list")
 
 
@@ -161,7 +161,7 @@ def _check_every_class_present(y: Tensor, num_classes: int, class_names: Sequenc
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
         names = [repr(class_names[c]) if class_names else str(c) for c in missing]
-        raise DataError(f"class {names[0]} has no training examples ({len(missing)} classes empty: "
+        raise DataError(f"class {names[0]} has no training examples ({plural(len(missing), 'class')} empty: "
                         f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); add examples of it "
                         "or remove the class (and raise data.train_limit if it is set)")
 
@@ -186,8 +186,8 @@ def _stratified_indices(y: Tensor, size: int | float, seed: int, what: str) -> t
     try:
         kept, held = train_test_split(indices, test_size=size, stratify=y.numpy(), random_state=seed % 2**32)
     except ValueError as err:  # too few examples per class, or fewer held-out slots than classes
-        raise DataError(f"cannot make the stratified {what} from {len(y)} examples of "
-                        f"{int(torch.unique(y).numel())} classes: {err}") from err
+        raise DataError(f"cannot make the stratified {what} from {plural(len(y), 'example')} of "
+                        f"{plural(int(torch.unique(y).numel()), 'class')}: {err}") from err
     return np.sort(kept), np.sort(held)
 
 

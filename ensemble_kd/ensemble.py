@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .config import Config
 from .confusion import read_clusters
 from .data import Splits
+from .errors import plural
 from .specialists import load_specialist
 
 log = logging.getLogger(__name__)
@@ -203,10 +204,11 @@ class _FrozenMembers(nn.Module):
                  num_classes: int, top_n: int = 1, dustbin_shift: Sequence[float] | None = None) -> None:
         super().__init__()
         if len(specialists) != len(clusters):
-            raise ValueError(f"got {len(specialists)} specialists for {len(clusters)} clusters; pass one per cluster")
+            raise ValueError(f"got {plural(len(specialists), 'specialist')} for {plural(len(clusters), 'cluster')}; "
+                             "pass one per cluster")
         shift = [0.0] * len(clusters) if dustbin_shift is None else [float(s) for s in dustbin_shift]
         if len(shift) != len(clusters):
-            raise ValueError(f"dustbin_shift has {len(shift)} values for {len(clusters)} specialists; "
+            raise ValueError(f"dustbin_shift has {plural(len(shift), 'value')} for {plural(len(clusters), 'specialist')}; "
                              "give one per specialist or None")
         if not 1 <= top_n <= num_classes:
             raise ValueError(f"top_n must be in [1, {num_classes}], got {top_n}")
@@ -235,7 +237,7 @@ class _FrozenMembers(nn.Module):
                 logits = specialist(x[rows])
                 if logits.shape[1] != width:
                     raise ValueError(f"specialist {k} outputs {logits.shape[1]} logits but its cluster has "
-                                     f"{width - 1} classes (+1 dustbin); check that it was trained for this cluster")
+                                     f"{plural(width - 1, 'class')} (+1 dustbin); check that it was trained for this cluster")
                 logits = torch.cat([logits[:, :-1], logits[:, -1:] + self.dustbin_shift[k]], dim=1)
                 probs[rows] = F.softmax(logits.to(dtype), dim=1)[:, self._column_order[k]]
             outputs.append(probs)

@@ -137,7 +137,7 @@ def _x(n=4):
 
 @pytest.mark.parametrize("labels, pattern", [
     ([0, 1, 5, 7], r"in \[0, 3\); found 2 labels outside, e\.g\. 5 at index 2"),
-    ([0, -1, 2, 1], r"found 1 labels outside, e\.g\. -1 at index 1"),
+    ([0, -1, 2, 1], r"found 1 label outside, e\.g\. -1 at index 1"),
 ])
 def test_validate_split_labels_out_of_range(labels, pattern):
     with pytest.raises(DataError, match=pattern):
@@ -158,7 +158,7 @@ def test_validate_split_nan_pixels_counted():
 
 
 def test_validate_split_empty_class_named():
-    with pytest.raises(DataError, match=r"class 'bird' has no training examples"):
+    with pytest.raises(DataError, match=r"class 'bird' has no training examples \(1 class empty: 'bird'\)"):
         validate_split(_x(), torch.tensor([0, 0, 2, 2]), 3, "train", class_names=["cat", "bird", "dog"])
     validate_split(_x(), torch.tensor([0, 0, 2, 2]), 3, "test")  # a test set may lack a class
 

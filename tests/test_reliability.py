@@ -434,7 +434,7 @@ def _float_labels(x_train, y_train, x_test, y_test, names):
 
 @pytest.mark.parametrize("corrupt, message", [
     (_nan_pixel, "NaN or infinite"), (_label_out_of_range, "test labels must be in [0, 6)"),
-    (_negative_test_label, "test labels must be in [0, 6); found 1 labels outside, e.g. -1 at index 5"),
+    (_negative_test_label, "test labels must be in [0, 6); found 1 label outside, e.g. -1 at index 5"),
     (_negative_train_label, "train labels must be in [0, 6)"),
     (_float_labels, "labels must be integer class ids"),
 ])
