@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and distil the ensemble into one compact exported student."))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = _command(commands, "run", "Run the pipeline: every stage, or up to --until a stage.",
-                   "Stages: " + " -> ".join(STAGES) + ". Writes everything into RUN_DIR (--out; default\n"
-                   "artifacts/<data.name>-seed<seed>) and ends with a table of the models; finished work\n"
-                   "in RUN_DIR is reused with --resume. Settings: the built-in defaults (for the digits\n"
-                   "data), then --config, then each --set.")
+                   "Stages: " + " -> ".join(STAGES) + ".\n"
+                   "Writes everything into RUN_DIR (--out; default artifacts/<data.name>-seed<seed>) and\n"
+                   "ends with a table of the models; finished work in RUN_DIR is reused with --resume.\n"
+                   "Settings: the built-in defaults (for the digits data), then --config, then each --set.")
     _add_run_arguments(run)
     clusters = _command(commands, "clusters", "Show a run's clusters of confusable classes.",
                         "Prints the table of clusters (or clusters.json with --json) of RUN_DIR and redraws\n"
