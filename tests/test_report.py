@@ -62,6 +62,8 @@ def test_the_accuracy_chart_keeps_every_label_inside_and_coinciding_points_apart
     labels = [text.get_text() for text in legend.get_texts()]
     assert [label.split(":")[0] for label in labels] == list(report_module.MODEL_ORDER)  # one entry per model
     assert len(set(report_module._MARKERS.values())) == 5  # five shapes: tied students stay distinguishable
+    drawn = [tuple(points.get_offsets()[0]) for points in fig.axes[0].collections]
+    assert len(set(drawn)) == 5  # student and student_hard_labels (same size, same accuracy) drawn side by side
     figure_box = fig.bbox
     for text in [*legend.get_texts(), fig.axes[0].title, fig.axes[0].xaxis.label, fig.axes[0].yaxis.label]:
         box = text.get_window_extent(renderer)
