@@ -43,8 +43,10 @@ CACHE = common.REPO / "benchmarks" / "cache" / "ablation"
 # row -> (what it changes, overrides of the committed recipe, config file or None for the recipe's)
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "recipe": ("the committed recipe", [], None),
-    "init_generalist": ("specialists start as copies of the generalist", ["specialists.init=generalist",
-                                                                          "specialists.model.arch=generalist"], None),
+    "init_scratch": ("specialists start from fresh weights instead of the generalist's", ["specialists.init=scratch"],
+                     None),
+    "soft_phase": ("specialists end with an epoch on the generalist's soft targets (Hinton's pull back)",
+                   ["specialists.soft_epochs=1"], None),
     "no_overlap": ("clusters partition the classes", ["clusters.overlap=0"], None),
     "transfer_dataset": ("students learn the teachers' logits on the plain training images",
                          ["student.transfer=dataset"], None),
@@ -53,20 +55,21 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
     "mlp": ("the earlier MLP recipe (MLP generalist, fine-tuned specialists, MLP student)", [],
             "fashion-mnist-mlp"),
 }
-QUICK_ROWS = ("recipe", "init_generalist", "no_overlap", "transfer_dataset")
+QUICK_ROWS = ("recipe", "init_scratch", "no_overlap", "transfer_dataset")
 
 
 def row_config(data: str, row: str, seed: int, quick: bool, extra: list[str]) -> Config:
     _, overrides, config_name = ROWS[row]
     name = config_name or data
-    quick_overrides = ["specialists.init=scratch", "specialists.soft_epochs=0", "clusters.overlap=0.2",
+    quick_overrides = ["specialists.init=generalist", "specialists.soft_epochs=0", "clusters.overlap=0.2",
                        "data.crop_pad=1", "student.transfer=views"] if quick else []
     return load_config(common.REPO / "pipelines" / "configs" / f"{name}.toml",
                        [f"seed={seed}", *quick_overrides, *overrides, *extra])
 
 
-def row_dir(data: str, row: str, seed: int) -> Path:
-    if row == "recipe":
+def row_dir(data: str, row: str, seed: int, quick: bool = False) -> Path:
+    """The row's run folder; the recipe's is benchmarks/specialists.py's (not in --quick, whose recipe differs)."""
+    if row == "recipe" and not quick:
         return common.REPO / "benchmarks" / "cache" / "runs" / f"{data}-seed{seed}"
     return CACHE / f"{data}-{row}-seed{seed}"
 
@@ -111,7 +114,7 @@ def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: l
 def run_and_measure(data: str, row: str, seed: int, quick: bool, extra: list[str], donor: Path | None,
                     student_seeds: list[int]) -> dict[str, Any]:
     common.log_to_stderr(f"{row}: {ROWS[row][0]} ...")
-    out = row_dir(data, row, seed)
+    out = row_dir(data, row, seed, quick)
     report = run_row(row_config(data, row, seed, quick, extra), out, donor)
     return row_result(row, out, report, student_seeds)
 
@@ -131,7 +134,7 @@ def main() -> None:
     data = "digits" if args.quick else args.data
     rows = args.rows or (list(QUICK_ROWS) if args.quick else list(ROWS))
     recipe_cfg = row_config(data, "recipe", args.seed, args.quick, args.overrides)
-    recipe_dir = row_dir(data, "recipe", args.seed)
+    recipe_dir = row_dir(data, "recipe", args.seed, args.quick)
     if not (recipe_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
         common.log_to_stderr("recipe: training its generalist first (the other rows borrow it) ...")
         run_pipeline(recipe_cfg, start_run(recipe_cfg, recipe_dir, resume=(recipe_dir / artifacts.CONFIG_FILE).exists()),
