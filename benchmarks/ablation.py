@@ -35,6 +35,7 @@ from ensemble_kd import artifacts
 from ensemble_kd.config import Config, load_config
 from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT
 from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.train import resolve_device
 
 STUDENTS = (STUDENT, FROM_GENERALIST, HARD_LABELS)
 CACHE = common.REPO / "benchmarks" / "cache" / "ablation"
@@ -168,8 +169,6 @@ def format_rows(results: list[dict[str, Any]]) -> str:
 
 
 def _device(cfg: Config) -> str:
-    from ensemble_kd.train import resolve_device
-
     return str(resolve_device(cfg.device))
 
 

@@ -16,6 +16,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ensemble_kd import artifacts
+from ensemble_kd.config import load_config
+from ensemble_kd.data import load_data
+from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student, student_fingerprint,
+                                 teacher_fingerprint)
+from ensemble_kd.ensemble import build_ensemble
+from ensemble_kd.generalist import load_generalist
+from ensemble_kd.inference import evaluate
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"  # real MNIST / Fashion-MNIST copies on these machines
@@ -68,7 +77,8 @@ def load_average() -> float | None:
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Write `result` as benchmarks/results/<name>.json (pretty, keys in insertion order)."""
+    """Write `result` as benchmarks/results/<name>.json (pretty, keys in insertion order; Path values
+    relative to the repository)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -77,9 +87,14 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+def relative(path: str | Path) -> str:
+    """`path` relative to the repository (result files never hold a machine's absolute paths)."""
+    return os.path.relpath(Path(path).absolute(), REPO)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
-        return str(value)
+        return relative(value)
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if hasattr(value, "item"):
@@ -146,15 +161,6 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     (`student.transfer`); `student_seed` sets its initial weights and batch order (and the
     live views); cached teacher logits (views, dataset) are the run's own, computed once.
     Trained in `out_root/<run>/<kind>-seed<k>` and reused from there when finished."""
-    from ensemble_kd import artifacts
-    from ensemble_kd.config import load_config
-    from ensemble_kd.data import load_data
-    from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, TEACHER_LOGITS, distill, new_student,
-                                     student_fingerprint, teacher_fingerprint)
-    from ensemble_kd.ensemble import build_ensemble
-    from ensemble_kd.generalist import load_generalist
-    from ensemble_kd.train import evaluate
-
     cfg = load_config(run / artifacts.CONFIG_FILE)
     data = load_data(cfg.data, cfg.seed)
     generalist = load_generalist(cfg, data, run) if kind != HARD_LABELS else None
@@ -164,6 +170,7 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     fingerprint = dict(student_fingerprint(cfg, data, kind), student_seed=student_seed)
     student = distill(new_student(cfg, data, seed=student_seed), teacher, data, cfg,
                       out_root / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
-                      seed=student_seed, teacher_cache=run / kind / TEACHER_LOGITS,  # the run's, where cached
+                      seed=student_seed,
+                      teacher_cache=run / kind / artifacts.TEACHER_LOGITS_FILE,  # the run's, where cached
                       teacher_fingerprint=teacher_fingerprint(cfg, data, kind))
     return evaluate(student.cpu(), data.x_test, data.y_test).accuracy

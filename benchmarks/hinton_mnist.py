@@ -46,12 +46,13 @@ from typing import Any
 import torch
 
 import common
-from ensemble_kd.artifacts import read_jsonl
+from ensemble_kd import artifacts
 from ensemble_kd.config import DataConfig, ModelConfig, TrainConfig
 from ensemble_kd.data import Splits, augment_batch, load_data
 from ensemble_kd.losses import kd_loss
 from ensemble_kd.models import Classifier, build_model, count_params
-from ensemble_kd.train import TrainSet, cross_entropy, fit, predict_logits, set_seed
+from ensemble_kd.inference import predict_logits
+from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, set_seed
 
 log = logging.getLogger("hinton_mnist")
 
@@ -125,13 +126,13 @@ def train_net(name: str, model: Classifier, train: TrainSet, cfg: TrainConfig, w
     fingerprint = {"train": dataclasses.asdict(cfg), "data": data.fingerprint(), "seed": seed, **settings}
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]
     stage_dir = workdir / f"{name}-{digest}"
-    reused = (stage_dir / "model.pt").exists()
+    reused = (stage_dir / artifacts.MODEL_FILE).exists()
     started = time.perf_counter()
-    fit(model, train, cfg, stage_dir, stage=name, seed=seed, fingerprint=fingerprint,
-        val=TrainSet(data.x_val, data.y_val), progress=False, **fit_args)
+    fit(model, train, cfg, stage_dir, FitOptions(stage=name, seed=seed, fingerprint=fingerprint,
+                                                 val=TrainSet(data.x_val, data.y_val), progress=False, **fit_args))
     seconds = time.perf_counter() - started
     curve = [{k: r[k] for k in ("epoch", "loss", "train_accuracy", "val_accuracy", "seconds") if k in r}
-             for r in read_jsonl(stage_dir / "metrics.jsonl")]
+             for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)]
     return {"seconds": round(seconds, 1), "reused_from_workdir": reused, "train_examples": len(train),
             "curve": curve}
 
@@ -292,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="hinton_mnist_") as workdir:
             result = run(args, budget, Path(workdir))
     result = {"benchmark": "hinton_mnist", "machine": machine,
-              "config": {**vars(args), "data_root": str(args.data_root), "budget": dataclasses.asdict(budget),
-                         "workdir": str(args.workdir) if args.workdir else None},
+              "config": {**vars(args), "budget": dataclasses.asdict(budget)},  # Paths: repository-relative
               "paper_test_errors": PAPER, **result, "summary": summarise(result, args),
               "total_seconds": round(time.perf_counter() - started, 1),
               "load_average_1min_at_end": common.load_average()}

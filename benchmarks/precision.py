@@ -28,8 +28,9 @@ from ensemble_kd import artifacts
 from ensemble_kd.config import load_config
 from ensemble_kd.data import load_data
 from ensemble_kd.generalist import load_generalist, new_generalist, train_generalist
+from ensemble_kd.inference import evaluate
 from ensemble_kd.pipeline import start_run
-from ensemble_kd.train import evaluate, training_precision
+from ensemble_kd.precision import training_precision
 
 CONFIG = common.REPO / "pipelines" / "configs" / "fashion-mnist.toml"
 CACHE = common.REPO / "benchmarks" / "cache" / "precision"

@@ -37,9 +37,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
-from ensemble_kd.confusion import (ClassClusterer, build_matrices, clusters_to_json, confusability,
-                                   plot_confusion)
+from ensemble_kd.confusion import ClassClusterer, build_matrices, clusters_to_json, confusability
 from ensemble_kd.ensemble import active_specialists, combine, membership_matrix
+from ensemble_kd.report import plot_confusion
 from ensemble_kd.specialists import enriched_indices
 
 from common import RESULTS, machine_info  # benchmarks/common.py (the script's folder is on sys.path)

@@ -29,6 +29,7 @@ from joblib import Parallel, delayed
 from ensemble_kd import artifacts
 from ensemble_kd.config import load_config
 from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.train import resolve_device
 
 MODELS = ("generalist", "ensemble", "student", "student_from_generalist", "student_hard_labels")
 
@@ -111,8 +112,6 @@ def write_results(name: str, data: str, config: Path, overrides: list[str], rows
 
 
 def _device(config: Path, overrides: list[str]) -> str:
-    from ensemble_kd.train import resolve_device
-
     return str(resolve_device(load_config(config, overrides).device))
 
 

@@ -43,33 +43,47 @@ in the JSON and the load average before and after each part.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
 import logging
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import common
+from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
-from ensemble_kd.artifacts import read_jsonl
+from ensemble_kd.artifacts import read_json, read_jsonl
 from ensemble_kd.config import Config, ModelConfig, TrainConfig, load_config
+from ensemble_kd.confusion import read_clusters
 from ensemble_kd.data import Splits, augment_batch, load_data
+from ensemble_kd.distill import load_student_model
+from ensemble_kd.ensemble import build_ensemble
+from ensemble_kd.export import load_student
+from ensemble_kd.generalist import load_generalist
+from ensemble_kd.inference import predict_logits
 from ensemble_kd.losses import kd_loss
 from ensemble_kd.models import build_model, count_params
-from ensemble_kd.train import (TrainSet, clip_grad_norm, cross_entropy, fit, lr_factor, make_optimizer,
-                               predict_logits, set_seed, training_precision)
+from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.precision import training_precision
+from ensemble_kd.specialists import dispatch_order, specialist_dir, specialist_threads, train_all_specialists
+from ensemble_kd.train import (FitOptions, TrainSet, clip_grad_norm, cross_entropy, fit, lr_factor, make_optimizer,
+                               set_seed)
 
 log = logging.getLogger("speed")
 
@@ -219,8 +233,9 @@ def timed_fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, device: torch
     CPU seconds of its epochs."""
     with tempfile.TemporaryDirectory(prefix="speed_fit_") as stage_dir, epoch_cpu_seconds() as epoch_cpu:
         started = time.perf_counter()
-        fit(model, train, cfg, stage_dir, stage="bench", seed=0, progress=progress, precision=precision,
-            loss_fn=loss_fn, augment=augment, device=device, compile_model=compile_model)
+        fit(model, train, cfg, stage_dir, FitOptions(stage="bench", seed=0, progress=progress, precision=precision,
+                                                     loss_fn=loss_fn, augment=augment, device=device,
+                                                     compile_model=compile_model))
         synchronize(device)
         wall = time.perf_counter() - started
         epochs = [r["seconds"] for r in read_jsonl(Path(stage_dir) / "metrics.jsonl")]
@@ -248,8 +263,6 @@ def epoch_cpu_seconds() -> Iterator[list[float]]:
 
 def train_flops_per_image(model: nn.Module, example: torch.Tensor) -> int:
     """Matmul and convolution FLOPs of a forward and backward pass on one example (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = copy.deepcopy(model).train()
     with FlopCounterMode(display=False) as counter:
         model(example[:1]).float().sum().backward()
@@ -355,9 +368,6 @@ def cuda_syncs(model: nn.Module, train: TrainSet, cfg: TrainConfig, device: torc
     """Calls that wait for the GPU during one fit() of 2 epochs (torch.cuda.set_sync_debug_mode): fit reads the
     device every NONFINITE_CHECK_STEPS steps and a few times per epoch (the epoch's order, its sums, the
     checkpoint), never per step."""
-    import collections
-    import warnings
-
     cfg = dataclasses.replace(cfg, epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -558,11 +568,6 @@ def distill_vs_hard(cfg: Config, data: Splits, plan: Plan, device: torch.device)
 # ---------------------------------------------------------------- part 5: specialists in parallel
 
 def specialists_parallel(plan: Plan, data_root: Path, workdir: Path) -> dict[str, Any]:
-    from ensemble_kd import artifacts
-    from ensemble_kd.pipeline import run_pipeline, start_run
-    from ensemble_kd.specialists import (dispatch_order, read_clusters, specialist_dir, specialist_threads,
-                                         train_all_specialists)
-
     cfg = load_plan_config(plan.specialists_config, data_root, plan.specialists_overrides)
     run_dir = start_run(cfg, workdir / "specialists_run", overwrite=True)
     started = time.perf_counter()
@@ -634,11 +639,6 @@ def per_image_ms(run: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_size
 
 
 def inference(run_dir: Path) -> dict[str, Any]:
-    from ensemble_kd.distill import load_student_model
-    from ensemble_kd.ensemble import build_ensemble
-    from ensemble_kd.export import load_student
-    from ensemble_kd.generalist import load_generalist
-
     cfg = load_config(run_dir / "config.toml")
     data = load_data(cfg.data, cfg.seed)
     ensemble = build_ensemble(cfg, data, run_dir, load_generalist(cfg, data, run_dir))
@@ -671,8 +671,6 @@ def demo_command(repo: Path, out_dir: Path) -> list[str]:
 def run_demo(repo: Path, out_dir: Path) -> tuple[float, float]:
     """Wall seconds of the demo pipeline of the code in `repo` (a subprocess importing ensemble_kd from there),
     and the CPU seconds of its processes (the worker processes included once they are reaped)."""
-    import resource
-
     env = dict(os.environ, PYTHONPATH=str(repo))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -693,8 +691,6 @@ def checkout(revision: str, into: Path) -> Path:
 
 
 def demo(out_dir: Path, plan: Plan, baseline: str | None, workdir: Path) -> dict[str, Any]:
-    from ensemble_kd.artifacts import read_json
-
     variants = {"this tree": lambda: run_demo(common.REPO, out_dir)}
     if baseline:
         before = checkout(baseline, workdir / "baseline")

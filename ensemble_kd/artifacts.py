@@ -1,10 +1,14 @@
-"""The run directory: where each stage's outputs live, written atomically.
+"""The run directory: where each stage's outputs live, how they are written, the run lock, the manifest.
 
-Every file is written to a temporary name beside its final one, flushed, fsynced and
-then `os.replace`d, so a crash leaves either the old file or the new one, never half.
+Every file is written atomically (`atomic_write`: a temporary name beside its final one,
+flushed, fsynced, then `os.replace`d), so a crash leaves either the old file or the new
+one, never half; except the per-epoch metrics logs (`metrics.jsonl`), which are appended
+to one line per epoch (a line torn by a crash is dropped when read, and a resumed stage
+cuts the log back to its checkpoint), and the lock file `.lock`.
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
@@ -15,6 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+try:
+    import fcntl  # the run lock (flock); POSIX only
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 from .errors import EnsembleKDError
 
@@ -33,6 +42,11 @@ CONFUSION_DIR = "confusion"
 CLUSTERS_FILE = "clusters.json"
 HEATMAP_FILE = "confusion.png"
 SPECIALISTS_DIR = "specialists"
+STARTED_FILE = "STARTED"  # in a specialist's folder once its training starts (holds the pid)
+# the three students: distilled from the ensemble, from the generalist alone, and on hard labels only
+STUDENT_DIRS = ("student", "student_from_generalist", "student_hard_labels")
+TEACHER_LOGITS_FILE = "teacher_logits.pt"  # in a student's folder: its teacher's logits on the transfer set
+TEACHERS_FILE = "teachers.json"  # in student/: how much the two teachers differ on the transfer set
 EXPORT_DIR = "export"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -202,9 +216,7 @@ def lock_run_dir(run_dir: str | Path) -> bool:
     An OS file lock (flock) on run_dir/.lock: the kernel releases it when the process ends,
     however it ends, so a crash never leaves a stale lock. ArtifactError naming the
     holder's pid when another process has it. Without flock (not POSIX) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if fcntl is None:
         return False
     key = Path(run_dir).resolve()
     if key in _locks:
@@ -251,13 +263,9 @@ def finished_stages(run_dir: str | Path) -> dict[str, Any]:
 
 def mark_stage(run_dir: str | Path, stage: str, seconds: float, **details: Any) -> None:
     """Record in manifest.json that `stage` finished (and how long it took)."""
-    import datetime
-
-    import torch as _torch
-
     path = Path(run_dir) / MANIFEST_FILE
     manifest = read_json(path) if path.exists() else {}
-    manifest.setdefault("versions", {"torch": _torch.__version__})
+    manifest.setdefault("versions", {"torch": torch.__version__})
     manifest.setdefault("stages", {})[stage] = {
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3), **details}

@@ -1,4 +1,4 @@
-"""`ensemble-kd run | clusters | export | predict | report`."""
+"""The command line: `ensemble-kd run | clusters | export | predict | report`, and its one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -10,50 +10,79 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+from .choices import EXPORT_FORMATS, STAGES
 from .config import Config, load_config
 from .errors import EnsembleKDError
 
 EPILOG = "Run a command with --help for its options. Docs: README.md; run directory layout: artifacts/README.md."
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    from .pipeline import STAGES
+RUN_DIR_HELP = "a run directory: the folder `ensemble-kd run --out` wrote (it holds config.toml)"
 
-    parser.add_argument("--config", type=Path, help="TOML config (see pipelines/configs/); defaults are for digits")
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path,
+                        help="TOML config (see pipelines/configs/); default: the built-in defaults, made for digits")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set generalist.train.epochs=5 (repeatable)")
-    parser.add_argument("--out", type=Path, help="run directory (default artifacts/<data>-seed<seed>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out, reusing finished work")
+    parser.add_argument("--out", type=Path, metavar="RUN_DIR",
+                        help="the run directory to write (default: artifacts/<data.name>-seed<seed>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out with its own config.toml, reusing finished work")
     parser.add_argument("--overwrite", action="store_true", help="delete what --out holds and start again")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1],
-                        help="stop after this stage (e.g. clusters, to inspect them before training specialists)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+                        help="stop after this stage (default: export, the last); e.g. clusters, to inspect "
+                             "them before the specialists train")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines, warnings only")
+
+
+def _command(commands: Any, name: str, summary: str, details: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with the one-line `summary`, then `details`."""
+    return commands.add_parser(name, help=summary, description=f"{summary}\n\n{details}", epilog=EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemble-kd", epilog=EPILOG, description=(
         "Train a generalist, cluster the classes it confuses, train a specialist per cluster, combine them, "
         "and distil the ensemble into one compact exported student."))
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the pipeline (all stages, or --until a stage)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = _command(commands, "run", "Run the pipeline: every stage, or up to --until a stage.",
+                   "Stages: " + " -> ".join(STAGES) + ".\n"
+                   "Writes everything into RUN_DIR (--out; default artifacts/<data.name>-seed<seed>) and\n"
+                   "ends with a table of the models; finished work in RUN_DIR is reused with --resume.\n"
+                   "Settings: the built-in defaults (for the digits data), then --config, then each --set.")
     _add_run_arguments(run)
-    clusters = commands.add_parser("clusters", help="show a run's clusters and write confusion.png")
-    clusters.add_argument("run_dir", type=Path)
+    clusters = _command(commands, "clusters", "Show a run's clusters of confusable classes.",
+                        "Prints the table of clusters (or clusters.json with --json) of RUN_DIR and redraws\n"
+                        "its heatmap, RUN_DIR/confusion.png. Needs a run that finished its clusters stage\n"
+                        "(e.g. `ensemble-kd run --until clusters`).")
+    clusters.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
     clusters.add_argument("--json", action="store_true", help="print clusters.json instead of the table")
-    export = commands.add_parser("export", help="export a run's student")
-    export.add_argument("run_dir", type=Path)
-    export.add_argument("--format", help="comma-separated: torchscript, export, onnx (needs the onnx extra), "
-                                         "state_dict; default: the run's export.formats")
-    export.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
-    predict = commands.add_parser("predict", help="top-k classes of image files or a .npy batch")
-    predict.add_argument("model", type=Path, help="an exported student file, or an export folder")
+    export = _command(commands, "export", "Export a run's student again, in the formats you choose.",
+                      "Writes the student of RUN_DIR (a run that finished its student stage) as each format,\n"
+                      "each checked against eager PyTorch on the test set. Default formats: the run's own\n"
+                      "export.formats (its config.toml; torchscript and state_dict unless changed).")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
+    export.add_argument("--format", help="comma-separated: " + ", ".join(EXPORT_FORMATS) + " (onnx needs the "
+                                         "onnx extra); default: the run's export.formats")
+    export.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/export)")
+    predict = _command(commands, "predict", "Show an exported student's top classes for image files or .npy batches.",
+                       "Images are read as in training (EXIF orientation, 16-bit scaled to 8 bits, alpha\n"
+                       "dropped), then converted to the student's channels and resized to its input size\n"
+                       "when they differ; one warning line says which files were changed. A .npy file holds\n"
+                       "one example or a batch; uint8 arrays are scaled by 1/255, floats taken as [0, 1].")
+    predict.add_argument("model", type=Path, help="an exported student file, its export folder, or a RUN_DIR "
+                                                 "(its export folder is used)")
     predict.add_argument("files", type=Path, nargs="+", help="image files (PNG, JPEG, ...) or .npy batches")
-    predict.add_argument("--top-k", type=int, default=3, help="how many classes to show per input")
+    predict.add_argument("--top-k", type=int, default=3, help="how many classes to show per input (default: 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    report = commands.add_parser("report", help="print a run's report table (and rewrite report.md)")
-    report.add_argument("run_dir", type=Path)
+    report = _command(commands, "report", "Print a run's table of models and rewrite its report.md.",
+                      "Reads RUN_DIR/report.json (written when `ensemble-kd run` ends) and rewrites\n"
+                      "report.md and accuracy_vs_size.png from it.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help=RUN_DIR_HELP)
     return parser
 
 
@@ -63,7 +92,7 @@ def _default_run_dir(cfg: Config) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import preflight, run_pipeline, start_run
-    from .report import format_table
+    from .report import format_table, verdict
     from .resume import resume_config
 
     if args.resume and not args.overwrite:  # the run's own settings, changed only where that is safe
@@ -78,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_pipeline(cfg, run_dir, until=args.until, progress=not args.quiet)
     if "ensemble" in report:
         print(format_table(report))
+        print("\n".join(verdict(report)))
     if args.until == "clusters":
         cmd_clusters(argparse.Namespace(run_dir=run_dir, json=False))
         print(f"\nInspect the clusters, then continue with: ensemble-kd run --out {run_dir} --resume "
@@ -92,10 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
-    from .confusion import show_clusters
+    from .confusion import format_cluster_table, read_clusters_json
+    from .report import write_heatmap
 
-    text, heatmap = show_clusters(args.run_dir, as_json=args.json)
-    print(text)
+    clusters = read_clusters_json(args.run_dir)
+    heatmap = write_heatmap(args.run_dir)
+    print(json.dumps(clusters, indent=2) if args.json else format_cluster_table(clusters))
     if not args.json:
         print(f"\nheatmap: {heatmap}")
     return 0
@@ -124,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from . import artifacts
-    from .report import format_table, write_report
+    from .report import format_table, verdict, write_report
 
     run_dir = artifacts.require_run_dir(args.run_dir)
     path = run_dir / artifacts.REPORT_JSON
@@ -137,6 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = artifacts.read_json(path)
     write_report(run_dir, report)
     print(format_table(report))
+    print("\n".join(verdict(report)))
     return 0
 
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import choices
 from .errors import EnsembleKDError
+
+import tomli_w
 
 try:
     import tomllib
@@ -238,44 +241,25 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return values
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. a run directory's config.toml)."""
-    cfg = _merge(Config(), values, "")
-    validate_config(cfg)
-    return cfg
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# settings that change where and how fast work runs, never what it makes: a resumed run may change them,
+# and no fingerprint holds them (each model.pt's fingerprint also leaves out device, precision and threads)
+RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "specialists.n_jobs",
+                    "specialists.backend", "specialists.scheduler")
+
+
+def recipe(section: Any, prefix: str) -> dict[str, Any]:
+    """A config section as a dict without its runtime settings (`prefix` is its dotted path with a
+    trailing dot, e.g. "specialists."): the settings that change what its stage makes."""
+    return {k: v for k, v in dataclasses.asdict(section).items() if prefix + k not in RUNTIME_SETTINGS}
+
+
 def to_toml(cfg: Config) -> str:
-    """Write the resolved config as TOML (sections as tables), readable by `load_config`."""
-    lines: list[str] = []
-
-    def emit(obj: Any, section: str) -> None:
-        scalars = {k: v for k, v in dataclasses.asdict(obj).items() if not dataclasses.is_dataclass(getattr(obj, k))}
-        if section:
-            lines.append(f"\n[{section}]")
-        for key, value in scalars.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        for f in dataclasses.fields(obj):
-            child = getattr(obj, f.name)
-            if dataclasses.is_dataclass(child):
-                emit(child, f"{section}.{f.name}" if section else f.name)
-
-    emit(cfg, "")
-    return "\n".join(lines).lstrip() + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
+    """The resolved config as TOML (tomli_w; sections as tables), readable by `load_config`."""
+    return tomli_w.dumps(to_dict(cfg))
 
 
 # ---------------------------------------------------------------- validation
@@ -313,13 +297,13 @@ def _resnet_depth(depth: int) -> bool:
 
 _SCHEDULER_ADDRESS = re.compile(r"^([a-z][a-z0-9+.-]*://)?(\[[0-9a-fA-F:.]+\]|[\w.-]+)(:\d{1,5})?/?$")
 _TRAIN = {
-    "epochs": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adamw", "sgd"), "lr": _above(0),
+    "epochs": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of(*choices.OPTIMIZERS), "lr": _above(0),
     "momentum": _between(0, 1, high_ok=False), "weight_decay": _at_least(0),
-    "schedule": _one_of("cosine", "step", "constant"), "warmup_epochs": _at_least(0),
+    "schedule": _one_of(*choices.SCHEDULES), "warmup_epochs": _at_least(0),
     "label_smoothing": _between(0, 1, high_ok=False), "grad_clip": _at_least(0),
 }
 _MODEL = {
-    "arch": _one_of("mlp", "cnn", "resnet"), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),
+    "arch": _one_of(*choices.ARCHITECTURES), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),
     "pool": _at_least(1), "depth": (_resnet_depth, "6n+2 with n >= 1 (8, 14, 20, 32, 44, 56)"),
     "width": _at_least(1), "dropout": _between(0, 1, high_ok=False),
 }
@@ -327,10 +311,10 @@ _MODEL = {
 # tests/test_config.py sets a bad value for each field through the CLI, so a new field
 # without a rule here fails that test.
 RULES: dict[type, dict[str, Rule]] = {
-    Config: {"seed": _at_least(0), "device": _one_of("cpu", "cuda", "auto"),
-             "precision": _one_of("auto", "fp32", "bf16", "fp16"), "threads": _at_least(0)},
+    Config: {"seed": _at_least(0), "device": _one_of(*choices.DEVICES), "precision": _one_of(*choices.PRECISIONS),
+             "threads": _at_least(0)},
     DataConfig: {
-        "name": _one_of("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"),
+        "name": _one_of(*choices.DATA_SETS),
         "root": ((lambda v: bool(v.strip())), "a path (a folder, or an archive for imagefolder)"),
         "val_fraction": _between(0, 1, False, False), "train_limit": _at_least(0), "crop_pad": _at_least(0),
         "image_size": _at_least(0), "synthetic_classes": _at_least(2), "synthetic_groups": _at_least(1),
@@ -339,29 +323,29 @@ RULES: dict[type, dict[str, Rule]] = {
     TrainConfig: _TRAIN,
     GeneralistConfig: {},
     ClustersConfig: {
-        "k": _at_least(0), "matrix": _one_of("soft", "hard", "covariance"), "min_size": _at_least(1),
+        "k": _at_least(0), "matrix": _one_of(*choices.MATRIX_KINDS), "min_size": _at_least(1),
         "max_size": _at_least(0), "min_confusion": _between(0, 1), "overlap": _between(0, 1),
         "n_init": _at_least(1)},
     SpecialistsConfig: {
-        "init": _one_of("generalist", "scratch"),
+        "init": _one_of(*choices.SPECIALIST_INITS),
         "soft_epochs": _at_least(0), "soft_lr": _above(0), "temperature": _above(0), "soft_alpha": _between(0, 1),
         "in_cluster_fraction": _between(0, 1, False, False),
-        "dustbin_correction": _one_of("validation", "prior", "none"),
+        "dustbin_correction": _one_of(*choices.DUSTBIN_CORRECTIONS),
         "n_jobs": ((lambda v: v == -1 or v >= 1), "-1 (one per core) or >= 1"),
-        "backend": _one_of("loky", "dask"),
+        "backend": _one_of(*choices.BACKENDS),
         "scheduler": ((lambda v: v == "" or bool(_SCHEDULER_ADDRESS.match(v))),
                       "empty or the address of a Dask scheduler, e.g. tcp://host:8786")},
     EnsembleConfig: {"top_n": _at_least(1), "iterations": _at_least(1), "tolerance": _at_least(0)},
-    StudentConfig: {"transfer": _one_of("live", "views", "dataset"), "views": _at_least(1), "alpha": _between(0, 1),
+    StudentConfig: {"transfer": _one_of(*choices.TRANSFERS), "views": _at_least(1), "alpha": _between(0, 1),
                     "temperature": _above(0), "max_params_ratio": _above(0)},
-    ExportConfig: {"formats": ((lambda v: len(v) > 0), "a list of one or more formats"),
+    ExportConfig: {"formats": ((lambda v: len(v) > 0 and all(f in choices.EXPORT_FORMATS for f in v)),
+                               "a list of one or more of " + ", ".join(choices.EXPORT_FORMATS)),
                    "parity_atol": _at_least(0)},
 }
-EXPORT_FORMATS = ("torchscript", "export", "onnx", "state_dict")
 
 
 # rules for one path where its section's type has another (the specialists may take the generalist's model)
-PATH_RULES: dict[str, Rule] = {"specialists.model.arch": _one_of("generalist", "mlp", "cnn", "resnet")}
+PATH_RULES: dict[str, Rule] = {"specialists.model.arch": _one_of("generalist", *choices.ARCHITECTURES)}
 
 
 def _check_fields(section: Any, prefix: str) -> None:
@@ -384,9 +368,6 @@ def _check_fields(section: Any, prefix: str) -> None:
 
 def validate_config(cfg: Config) -> None:
     """Reject values no run could use, before any work starts; each message names the field."""
-    for fmt in cfg.export.formats:
-        if fmt not in EXPORT_FORMATS:
-            raise ConfigError(f"export.formats has {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
     _check_fields(cfg, "")
     c = cfg.clusters
     checks = [

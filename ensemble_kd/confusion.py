@@ -1,12 +1,13 @@
-"""Confusability: which classes the generalist mixes up, grouped into clusters for specialists.
+"""Stages 2 and 3: which classes the generalist confuses (confusability), grouped into clusters for specialists.
 
 Stages 2 and 3 of DESIGN.md. From the generalist's predictions on held-out data we build
 a C x C matrix (`hard_confusion`, `soft_confusion` or Hinton's label-free
 `prediction_covariance`), turn it into a symmetric non-negative affinity between classes
 (`confusability`), and let `ClassClusterer` (k-means from scikit-learn, plus a repair step
 for size limits) group the classes into k clusters of mutually confusable classes. The
-report helpers write the clusters as JSON, as a text table and as a heatmap reordered so
-the clusters sit as blocks on the diagonal.
+clusters are written as JSON (`clusters_to_json`) and shown as a text table
+(`format_cluster_table`); report.py draws them as a heatmap reordered so the clusters sit
+as blocks on the diagonal (`reorder_by_cluster`).
 
 Choices worth knowing:
 
@@ -44,31 +45,30 @@ Choices worth knowing:
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import textwrap
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from scipy import sparse  # a dependency of scikit-learn
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from .artifacts import write_bytes
-from .config import ClustersConfig
-from .errors import EnsembleKDError
-
-if TYPE_CHECKING:
-    import torch
-
-    from .config import Config
-    from .data import Splits
+from . import artifacts
+from .choices import MATRIX_KINDS
+from .config import ClustersConfig, Config
+from .data import Splits
+from .errors import EnsembleKDError, plural
+from .inference import predict_probs
 
 log = logging.getLogger(__name__)
 
-MATRIX_KINDS = ("hard", "soft", "covariance")
-_MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) get cluster labels, not class names
+LOW_INSIDE_SHARE = 0.25  # a cluster whose classes keep less of their confusion among themselves is flagged
 _DECIMALS = 6  # floats in the JSON report are rounded to this many decimals (deterministic bytes)
 
 
@@ -87,7 +87,7 @@ def _check_labels(y_true: np.ndarray, num_classes: int, what: str = "y_true") ->
                            "pass labels, not probabilities or one-hot rows")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        raise ClusterError(f"{what} must be in [0, {num_classes}); found {bad.size} labels outside, "
+        raise ClusterError(f"{what} must be in [0, {num_classes}); found {plural(bad.size, 'label')} outside, "
                            f"e.g. {labels[bad[0]]} at index {bad[0]}; check num_classes and the label column")
     return labels.astype(np.int64)
 
@@ -111,8 +111,6 @@ def _mean_rows_by_class(y_true: np.ndarray, rows: np.ndarray, num_classes: int) 
 
     The per-class sums are one sparse (classes x examples) indicator times `rows`: linear in
     the number of entries, several times faster than `np.add.at` for 1,000 classes."""
-    from scipy import sparse  # a dependency of scikit-learn
-
     n = len(y_true)
     indicator = sparse.csr_matrix((np.ones(n), (y_true, np.arange(n))), shape=(num_classes, n))
     sums = np.asarray(indicator @ rows, dtype=np.float64)
@@ -125,7 +123,8 @@ def hard_confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> 
     y_true = _check_labels(y_true, num_classes)
     y_pred = _check_labels(y_pred, num_classes, "y_pred")
     if y_true.shape != y_pred.shape:
-        raise ClusterError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}; pass one prediction per example")
+        raise ClusterError(f"y_true has {plural(y_true.size, 'label')} but y_pred has {y_pred.size}; "
+                           "pass one prediction per example")
     pairs = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)  # no N x C one-hot
     counts = np.bincount(y_true, minlength=num_classes).astype(np.float64)
     return pairs.reshape(num_classes, num_classes) / np.maximum(counts, 1.0)[:, None]
@@ -136,7 +135,8 @@ def soft_confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     probs = _check_probs(probs)
     y_true = _check_labels(y_true, probs.shape[1])
     if y_true.size != probs.shape[0]:
-        raise ClusterError(f"y_true has {y_true.size} labels but probs has {probs.shape[0]} rows; pass one row per example")
+        raise ClusterError(f"y_true has {plural(y_true.size, 'label')} but probs has {plural(probs.shape[0], 'row')}; "
+                           "pass one row per example")
     return _mean_rows_by_class(y_true, probs, probs.shape[1])
 
 
@@ -304,7 +304,7 @@ class ClassClusterer:
         self.confusion_share_ = confusion_share(affinity)
         eligible = np.flatnonzero(self.confusion_share_ >= self.min_confusion)
         self.excluded_ = [int(i) for i in np.flatnonzero(self.confusion_share_ < self.min_confusion)]
-        self._check_feasible(num_classes, len(eligible))
+        self.check_feasible(num_classes, len(eligible))
         if not affinity.any():
             log.warning("the affinity is all zeros (no class is ever confused): the clusters are arbitrary")
         sub_affinity = affinity[np.ix_(eligible, eligible)]
@@ -357,21 +357,28 @@ class ClassClusterer:
             if not ok:
                 raise ClusterError(message)
 
-    def _check_feasible(self, num_classes: int, num_eligible: int) -> None:
-        excluded = num_classes - num_eligible
-        pool = (f"{num_eligible} classes to cluster ({num_classes} in all, {excluded} excluded by "
-                f"min_confusion={self.min_confusion})" if excluded else f"{num_classes} classes to cluster")
+    def check_feasible(self, num_classes: int, num_eligible: int | None = None) -> None:
+        """ClusterError when no clustering of `num_eligible` of `num_classes` classes (those not excluded by
+        min_confusion) meets k and the size limits. Before the confusion is known (`num_eligible` None, as
+        before any training) what holds whatever is excluded: max_size only when nothing can be."""
+        eligible = num_classes if num_eligible is None else num_eligible
+        excluded = num_classes - eligible
+        have = (f"only {eligible} of the {num_classes} classes {'is' if eligible == 1 else 'are'} confused enough to cluster "
+                f"(clusters.min_confusion = {self.min_confusion:g})" if excluded else
+                f"the data has {num_classes} classes")
         fewer = "clusters.min_confusion, " if excluded else ""
-        if self.k > num_eligible:
-            raise ClusterError(f"k={self.k} clusters but only {pool}; lower {fewer}clusters.k")
-        if self.k * self.min_size > num_eligible:
-            raise ClusterError(f"k={self.k} clusters of at least min_size={self.min_size} need "
-                               f"{self.k * self.min_size} classes but there are {pool}; "
-                               f"lower {fewer}clusters.k or clusters.min_size")
-        if self.max_size and self.k * self.max_size < num_eligible:
-            raise ClusterError(f"k={self.k} clusters of at most max_size={self.max_size} hold only "
-                               f"{self.k * self.max_size} classes but there are {pool}; raise clusters.k, "
-                               "clusters.max_size (0 = no limit) or clusters.min_confusion")
+        if self.k > eligible:
+            only = have if excluded else f"the data has only {num_classes} classes"
+            raise ClusterError(f"clusters.k = {self.k} but {only}; lower {fewer}clusters.k (to at most {eligible})")
+        if self.k * self.min_size > eligible:
+            raise ClusterError(f"clusters.k = {self.k} clusters of at least clusters.min_size = {self.min_size} "
+                               f"classes need {self.k * self.min_size} classes, {have}; lower {fewer}clusters.k "
+                               "or clusters.min_size")
+        if self.max_size and self.k * self.max_size < eligible and (num_eligible is not None or not self.min_confusion):
+            raise ClusterError(f"clusters.k = {self.k} clusters of at most clusters.max_size = {self.max_size} "
+                               f"classes hold {self.k * self.max_size} classes, {have}; raise clusters.k, "
+                               "clusters.max_size (0 = no limit) or clusters.min_confusion (which leaves "
+                               "unconfused classes out)")
 
     def _kmeans(self, features: np.ndarray) -> np.ndarray:
         kmeans = KMeans(n_clusters=self.k, n_init=self.n_init, random_state=self.random_state)
@@ -505,6 +512,11 @@ def format_cluster_table(clusters_json: dict[str, Any]) -> str:
                             for i in cluster["ids"])
         head = f"{cluster['id']:>8}  {len(cluster['ids']):>4}  {cluster['inside_share']:>6.2f}  "
         lines.append(textwrap.fill(members, width=100, initial_indent=head, subsequent_indent=indent))
+    hardly = [c["id"] for c in clusters_json["clusters"] if c["inside_share"] < LOW_INSIDE_SHARE]
+    if hardly:
+        lines.append(f"cluster {', '.join(map(str, hardly))}: its classes are hardly confused with each other (inside "
+                     f"share below {LOW_INSIDE_SHARE:g}), so its specialist has little to tell apart; consider "
+                     "another clusters.k or clusters.matrix")
     excluded = clusters_json.get("excluded", [])
     if excluded:
         share_of = {c["id"]: c["confusion_share"] for c in clusters_json["classes"]}
@@ -530,76 +542,11 @@ def reorder_by_cluster(clusters_json: dict[str, Any], num_classes: int) -> list[
     return order + [i for i in range(num_classes) if i not in seen]
 
 
-def _primary_sizes(clusters_json: dict[str, Any]) -> list[int]:
+def primary_sizes(clusters_json: dict[str, Any]) -> list[int]:
     """Per cluster, how many classes have it as their own (primary) cluster."""
     primary_of = {c["id"]: c.get("cluster") for c in clusters_json.get("classes", [])}
     return [sum(primary_of.get(i, cluster_id) == cluster_id for i in cluster["ids"])
             for cluster_id, cluster in enumerate(clusters_json["clusters"])]
-
-
-def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_names: list[str],
-                   path: str | Path) -> Path:
-    """Heatmap of `matrix` reordered by cluster, cluster blocks outlined, diagonal hidden; PNG at `path`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    matrix = np.asarray(matrix, dtype=np.float64)
-    num_classes = len(class_names)
-    if matrix.shape != (num_classes, num_classes):
-        raise ClusterError(f"the matrix has shape {matrix.shape} but there are {num_classes} class names; "
-                           "pass one name per class")
-    order = reorder_by_cluster(clusters_json, num_classes)
-    shown = matrix[np.ix_(order, order)]
-    np.fill_diagonal(shown, np.nan)  # the diagonal (accuracy / variance) would swamp the confusion
-    off_diagonal = shown[np.isfinite(shown)]
-    low, high = (float(off_diagonal.min()), float(off_diagonal.max())) if off_diagonal.size else (0.0, 1.0)
-    if low < 0:  # covariance: blue below zero, red above, white at zero
-        bound = max(abs(low), high, 1e-12)
-        cmap, norm = "RdBu_r", TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
-    else:
-        cmap, norm = "viridis", None
-    side = min(4.0 + 0.2 * num_classes, 22.0)  # inches; 100 classes fill about 2,200 pixels
-    cell_points = side * 72 * 0.75 / max(num_classes, 1)  # the axes take about 3/4 of the figure
-    fontsize = float(np.clip(0.7 * cell_points, 3.0, 10.0))
-    fig = Figure(figsize=(side + 1.5, side), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
-                      vmin=None if norm else 0.0, vmax=None if norm else max(high, 1e-12))
-    ax.set_facecolor("#d9d9d9")  # the masked diagonal shows as grey
-    sizes = _primary_sizes(clusters_json)
-    starts = np.cumsum([0, *sizes[:-1]]).astype(int)
-    for start, size in zip(starts, sizes):
-        ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="#ff7f0e", linewidth=2))
-    position = {class_id: p for p, class_id in enumerate(order)}
-    for entry in clusters_json.get("classes", []):  # overlap: a dashed bar where a class also joined a cluster
-        for cluster_id in entry.get("also_in", []):
-            row, start, size = position[entry["id"]], starts[cluster_id], sizes[cluster_id]
-            for xy, width, height in (((start - 0.5, row - 0.5), size, 1), ((row - 0.5, start - 0.5), 1, size)):
-                ax.add_patch(Rectangle(xy, width, height, fill=False, edgecolor="#ff7f0e", linewidth=1.2,
-                                       linestyle="--"))
-    if cell_points >= _MIN_LABEL_POINTS:
-        names = [str(class_names[i]) for i in order]
-        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
-        ax.set_yticks(range(num_classes), names, fontsize=fontsize)
-    else:  # too many classes to name each one legibly (and thousands of labels take seconds): name the blocks
-        centres = starts + (np.asarray(sizes) - 1) / 2
-        labels = [f"cluster {cluster['id']}" for cluster in clusters_json["clusters"]]
-        block_fontsize = float(np.clip(0.7 * cell_points * np.median(sizes), 3.0, 8.0))
-        ax.set_xticks(centres, labels, rotation=90, fontsize=block_fontsize)
-        ax.set_yticks(centres, labels, fontsize=block_fontsize)
-    ax.set_xlabel("predicted / co-predicted class")
-    ax.set_ylabel("true class" if clusters_json.get("matrix") != "covariance" else "class")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    overlap = " dashed: also in that cluster;" if any(c.get("also_in") for c in clusters_json.get("classes", [])) else ""
-    ax.set_title(f"{clusters_json.get('matrix', '')} confusability, reordered by cluster "
-                 f"(k={clusters_json.get('k', len(clusters_json['clusters']))};{overlap} diagonal hidden)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- stages 2 and 3 of a run
@@ -610,20 +557,14 @@ MATRICES_FILE = "matrices.npz"  # in the run's confusion/ folder: the three matr
 def _save_npz(path: Path, **arrays: np.ndarray) -> Path:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    return write_bytes(path, buffer.getvalue())
+    return artifacts.write_bytes(path, buffer.getvalue())
 
 
 def find_clusters(cfg: Config, data: Splits, run_dir: str | Path, generalist: torch.nn.Module) -> dict[str, Any]:
-    """Confusability matrices from the generalist on the validation split, clusters.json and the heatmap."""
-    import json
-
-    import torch
-
-    from . import artifacts
-    from .train import predict_logits
-
+    """Stages 2 and 3: the confusability matrices of the generalist on the validation split (saved in
+    confusion/matrices.npz) and the clusters (clusters.json, logged as a table); returns the clusters."""
     run_dir = Path(run_dir)
-    probs = torch.softmax(predict_logits(generalist, data.x_val), 1).double().numpy()
+    probs = predict_probs(generalist, data.x_val).double().numpy()
     y_val = data.y_val.numpy()
     matrices = build_matrices(y_val, probs, data.num_classes)
     kind = cfg.clusters.matrix
@@ -639,19 +580,13 @@ def find_clusters(cfg: Config, data: Splits, run_dir: str | Path, generalist: to
     if path.exists() and artifacts.read_json(path) != json.loads(json.dumps(clusters)):
         log.warning("the clusters differ from those in %s (config changed?): writing the new ones", path)
     artifacts.write_json(path, clusters)
-    plot_confusion(matrices[kind], clusters, list(data.class_names), run_dir / artifacts.HEATMAP_FILE)
     log.info("clusters:\n%s", format_cluster_table(clusters))
     return clusters
 
 
-def show_clusters(run_dir: str | Path, as_json: bool = False) -> tuple[str, Path]:
-    """`ensemble-kd clusters`: the table (or JSON) of a run's clusters; rewrites its heatmap."""
-    import json
-
-    from . import artifacts
-
-    run_dir = Path(run_dir)
-    path = run_dir / artifacts.CLUSTERS_FILE
+def read_clusters_json(run_dir: str | Path) -> dict[str, Any]:
+    """A run's clusters.json, checked to be a clusters file (ArtifactError naming the fix if not)."""
+    path = Path(run_dir) / artifacts.CLUSTERS_FILE
     clusters = artifacts.read_json(path)
     missing = [key for key in ("matrix", "classes", "clusters")
                if not isinstance(clusters, dict) or key not in clusters]
@@ -659,13 +594,19 @@ def show_clusters(run_dir: str | Path, as_json: bool = False) -> tuple[str, Path
         raise artifacts.ArtifactError(f"{path} is not an ensemble-kd clusters file (no {', '.join(missing)}); "
                                       f"rerun the clusters stage: ensemble-kd run --out {run_dir} --resume "
                                       "--until clusters")
-    matrices_path = run_dir / artifacts.CONFUSION_DIR / MATRICES_FILE
-    if not matrices_path.is_file():
-        raise artifacts.ArtifactError(f"{matrices_path} is missing; rerun the clusters stage: "
+    return clusters
+
+
+def read_clusters(run_dir: str | Path) -> list[list[int]]:
+    """The class ids of each cluster of a run (from its clusters.json), in cluster order."""
+    return [list(c["ids"]) for c in read_clusters_json(run_dir)["clusters"]]
+
+
+def read_matrix(run_dir: str | Path, kind: str) -> np.ndarray:
+    """The `kind` matrix the clusters stage saved in confusion/matrices.npz."""
+    path = Path(run_dir) / artifacts.CONFUSION_DIR / MATRICES_FILE
+    if not path.is_file():
+        raise artifacts.ArtifactError(f"{path} is missing; rerun the clusters stage: "
                                       f"ensemble-kd run --out {run_dir} --resume --until clusters")
-    with np.load(matrices_path) as saved:
-        matrix = saved[clusters["matrix"]]
-    names = [c["name"] for c in clusters["classes"]]
-    heatmap = plot_confusion(matrix, clusters, names, run_dir / artifacts.HEATMAP_FILE)
-    text = json.dumps(clusters, indent=2) if as_json else format_cluster_table(clusters)
-    return text, heatmap
+    with np.load(path) as saved:
+        return saved[kind]

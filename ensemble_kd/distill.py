@@ -1,9 +1,11 @@
 """Stage 6: distil the ensemble into one compact student (and the baseline students).
 
 loss = alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T)).
-The teacher is frozen and in eval mode. Without augmentation its logits are computed
-once for the whole transfer set, saved, and reused every epoch; with augmentation the
-teacher runs on each augmented batch.
+The teacher is frozen and in eval mode. How the student sees its targets is
+`student.transfer`, the same for every student of a run: "live" runs the teacher on each
+augmented batch; "views" labels fixed augmented views of the training set once (the
+teacher's logits kept in teacher_logits.pt as (views, N, C)); "dataset", or no
+augmentation configured, labels the plain training images once ((N, C)).
 
 Three students of the same architecture and initialisation are trained, so the report
 shows what the specialists add: `student` (from the ensemble), `student_from_generalist`
@@ -20,18 +22,19 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .config import Config, ConfigError
-from .data import Splits, draw_augmentation
-from .generalist import generalist_fingerprint, make_augment, model_fingerprint
+from .config import Config, ConfigError, recipe
+from .data import Splits, draw_augmentation, make_augment
+from .generalist import generalist_fingerprint, model_fingerprint
+from .inference import inference_precision, predict_logits
 from .losses import kd_loss
-from .specialists import specialist_recipe
 from .models import Classifier, build_model, count_params
-from .train import TrainSet, Views, autocast, inference_precision, cross_entropy, fit, load_finished, predict_logits, resolve_device, set_seed
+from .precision import autocast
+from .train import FitOptions, TrainSet, Views, cross_entropy, fit, load_finished, resolve_device, set_seed
 
 log = logging.getLogger(__name__)
 
 # the three students of a run, each in the run directory folder of the same name
-STUDENT, FROM_GENERALIST, HARD_LABELS = "student", "student_from_generalist", "student_hard_labels"
+STUDENT, FROM_GENERALIST, HARD_LABELS = artifacts.STUDENT_DIRS
 
 
 def new_student(cfg: Config, data: Splits, seed: int | None = None) -> Classifier:
@@ -52,7 +55,6 @@ def check_student_size(cfg: Config, data: Splits) -> int:
     return student
 
 
-TEACHER_LOGITS = "teacher_logits.pt"  # in a student's folder: its teacher's logits on the transfer set
 
 
 def cached_teacher_logits(compute: Callable[[], torch.Tensor], path: Path, fingerprint: dict[str, Any]) -> torch.Tensor:
@@ -70,7 +72,7 @@ def cached_teacher_logits(compute: Callable[[], torch.Tensor], path: Path, finge
 def student_augment(cfg: Config):
     """The students' random augmentation: the data's (flip, crop) with `student.transfer = "live"`, else none
     ("views" draws its fixed views once, "dataset" uses the plain images)."""
-    return make_augment(cfg) if cfg.student.transfer == "live" else None
+    return make_augment(cfg.data) if cfg.student.transfer == "live" else None
 
 
 def transfer_views(cfg: Config, n: int) -> Views | None:
@@ -139,16 +141,15 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
         temperature = cfg.student.temperature
         loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
         if augment is None:
-            logits, views = teacher_targets(teacher, data, cfg, teacher_cache or stage_dir / TEACHER_LOGITS,
-                                            teacher_fingerprint or fingerprint)
+            cache = teacher_cache or stage_dir / artifacts.TEACHER_LOGITS_FILE
+            logits, views = teacher_targets(teacher, data, cfg, cache, teacher_fingerprint or fingerprint)
             train.views, train.targets = views, None if views is not None else logits
         else:
             live_teacher = teacher.to(device).eval()
-    return fit(student, train, cfg.student.train, stage_dir, stage=stage_dir.name,
-               seed=cfg.seed if seed is None else seed,
-               fingerprint=fingerprint, loss_fn=loss_fn, teacher=live_teacher, augment=augment,
-               val=TrainSet(data.x_val, data.y_val), device=device, precision=cfg.precision,
-               compile_model=cfg.compile, progress=progress)
+    return fit(student, train, cfg.student.train, stage_dir, FitOptions(
+        stage=stage_dir.name, seed=cfg.seed if seed is None else seed, fingerprint=fingerprint, loss_fn=loss_fn,
+        teacher=live_teacher, augment=augment, val=TrainSet(data.x_val, data.y_val), device=device,
+        progress=progress, precision=cfg.precision, compile_model=cfg.compile))
 
 
 def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
     if kind != HARD_LABELS:
         teacher["generalist"] = generalist_fingerprint(cfg, data)
     if kind == STUDENT:
-        teacher["specialists"] = specialist_recipe(cfg)
+        teacher["specialists"] = recipe(cfg.specialists, "specialists.")  # as in the specialists' fingerprints
         teacher["clusters"] = dataclasses.asdict(cfg.clusters)
         teacher["ensemble"] = dataclasses.asdict(cfg.ensemble)
     return {"teacher": teacher, "data": data.fingerprint(), "seed": cfg.seed, **transfer_fingerprint(cfg)}
@@ -175,7 +176,6 @@ def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
                              train=dataclasses.asdict(cfg.student.train), **transfer_fingerprint(cfg))
 
 
-TEACHERS_FILE = "teachers.json"  # in the student's folder: how much the two teachers differ on the transfer set
 
 
 @torch.no_grad()
@@ -189,7 +189,7 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
     logits are read from the students' folders of `run_dir` (computed there if missing)."""
     augment = student_augment(cfg)
     if augment is None:
-        ours, theirs = (teacher_targets(teacher, data, cfg, Path(run_dir) / kind / TEACHER_LOGITS,
+        ours, theirs = (teacher_targets(teacher, data, cfg, Path(run_dir) / kind / artifacts.TEACHER_LOGITS_FILE,
                                         teacher_fingerprint(cfg, data, kind))[0]
                         for kind, teacher in ((STUDENT, ensemble), (FROM_GENERALIST, generalist)))
         return float((ours.argmax(-1) != theirs.argmax(-1)).double().mean())
@@ -222,7 +222,7 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
         distill(new_student(cfg, data), teacher, data, cfg, stage_dir, student_fingerprint(cfg, data, name),
                 alpha, progress, teacher_fingerprint=teacher_fingerprint(cfg, data, name))
         paths[name] = stage_dir / artifacts.MODEL_FILE
-    teachers_path = Path(run_dir) / STUDENT / TEACHERS_FILE
+    teachers_path = Path(run_dir) / STUDENT / artifacts.TEACHERS_FILE
     fingerprint = student_fingerprint(cfg, data, STUDENT)
     if not teachers_path.exists() or artifacts.read_json(teachers_path).get("fingerprint") != fingerprint:
         disagreement = teacher_disagreement(ensemble, generalist, data, cfg, run_dir)

@@ -1,4 +1,4 @@
-"""Combining a generalist with specialists into one distribution (Hinton et al. 2015, eq. 5).
+"""Stage 5: a generalist and its specialists combined into one distribution (Hinton et al. 2015, eq. 5).
 
 For an input, the generalist gives p_g over all C classes. Specialist m, trained on a
 subset S_m, gives p_m over S_m plus a "dustbin" for every other class. A specialist is
@@ -20,9 +20,10 @@ multinomial solves it, decreasing L at every step:
 (a singleton's responsibility q_c / q_c is exactly 1, written as 1 so that q_c = 0 is no
 0/0). For one active specialist the minimiser has a closed form (Lagrange, multiplier 2):
 q_c = (p_g,c + p_m,c) / 2 on S and q_c = p_g,c (g_out + p_m,dust) / (2 g_out) off S, with
-g_out the generalist's mass off S -- the same as `average_combine`; the two differ once
-two or more specialists are active. EM started from p_g reaches that closed form after
-one step.
+g_out the generalist's mass off S: the average of p_g and the specialist's distribution
+with its dustbin spread over the other classes as the generalist spreads its own mass
+there. Once two or more specialists are active there is no closed form, and averaging is
+no longer the minimiser. EM started from p_g reaches the closed form after one step.
 
 Everything is batched: a (K, C) membership matrix turns the per-specialist sums into
 matrix products; the only Python loops are over the K specialists (to gather their
@@ -35,15 +36,17 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .config import Config
-    from .data import Splits
+from .config import Config
+from .confusion import read_clusters
+from .data import Splits
+from .errors import plural
+from .specialists import load_specialist
 
 log = logging.getLogger(__name__)
 
@@ -187,43 +190,6 @@ def combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], member
     return torch.where(has_active[:, None], q.to(generalist_probs.dtype), generalist_probs)
 
 
-@_without_autocast
-def average_combine(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], membership: Tensor,
-                    active: Tensor) -> Tensor:
-    """Baseline: q = mean of p_g and each active specialist's distribution made C-wide.
-
-    A specialist's dustbin mass is spread over the classes outside its subset in
-    proportion to the generalist's probabilities there (floored at PROB_FLOOR, so it is
-    spread evenly where the generalist puts no mass). Same argument conventions as
-    `combine`; rows with no active specialist are generalist_probs exactly.
-    """
-    generalist, in_subset, dustbin, outside, active = _prepare(generalist_probs, specialist_probs, membership,
-                                                                active)
-    weights = generalist.clamp_min(PROB_FLOOR)
-    outside_weight = weights @ outside.T  # generalist mass outside each subset, (N, K)
-    spread = weights * ((dustbin / outside_weight) @ outside)  # (N, C)
-    total_weight = 1.0 + active.to(generalist.dtype).sum(dim=1, keepdim=True)
-    q = (generalist + in_subset + spread) / total_weight
-    return torch.where(active.any(dim=1)[:, None], q.to(generalist_probs.dtype), generalist_probs)
-
-
-def ensemble_objective(generalist_probs: Tensor, specialist_probs: Sequence[Tensor], membership: Tensor,
-                       active: Tensor, q: Tensor) -> Tensor:
-    """L(q) per row, (N,): KL(p_g || q) + sum_{m active} KL(p_m || fold_m(q)) (0 log 0 = 0)."""
-    _check_combine_inputs(generalist_probs, specialist_probs, membership, active)
-
-    def kl(p: Tensor, r: Tensor) -> Tensor:
-        return (torch.xlogy(p, p) - torch.xlogy(p, r)).sum(dim=1)
-
-    total = kl(generalist_probs, q)
-    for k, probs in enumerate(specialist_probs):
-        classes = membership[k].to(q.device).nonzero().flatten()
-        outside_mass = q.masked_fill(membership[k].to(q.device), 0.0).sum(dim=1, keepdim=True)
-        folded = torch.cat([q[:, classes], outside_mass], dim=1)
-        total = total + torch.where(active[:, k], kl(probs, folded), 0.0)
-    return total
-
-
 class _FrozenMembers(nn.Module):
     """A generalist and its specialists, frozen: always eval mode, no gradients.
 
@@ -238,10 +204,11 @@ class _FrozenMembers(nn.Module):
                  num_classes: int, top_n: int = 1, dustbin_shift: Sequence[float] | None = None) -> None:
         super().__init__()
         if len(specialists) != len(clusters):
-            raise ValueError(f"got {len(specialists)} specialists for {len(clusters)} clusters; pass one per cluster")
+            raise ValueError(f"got {plural(len(specialists), 'specialist')} for {plural(len(clusters), 'cluster')}; "
+                             "pass one per cluster")
         shift = [0.0] * len(clusters) if dustbin_shift is None else [float(s) for s in dustbin_shift]
         if len(shift) != len(clusters):
-            raise ValueError(f"dustbin_shift has {len(shift)} values for {len(clusters)} specialists; "
+            raise ValueError(f"dustbin_shift has {plural(len(shift), 'value')} for {plural(len(clusters), 'specialist')}; "
                              "give one per specialist or None")
         if not 1 <= top_n <= num_classes:
             raise ValueError(f"top_n must be in [1, {num_classes}], got {top_n}")
@@ -270,7 +237,7 @@ class _FrozenMembers(nn.Module):
                 logits = specialist(x[rows])
                 if logits.shape[1] != width:
                     raise ValueError(f"specialist {k} outputs {logits.shape[1]} logits but its cluster has "
-                                     f"{width - 1} classes (+1 dustbin); check that it was trained for this cluster")
+                                     f"{plural(width - 1, 'class')} (+1 dustbin); check that it was trained for this cluster")
                 logits = torch.cat([logits[:, :-1], logits[:, -1:] + self.dustbin_shift[k]], dim=1)
                 probs[rows] = F.softmax(logits.to(dtype), dim=1)[:, self._column_order[k]]
             outputs.append(probs)
@@ -323,46 +290,11 @@ class EnsembleTeacher(_FrozenMembers):
         return self._log_q(details["q"], details["generalist_logits"], details["active"])
 
 
-class AverageEnsemble(_FrozenMembers):
-    """Baseline: log of `average_combine` (generalist and active specialists averaged)."""
-
-    @torch.no_grad()
-    def forward_details(self, x: Tensor) -> dict[str, Tensor | list[Tensor]]:
-        details = self.members(x)
-        details["q"] = average_combine(details["generalist_probs"], details["specialist_probs"],
-                                       self.membership, details["active"])
-        return details
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        details = self.forward_details(x)
-        return self._log_q(details["q"], details["generalist_logits"], details["active"])
-
-
-class GeneralistOnly(nn.Module):
-    """Baseline: the generalist alone, frozen, returning its log-softmax."""
-
-    def __init__(self, generalist: nn.Module) -> None:
-        super().__init__()
-        self.generalist = generalist
-        self.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> "GeneralistOnly":
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        return F.log_softmax(self.generalist(x).float(), dim=1)
-
-
 # ---------------------------------------------------------------- stage 5 of a run
 
 
 def build_ensemble(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.Module) -> EnsembleTeacher:
     """The run's generalist and trained specialists as one frozen teacher (dustbin shifts are in the heads)."""
-    from .specialists import load_specialist, read_clusters
-
     clusters = read_clusters(run_dir)
     specialists = [load_specialist(cfg, data, run_dir, k, generalist) for k in range(len(clusters))]
     return EnsembleTeacher(generalist, specialists, clusters, data.num_classes, top_n=cfg.ensemble.top_n,

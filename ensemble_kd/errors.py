@@ -1,4 +1,4 @@
-"""The one base class of every error a user can fix.
+"""Errors a user can fix: their one base class, EnsembleKDError, and `plural` for their wording.
 
 Each subclass lives with the stage that raises it (ConfigError in config.py, DataError in
 data.py, ...) and keeps a built-in second base (ValueError, RuntimeError, ...) so that code
@@ -15,3 +15,16 @@ class EnsembleKDError(Exception):
 
 class MissingExtraError(EnsembleKDError, ImportError):
     """An optional extra (onnx, dask) is needed but not installed; the message names the pip command."""
+
+
+class DataError(EnsembleKDError, ValueError):
+    """Bad or missing data the user can fix; the message names the file, class or count and the fix.
+
+    Raised by data.py and imagefolder.py, so it lives here rather than with either."""
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 class", "2 classes", "1 thread", "0 specialists": a count with its noun (regular English plurals)."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}{'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"

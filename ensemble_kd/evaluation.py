@@ -1,4 +1,4 @@
-"""Evaluation of every model of a run on the test set: accuracy, per cluster, by coverage, speed, size.
+"""Test-set metrics of every model of a run: accuracy, per cluster, by coverage (Table 4), speed, size.
 
 `by_coverage` is the form of Table 4 in Hinton et al. (2015): test examples grouped by
 how many active specialists cover their true class, with the ensemble's gain in correct
@@ -17,7 +17,11 @@ from torch import nn
 from . import artifacts
 from .config import Config
 from .data import Splits
+from .distill import load_student_model
+from .ensemble import EnsembleTeacher, active_specialists
+from .inference import predict_logits
 from .models import count_params
+from .specialists import specialist_dir
 
 
 @torch.no_grad()
@@ -88,45 +92,38 @@ def _file_size(*paths: Path) -> int:
     return sum(p.stat().st_size for p in paths if p.exists())
 
 
-def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.Module,
-                 ensemble: nn.Module | None = None, with_students: bool = False) -> dict[str, Any]:
-    """Report entries for the generalist, the ensemble (if given) and the students (if trained).
+def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.Module, clusters: list[list[int]],
+                 ensemble: EnsembleTeacher | None = None, with_students: bool = False) -> dict[str, Any]:
+    """Report entries for the generalist, the ensemble (if given) and the students (if trained);
+    `clusters` are the class ids of each cluster (none before the clusters stage).
 
     Everything runs on the CPU (where the test tensors are; teachers may come back from a
     GPU's student training), so ms_per_image is CPU time for every model."""
-    from .distill import FROM_GENERALIST, HARD_LABELS, STUDENT, TEACHERS_FILE, load_student_model
-    from .ensemble import membership_matrix
-    from .specialists import read_clusters, specialist_dir
-
     run_dir = Path(run_dir)
-    clusters = read_clusters(run_dir)
     x, y = data.x_test.cpu(), data.y_test.cpu()
     generalist = generalist.cpu()
-    ensemble = ensemble.cpu() if ensemble is not None else None
     entries: dict[str, Any] = {}
     generalist_file = run_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE
-    with torch.no_grad():
-        g_pred = torch.cat([generalist(c).argmax(1) for c in x.split(1024)])
+    g_logits = predict_logits(generalist, x)
+    g_pred = g_logits.argmax(1)
     entries["generalist"] = model_entry(g_pred, y, clusters, count_params(generalist), ms_per_image(generalist, x),
                                         _file_size(generalist_file))
     if ensemble is not None:
-        with torch.no_grad():
-            details = [ensemble.forward_details(c) for c in x.split(1024)]
-        e_pred = torch.cat([d["q"].argmax(1) for d in details])
-        active = torch.cat([d["active"] for d in details])
-        coverage = coverage_counts(active, membership_matrix(clusters, data.num_classes), y)
+        ensemble = ensemble.cpu()
+        e_pred = predict_logits(ensemble, x).argmax(1)  # log q: the same argmax as q
+        active = active_specialists(torch.softmax(g_logits, dim=1), ensemble.membership, ensemble.top_n)
+        coverage = coverage_counts(active, ensemble.membership, y)
         files = [generalist_file] + [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(len(clusters))]
         entries["ensemble"] = model_entry(e_pred, y, clusters, count_params(ensemble), ms_per_image(ensemble, x),
                                           _file_size(*files), by_coverage=by_coverage(coverage, e_pred, y, g_pred))
         entries["generalist"]["by_coverage"] = by_coverage(coverage, g_pred, y)
     if with_students:
-        teachers = run_dir / STUDENT / TEACHERS_FILE
+        teachers = run_dir / artifacts.STUDENT_DIRS[0] / artifacts.TEACHERS_FILE
         if teachers.is_file():
             entries["teachers"] = {k: v for k, v in artifacts.read_json(teachers).items() if k != "fingerprint"}
-        for name in (STUDENT, FROM_GENERALIST, HARD_LABELS):
+        for name in artifacts.STUDENT_DIRS:
             student = load_student_model(cfg, data, run_dir, name)
-            with torch.no_grad():
-                s_pred = torch.cat([student(c).argmax(1) for c in x.split(1024)])
+            s_pred = predict_logits(student, x).argmax(1)
             entries[name] = model_entry(s_pred, y, clusters, count_params(student), ms_per_image(student, x),
                                         _file_size(run_dir / name / artifacts.MODEL_FILE))
     return entries

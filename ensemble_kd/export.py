@@ -1,4 +1,4 @@
-"""Export the student alone and load it back through one interface.
+"""Stage 7: export the student alone (TorchScript, torch.export, ONNX, state dict) and load it back.
 
 `export_student` writes the student as TorchScript (`student.ts`), a `torch.export`
 program (`student.pt2`), ONNX (`student.onnx`) and/or a state dict with its metadata
@@ -13,22 +13,26 @@ its own inputs, so every format takes float32 pixels in [0, 1] of shape
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from .artifacts import CONFIG_FILE, EXPORT_DIR, atomic_write, new_temp_file, save_torch, write_bytes, write_json
-from .config import ModelConfig
+from .artifacts import (CONFIG_FILE, EXPORT_DIR, atomic_write, new_temp_file, require_run_dir, save_torch,
+                        write_bytes, write_json)
+from .choices import EXPORT_FORMATS as FORMATS
+from .config import ModelConfig, load_config
 from .errors import EnsembleKDError
 from .models import Classifier, build_model
 
@@ -38,8 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "export", "onnx", "state_dict")
-FILE_NAMES = {
+FILE_NAMES = {  # one per format of FORMATS
     "torchscript": "student.ts",
     "export": "student.pt2",
     "onnx": "student.onnx",
@@ -124,9 +127,33 @@ def _write_export(model: Classifier, example: torch.Tensor, meta_json: str, path
     atomic_write(path, lambda f: torch.export.save(program, f, extra_files={META_KEY: meta_json}))
 
 
+_ONNX_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")  # the exporter logs each optimisation pass at INFO
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Keep the ONNX exporter's progress (log records of every pass, printed steps, deprecation notes) out of
+    the run's output; what it printed goes to this module's debug log. Its failures still raise."""
+    loggers = [logging.getLogger(name) for name in _ONNX_LOGGERS]
+    levels = [each.level for each in loggers]
+    chatter = io.StringIO()
+    try:
+        for each in loggers:
+            each.setLevel(max(each.getEffectiveLevel(), logging.WARNING))
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+        if chatter.getvalue().strip():
+            logger.debug("ONNX exporter: %s", chatter.getvalue().strip())
+
+
 def _write_onnx(model: Classifier, example: torch.Tensor, meta_json: str, path: Path) -> None:
-    program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, dynamic_shapes=_batch_dim(),
-                                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+    with _quiet_onnx_exporter():
+        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, dynamic_shapes=_batch_dim(),
+                                    input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, meta_json
@@ -340,7 +367,7 @@ def _load_export(path: Path) -> tuple[Runner, dict | None]:
 
 def _load_onnx(path: Path) -> tuple[Runner, dict | None]:
     try:
-        import onnxruntime
+        import onnxruntime  # the onnx extra
     except ImportError as err:
         raise ExportError(f"loading {path} needs onnxruntime: pip install 'ensemble-kd[onnx]'") from err
     try:
@@ -464,8 +491,7 @@ def export_run(cfg: "Config", data: "Splits", run_dir: str | Path, student: Clas
 def export_from_run_dir(run_dir: str | Path, formats: list[str] | None = None,
                         out_dir: str | Path | None = None) -> dict:
     """`ensemble-kd export`: export the student of a finished run directory (formats: the run's by default)."""
-    from .artifacts import require_run_dir
-    from .config import load_config
+    # start-up time: `import ensemble_kd` and `predict` load this module, which needs no data or training code
     from .data import load_data
     from .distill import load_student_model
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from . import artifacts
 from .config import Config, ModelConfig
-from .data import Splits, augment_batch
+from .data import Splits, make_augment
 from .models import Classifier, build_model
-from .train import TrainSet, fit, load_finished, resolve_device, set_seed
+from .train import FitOptions, TrainSet, fit, load_finished, resolve_device, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,6 @@ def generalist_fingerprint(cfg: Config, data: Splits) -> dict[str, Any]:
                              flip=cfg.data.flip, crop_pad=cfg.data.crop_pad)
 
 
-def make_augment(cfg: Config):
-    """The batched augmentation from `data.flip` / `data.crop_pad`, or None when both are off."""
-    if not cfg.data.flip and cfg.data.crop_pad == 0:
-        return None
-    return lambda x, gen: augment_batch(x, cfg.data.flip, cfg.data.crop_pad, gen)
-
-
 def new_generalist(cfg: Config, data: Splits) -> Classifier:
     set_seed(cfg.seed)
     return build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std)
@@ -42,10 +35,10 @@ def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: b
     """Train (or resume, or reuse) the generalist; returns the path of its model file."""
     stage_dir = Path(run_dir) / artifacts.GENERALIST_DIR
     model = new_generalist(cfg, data)
-    fit(model, TrainSet(data.x_train, data.y_train), cfg.generalist.train, stage_dir, stage="generalist",
-        seed=cfg.seed, fingerprint=generalist_fingerprint(cfg, data),
-        augment=make_augment(cfg), val=TrainSet(data.x_val, data.y_val),
-        device=resolve_device(cfg.device), precision=cfg.precision, compile_model=cfg.compile, progress=progress)
+    fit(model, TrainSet(data.x_train, data.y_train), cfg.generalist.train, stage_dir, FitOptions(
+        stage="generalist", seed=cfg.seed, fingerprint=generalist_fingerprint(cfg, data),
+        augment=make_augment(cfg.data), val=TrainSet(data.x_val, data.y_val), device=resolve_device(cfg.device),
+        progress=progress, precision=cfg.precision, compile_model=cfg.compile))
     return stage_dir / artifacts.MODEL_FILE
 
 

@@ -2,7 +2,6 @@
 
 - `kd_loss`: Hinton's distillation loss, hard-label cross-entropy plus the T^2-scaled
   KL divergence between temperature-softened teacher and student distributions.
-- `soft_cross_entropy`: cross-entropy against a full target distribution.
 - `fold_probs` / `fold_labels`: map a C-class distribution or class ids onto a
   specialist's |S| + 1 outputs (its classes in the order of `subset`, then the dustbin).
 - `dustbin_log_correction`: the prior correction of a specialist's dustbin logit after
@@ -54,17 +53,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
         soft = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
         loss = loss + (1.0 - alpha) * temperature**2 * soft
     return loss
-
-
-def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
-    """Cross-entropy against a target distribution: -(p * log_softmax(logits)).sum(1).mean().
-
-    Equals KL(p || softmax(logits)) plus the (constant) entropy of p.
-    """
-    if logits.ndim != 2 or logits.shape != target_probs.shape:
-        raise ValueError(f"logits and target_probs must both be (N, C) with the same shape, got "
-                         f"{tuple(logits.shape)} and {tuple(target_probs.shape)}")
-    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def _as_subset(subset: Tensor | Sequence[int], num_classes: int, device: torch.device) -> Tensor:

@@ -98,6 +98,7 @@ def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...]) -> tuple[nn.Module, 
     return nn.Sequential(*layers), c_in
 
 
+# keyed by choices.ARCHITECTURES (tests/test_config.py checks that they match)
 ARCHITECTURES: dict[str, Callable[[ModelConfig, tuple[int, ...]], tuple[nn.Module, int]]] = {
     "mlp": _mlp,
     "cnn": _cnn,

@@ -1,15 +1,15 @@
-"""Where specialists train: the joblib backend, how many at once, and on which device.
+"""Where specialists train: joblib's loky processes or a Dask cluster, how many at once, on which device.
 
-Specialists are independent, so stage 4 hands them to joblib, which runs them on
+Specialists are independent, so stage 4 hands them to `run_jobs`, which runs them on
 existing engines -- nothing here schedules work itself:
 
-* `loky` (default): worker processes on this machine, `specialists.n_jobs` at a time.
+* `loky` (default): joblib's worker processes on this machine, `specialists.n_jobs` at a time.
   On CUDA there is one worker per visible GPU instead (`n_jobs` is then ignored), and
   `specialist_device` puts specialist k on GPU k % n_gpus.
-* `dask`: joblib's Dask backend on a running `dask.distributed` cluster at
-  `specialists.scheduler`. Each task trains one specialist and its worker writes the
+* `dask`: a running `dask.distributed` cluster at `specialists.scheduler`, through
+  distributed's public `Client.map`. Each task trains one specialist and its worker writes the
   model into the run directory itself, so that directory must be on storage every
-  worker sees at the same absolute path (NFS, a cluster file system); `joblib_backend`
+  worker sees at the same absolute path (NFS, a cluster file system); `run_jobs`
   checks this before any work is sent and closes its client afterwards. Workers should
   run one thread each (`dask worker --nthreads 1 --nworkers N`): specialists side by
   side in one process would share torch's global random stream and thread count.
@@ -19,18 +19,18 @@ and its cluster id, and its torch thread count from the config (`specialist_thre
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+from joblib import Parallel, delayed, parallel_config
 
 from . import artifacts
-from .errors import EnsembleKDError, MissingExtraError
+from .errors import EnsembleKDError, MissingExtraError, plural
 from .train import resolve_device
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # how long to try reaching the Dask scheduler before giving up
-WAIT_FOR_WORKERS_S = 60.0  # how long joblib waits for a first Dask worker to join the scheduler
 DASK_EXTRA = "pip install 'ensemble-kd[dask]'"
 
 
@@ -117,33 +116,33 @@ def stop_with_parent(parent_pid: int | None) -> None:
     threading.Thread(target=watch, name="ensemble-kd-parent-watch", daemon=True).start()
 
 
-# ---------------------------------------------------------------- the joblib backend
+# ---------------------------------------------------------------- running the jobs
 
-@contextlib.contextmanager
-def joblib_backend(cfg: Config, n_jobs: int, run_dir: str | Path | None = None,
-                   connect_timeout: float = CONNECT_TIMEOUT_S) -> Iterator[None]:
-    """Make `joblib.Parallel` inside the block use the configured backend.
+def run_jobs(cfg: Config, n_jobs: int, run_dir: str | Path | None, function: Callable[..., Any],
+             calls: Sequence[tuple], connect_timeout: float = CONNECT_TIMEOUT_S) -> list[Any]:
+    """`function(*args)` for each `args` in `calls`, on the configured backend; the results in order.
 
-    loky with n_jobs > 1, else sequential (in this process). dask: connect a client to
-    `specialists.scheduler` (SchedulerError after `connect_timeout` seconds), check that
-    every worker sees `run_dir` (when given), run the block on the cluster through
-    joblib's Dask backend, and close the client however the block ends.
+    loky: joblib's worker processes, `n_jobs` at a time (in this process when n_jobs is 1).
+    dask: every call is a task on the cluster at `specialists.scheduler`, through
+    distributed's public `Client.map` and `Client.gather` (the first task error is raised
+    here). The client connects (SchedulerError after `connect_timeout` seconds), checks
+    that every worker sees `run_dir` (when given) and is closed however the jobs end,
+    which cancels what is still queued. Unlike joblib's Dask backend, which runs
+    everything in the caller when the cluster reports a single worker thread, this never
+    falls back to this process.
     """
-    from joblib import parallel_config
-
     if cfg.specialists.backend != "dask":
         with parallel_config(backend="loky" if n_jobs > 1 else "sequential"):
-            yield
-        return
+            return Parallel(n_jobs=n_jobs)(delayed(function)(*args) for args in calls)
     client = connect(cfg.specialists.scheduler, connect_timeout)
     try:
         if run_dir is not None:
             check_shared_run_dir(client, run_dir)
         _warn_about_threaded_workers(client)
-        log.info("training specialists on the Dask cluster at %s (%d workers)", cfg.specialists.scheduler,
-                 len(client.scheduler_info().get("workers", {})))
-        with parallel_config(backend=_dask_backend(client)):
-            yield
+        log.info("running %s on the Dask cluster at %s (%s)", plural(len(calls), "task"), cfg.specialists.scheduler,
+                 plural(len(client.scheduler_info().get("workers", {})), "worker"))
+        futures = client.map(function, *zip(*calls), pure=False) if calls else []
+        return client.gather(futures)
     finally:
         client.close()
 
@@ -151,7 +150,7 @@ def joblib_backend(cfg: Config, n_jobs: int, run_dir: str | Path | None = None,
 def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     """A `dask.distributed.Client` of the scheduler at `address` (not made the default client)."""
     try:
-        from dask.distributed import Client
+        from dask.distributed import Client  # the dask extra
     except ImportError as err:
         raise MissingExtraError(f"specialists.backend = 'dask' needs dask.distributed, which is not installed: "
                                 f"{DASK_EXTRA}") from err
@@ -162,22 +161,6 @@ def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:
             f"cannot reach a Dask scheduler at specialists.scheduler = {address!r} within {timeout:g} s "
             f"({type(err).__name__}: {err}); start one with `dask scheduler` and workers with "
             f"`dask worker {address or 'tcp://HOST:8786'}`, or fix the address (tcp://host:port)") from err
-
-
-def _dask_backend(client: Any) -> Any:
-    """joblib's Dask backend on `client`, never falling back to this process.
-
-    joblib runs everything sequentially in the caller when a backend reports one worker,
-    which the Dask backend does for a cluster with a single worker thread (one GPU
-    worker, say): the specialists would then train here, not on the cluster. Reporting
-    at least two keeps them on the cluster, where Dask queues what does not fit."""
-    from joblib._dask import DaskDistributedBackend
-
-    class ClusterOnlyDaskBackend(DaskDistributedBackend):
-        def effective_n_jobs(self, n_jobs: int) -> int:
-            return max(2, super().effective_n_jobs(n_jobs))
-
-    return ClusterOnlyDaskBackend(client=client, wait_for_workers_timeout=WAIT_FOR_WORKERS_S)
 
 
 def _warn_about_threaded_workers(client: Any) -> None:

@@ -6,7 +6,6 @@ stopped anywhere continues with `resume=True`.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import time
@@ -16,17 +15,25 @@ from typing import Any, Callable
 import torch
 
 from . import artifacts
+from .choices import STAGES
 from .config import Config, ConfigError, load_config, to_toml
-from .data import DataError, Splits, load_data
-from .export import ONNX_EXTRA, missing_onnx_modules
+from .confusion import choose_k, clusterer_from_config, find_clusters
+from .data import Splits, load_data
+from .distill import check_student_size, load_student_model, train_students
+from .ensemble import build_ensemble
+from .errors import DataError, plural
+from .evaluation import evaluate_run
+from .export import ONNX_EXTRA, export_run, missing_onnx_modules
+from .generalist import load_generalist, train_generalist
 from .models import build_model
 from .parallel import DASK_EXTRA
+from .precision import autocast_dtype
+from .report import write_heatmap, write_report
 from .resume import check_resume
-from .train import autocast_dtype, resolve_device
+from .specialists import train_all_specialists
+from .train import resolve_device
 
 log = logging.getLogger(__name__)
-
-STAGES = ("generalist", "clusters", "specialists", "ensemble", "student", "export")
 
 
 def _timed(run_dir: Path, stage: str, work: Callable[[], Any]) -> Any:
@@ -67,54 +74,52 @@ def preflight(cfg: Config, until: str = "export") -> None:
 
 def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:
     """Run every stage up to and including `until`; returns the report (as written to report.json)."""
-    from .confusion import find_clusters
-    from .distill import check_student_size, load_student_model, train_students
-    from .ensemble import build_ensemble
-    from .evaluation import evaluate_run
-    from .export import export_run
-    from .generalist import load_generalist, train_generalist
-    from .report import write_report
-    from .specialists import train_all_specialists
-
     preflight(cfg, until)
     run_dir = Path(run_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    stop = STAGES.index(until)
+    reached = lambda stage: STAGES.index(until) >= STAGES.index(stage)  # noqa: E731
     data = load_data(cfg.data, cfg.seed)
-    log.info("data %s: %d train, %d val, %d test, %d classes, input %s", cfg.data.name, len(data.y_train),
-             len(data.y_val), len(data.y_test), data.num_classes, tuple(data.input_shape))
     _check_data_fits(cfg, data)
     _check_clusters_fit(cfg, data)
-    if stop >= STAGES.index("student"):
+    if reached("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
 
     _timed(run_dir, "generalist", lambda: train_generalist(cfg, data, run_dir, progress))
     generalist = load_generalist(cfg, data, run_dir)
-    clusters = _timed(run_dir, "clusters", lambda: find_clusters(cfg, data, run_dir, generalist))
     report: dict[str, Any] = {"run": run_dir.name, "data": cfg.data.name, "seed": cfg.seed,
-                              "num_classes": data.num_classes, "class_names": data.class_names,
-                              "clusters": [c["names"] for c in clusters["clusters"]]}
-    if stop >= STAGES.index("specialists"):
+                              "num_classes": data.num_classes, "class_names": data.class_names}
+    clusters: list[list[int]] = []
+    if reached("clusters"):
+        found = _timed(run_dir, "clusters", lambda: _clusters_stage(cfg, data, run_dir, generalist))
+        clusters = [c["ids"] for c in found["clusters"]]
+        report["clusters"] = [c["names"] for c in found["clusters"]]
+        report["cluster_inside_share"] = [c["inside_share"] for c in found["clusters"]]
+    if reached("specialists"):
         _timed(run_dir, "specialists", lambda: train_all_specialists(cfg, run_dir, data))
-    ensemble = None
-    if stop >= STAGES.index("ensemble"):
-        ensemble = build_ensemble(cfg, data, run_dir, generalist)
-    if stop >= STAGES.index("student"):
+    ensemble = build_ensemble(cfg, data, run_dir, generalist) if reached("ensemble") else None
+    if reached("student"):
         _timed(run_dir, "student", lambda: train_students(cfg, data, run_dir, ensemble, generalist, progress))
-    report.update(evaluate_run(cfg, data, run_dir, generalist, ensemble, with_students=stop >= STAGES.index("student")))
-    if stop >= STAGES.index("export"):
+    report.update(evaluate_run(cfg, data, run_dir, generalist, clusters, ensemble, with_students=reached("student")))
+    if reached("export"):
         student = load_student_model(cfg, data, run_dir)
         report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
     write_report(run_dir, report)
     return report
 
 
+def _clusters_stage(cfg: Config, data: Splits, run_dir: Path, generalist: torch.nn.Module) -> dict[str, Any]:
+    """Stages 2 and 3: the matrices and clusters.json (confusion.py), then their heatmap (report.py)."""
+    clusters = find_clusters(cfg, data, run_dir, generalist)
+    write_heatmap(run_dir)
+    return clusters
+
+
 def _check_data_fits(cfg: Config, data: Splits) -> None:
     """Settings the data cannot meet are an error before any training."""
     if data.num_classes < 2:
-        raise DataError(f"the data has {data.num_classes} class ({', '.join(data.class_names)}); a classifier "
-                        "needs at least 2: add another class (for an imagefolder, another class folder)")
+        raise DataError(f"the data has {plural(data.num_classes, 'class')} ({', '.join(data.class_names)}); a "
+                        "classifier needs at least 2: add another class (for an imagefolder, another class folder)")
     if cfg.ensemble.top_n > data.num_classes:
         raise ConfigError(f"ensemble.top_n = {cfg.ensemble.top_n} but the data has only {data.num_classes} "
                           f"classes; choose top_n <= {data.num_classes}")
@@ -125,25 +130,15 @@ def _check_data_fits(cfg: Config, data: Splits) -> None:
 
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:
-    """Impossible cluster settings are an error before any training; says which k `clusters.k = 0` chose."""
-    from .confusion import choose_k
-
-    c = dataclasses.replace(cfg.clusters, k=choose_k(cfg.clusters, data.num_classes))
-    if cfg.clusters.k == 0 and c.k == 0:
-        log.warning("clusters.k = 0 and the data has %d classes: too few for clusters of clusters.min_size = %d "
+    """Cluster settings no clustering of these classes can meet are an error before any training
+    (`ClassClusterer.check_feasible`); says which k `clusters.k = 0` chose."""
+    k = choose_k(cfg.clusters, data.num_classes)
+    if cfg.clusters.k == 0 and k == 0:
+        log.warning("clusters.k = 0 and the data has %s: too few for clusters of clusters.min_size = %d "
                     "that leave other classes to each specialist, so no specialists; the ensemble is the "
-                    "generalist alone", data.num_classes, c.min_size)
+                    "generalist alone", plural(data.num_classes, "class"), cfg.clusters.min_size)
         return
     if cfg.clusters.k == 0:
         log.info("clusters.k = 0: chose k = %d for %d classes (about the square root of the number of classes)",
-                 c.k, data.num_classes)
-    if c.k > data.num_classes:
-        raise ConfigError(f"clusters.k = {c.k} but the data has only {data.num_classes} classes; "
-                          f"choose k <= {data.num_classes}")
-    if c.k * c.min_size > data.num_classes:
-        raise ConfigError(f"clusters.k = {c.k} clusters of at least clusters.min_size = {c.min_size} classes need "
-                          f"{c.k * c.min_size} classes, the data has {data.num_classes}; lower k or min_size")
-    if c.max_size and c.min_confusion == 0 and c.k * c.max_size < data.num_classes:
-        raise ConfigError(f"clusters.k = {c.k} clusters of at most clusters.max_size = {c.max_size} classes hold "
-                          f"{c.k * c.max_size} classes, the data has {data.num_classes}; raise k or max_size "
-                          "(0 = no limit), or set clusters.min_confusion to leave unconfused classes out")
+                 k, data.num_classes)
+    clusterer_from_config(cfg.clusters, k=k).check_feasible(data.num_classes)

@@ -1,7 +1,7 @@
 """Run an exported student on image files or .npy arrays and list its top classes.
 
 Images (PNG, JPEG, ... anything PIL opens) become one example each, read as for
-training (`data.read_image`: EXIF orientation applied, 16-bit scaled to 8 bits, alpha
+training (`imagefolder.read_image`: EXIF orientation applied, 16-bit scaled to 8 bits, alpha
 dropped), converted to greyscale or RGB to match the student's channels, resized to its
 height and width, and scaled to [0, 1]; one warning line says which inputs were
 converted or resized. A .npy file holds one example (*input_shape) or a batch
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 
-from .data import read_image
 from .export import InputError, LoadedStudent, load_student
+from .imagefolder import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ def _shape_text(shape: list[int] | tuple[int, ...]) -> str:
 
 def _load_image(path: Path, input_shape: list[int]) -> tuple[torch.Tensor, dict[str, str]]:
     """One image as a (1, C, H, W) batch in [0, 1], fitted to the student's input, and what was changed."""
-    from PIL import UnidentifiedImageError
-
     if len(input_shape) != 3 or input_shape[0] not in (1, 3):
         raise InputError(f"{path}: this student takes inputs of shape {_shape_text(input_shape)}, not images; "
                          "give a .npy file with arrays of that shape")

@@ -1,9 +1,16 @@
-"""Evaluation of every model of a run on the test set, and the run's report files.
+"""The run's report: report.json and report.md, with the cluster heatmap and the accuracy-versus-size chart.
 
-`report.json` holds one object per model (`generalist`, `ensemble`, `student`,
-`student_hard_labels`, `student_from_generalist`) with `test_accuracy`, `params`,
-`ms_per_image`, `size_bytes` and per-cluster accuracies; `report.md` shows the same as
-tables with the cluster heatmap and an accuracy-versus-size chart.
+`report.json` holds the run (name, data, seed, class names, the clusters and how much of
+their classes' confusion stays inside each) and one object per model (`generalist`,
+`ensemble`, `student`, `student_from_generalist`, `student_hard_labels`) with test accuracy
+and errors, parameters, size on disk, CPU inference time per image and accuracy per
+cluster (computed by evaluation.py); `by_coverage` (Table 4 of Hinton et al. 2015),
+`teachers` and `exports` where those stages ran. `report.md` shows the same as tables: the
+models, with a line naming the best one and saying when distillation did not beat hard
+labels; accuracy per cluster, flagging a cluster whose classes are hardly confused with
+each other; the ensemble's gain by number of covering specialists; the exported files.
+Both images are drawn here: `confusion.png` (the clusters stage's matrix reordered by
+cluster, `write_heatmap`) and `accuracy_vs_size.png`.
 """
 from __future__ import annotations
 
@@ -11,9 +18,21 @@ import io
 from pathlib import Path
 from typing import Any
 
-from . import artifacts
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-MODEL_ORDER = ("generalist", "ensemble", "student", "student_from_generalist", "student_hard_labels")
+from . import artifacts
+from .artifacts import ArtifactError
+from .confusion import LOW_INSIDE_SHARE, primary_sizes, read_clusters_json, read_matrix, reorder_by_cluster
+
+MODEL_ORDER = ("generalist", "ensemble", *artifacts.STUDENT_DIRS)
+_MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) get cluster labels, not class names
+_MARKERS = {"generalist": "o", "ensemble": "s", "student": "^", "student_from_generalist": "v",
+            "student_hard_labels": "D"}  # distinct shapes, so models at the same size stay apart in the chart
+ACCURACY_VS_SIZE_FILE = "accuracy_vs_size.png"
 
 
 def _fmt_size(n: float) -> str:
@@ -29,6 +48,14 @@ def _pct(value: float | None, sign: str = "") -> str:
     return "n/a" if value is None else f"{100 * value:{sign}.2f}%"
 
 
+def _save_png(fig: Figure, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return artifacts.write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- tables
+
 def format_table(report: dict[str, Any]) -> str:
     """The models of a report side by side, as a Markdown table."""
     lines = ["| model | test accuracy | errors | params | size | ms / image |", "|---|---:|---:|---:|---:|---:|"]
@@ -40,16 +67,48 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdict(report: dict[str, Any]) -> list[str]:
+    """What the table means, in at most two lines: the best model (and the best student when that is not
+    a student), and a line saying so when the distilled student does not beat the hard-label one."""
+    models = [name for name in MODEL_ORDER if name in report]
+    if not models:
+        return []
+    accuracy = {name: report[name]["test_accuracy"] for name in models}
+    best = max(models, key=lambda name: accuracy[name])  # the first of MODEL_ORDER on a tie
+    line = f"Best: {best} ({_pct(accuracy[best])} test accuracy)"
+    students = [name for name in artifacts.STUDENT_DIRS if name in accuracy]
+    if students and best not in students:
+        best_student = max(students, key=lambda name: accuracy[name])
+        line += f"; best student: {best_student} ({_pct(accuracy[best_student])})"
+    lines = [line + "."]
+    student, hard = accuracy.get("student"), accuracy.get("student_hard_labels")
+    if student is not None and hard is not None and student <= hard:
+        lines.append(f"Distillation did not pay on this run: the student distilled from the ensemble "
+                     f"({_pct(student)}) does not beat the same student trained on hard labels ({_pct(hard)}).")
+    return lines
+
+
 def format_cluster_accuracy(report: dict[str, Any]) -> str:
-    """Accuracy per cluster for the generalist and the ensemble."""
+    """Accuracy per cluster for the generalist and the ensemble, with each cluster's inside share."""
     if "generalist" not in report or "ensemble" not in report:
         return ""
-    lines = ["| cluster | classes | n | generalist | ensemble |", "|---|---|---:|---:|---:|"]
+    shares = report.get("cluster_inside_share", [])
+    lines = ["| cluster | classes | inside share | n | generalist | ensemble |", "|---|---|---:|---:|---:|---:|"]
     names = report.get("class_names", [])
     for g, e in zip(report["generalist"]["per_cluster"], report["ensemble"]["per_cluster"]):
         classes = ", ".join(names[i] if i < len(names) else str(i) for i in g["classes"])
-        lines.append(f"| {g['cluster']} | {classes} | {g['n']} | {_pct(g['accuracy'])} | {_pct(e['accuracy'])} |")
+        share = shares[g["cluster"]] if g["cluster"] < len(shares) else None
+        flag = " (hardly confused with each other)" if share is not None and share < LOW_INSIDE_SHARE else ""
+        lines.append(f"| {g['cluster']} | {classes} | {'n/a' if share is None else f'{share:.2f}'}{flag} | "
+                     f"{g['n']} | {_pct(g['accuracy'])} | {_pct(e['accuracy'])} |")
     return "\n".join(lines)
+
+
+CLUSTER_NOTE = (
+    "Inside share: the part of its classes' confusion (the clusters matrix) that stays among the cluster's own "
+    f"classes. A cluster below {LOW_INSIDE_SHARE:g} is flagged: its classes are hardly confused with each other, "
+    "so its specialist has little to learn that the generalist does not know; another `clusters.k` or "
+    "`clusters.matrix` may group the classes better.")
 
 
 def format_coverage(report: dict[str, Any]) -> str:
@@ -66,47 +125,124 @@ def format_coverage(report: dict[str, Any]) -> str:
 
 COVERAGE_NOTE = (
     "The form of Table 4 in Hinton et al. (2015): test images grouped by how many *active* specialists "
-    "(those woken by the generalist's top guesses, `ensemble.top_n`) hold the true class. With 0, no active "
-    "specialist knows the true class: either none was woken, or the ones woken hold other classes and can only "
-    "move probability through their dustbins, so these images show what the combination does when the "
-    "generalist's guess is wrong and no specialist can correct it. With overlapping clusters "
-    "(`clusters.overlap`) a class can be covered by 2 or more.")
+    "(those woken because one of the generalist's top `ensemble.top_n` guesses is in their cluster) hold the "
+    "true class. The row \"0\" holds the images whose true class no active specialist knows: either the true "
+    "class is in no cluster (left to the generalist, `clusters.min_confusion`), or none of the generalist's top "
+    "guesses shares a cluster with it, so its top guess is wrong. Where no specialist is active the ensemble "
+    "answers as the generalist does (a change of 0); where specialists of other classes are active they can "
+    "move probability only through their dustbins, which is how the ensemble still gains or loses answers in "
+    "this row. With overlapping clusters (`clusters.overlap`) a class can be covered by 2 or more.")
+
+
+# ---------------------------------------------------------------- images
+
+def plot_confusion(matrix: np.ndarray, clusters_json: dict[str, Any], class_names: list[str],
+                   path: str | Path) -> Path:
+    """Heatmap of `matrix` reordered by cluster, cluster blocks outlined, diagonal hidden; PNG at `path`."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    num_classes = len(class_names)
+    if matrix.shape != (num_classes, num_classes):
+        raise ArtifactError(f"the matrix has shape {matrix.shape} but there are {num_classes} class names; "
+                           "pass one name per class")
+    order = reorder_by_cluster(clusters_json, num_classes)
+    shown = matrix[np.ix_(order, order)]
+    np.fill_diagonal(shown, np.nan)  # the diagonal (accuracy / variance) would swamp the confusion
+    off_diagonal = shown[np.isfinite(shown)]
+    low, high = (float(off_diagonal.min()), float(off_diagonal.max())) if off_diagonal.size else (0.0, 1.0)
+    if low < 0:  # covariance: blue below zero, red above, white at zero
+        bound = max(abs(low), high, 1e-12)
+        cmap, norm = "RdBu_r", TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
+    else:
+        cmap, norm = "viridis", None
+    side = min(4.0 + 0.2 * num_classes, 22.0)  # inches; 100 classes fill about 2,200 pixels
+    cell_points = side * 72 * 0.75 / max(num_classes, 1)  # the axes take about 3/4 of the figure
+    fontsize = float(np.clip(0.7 * cell_points, 3.0, 10.0))
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
+                      vmin=None if norm else 0.0, vmax=None if norm else max(high, 1e-12))
+    ax.set_facecolor("#d9d9d9")  # the masked diagonal shows as grey
+    sizes = primary_sizes(clusters_json)
+    starts = np.cumsum([0, *sizes[:-1]]).astype(int)
+    for start, size in zip(starts, sizes):
+        ax.add_patch(Rectangle((start - 0.5, start - 0.5), size, size, fill=False, edgecolor="#ff7f0e", linewidth=2))
+    position = {class_id: p for p, class_id in enumerate(order)}
+    for entry in clusters_json.get("classes", []):  # overlap: a dashed bar where a class also joined a cluster
+        for cluster_id in entry.get("also_in", []):
+            row, start, size = position[entry["id"]], starts[cluster_id], sizes[cluster_id]
+            for xy, width, height in (((start - 0.5, row - 0.5), size, 1), ((row - 0.5, start - 0.5), 1, size)):
+                ax.add_patch(Rectangle(xy, width, height, fill=False, edgecolor="#ff7f0e", linewidth=1.2,
+                                       linestyle="--"))
+    if cell_points >= _MIN_LABEL_POINTS:
+        names = [str(class_names[i]) for i in order]
+        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(num_classes), names, fontsize=fontsize)
+    else:  # too many classes to name each one legibly (and thousands of labels take seconds): name the blocks
+        centres = starts + (np.asarray(sizes) - 1) / 2
+        labels = [f"cluster {cluster['id']}" for cluster in clusters_json["clusters"]]
+        block_fontsize = float(np.clip(0.7 * cell_points * np.median(sizes), 3.0, 8.0))
+        ax.set_xticks(centres, labels, rotation=90, fontsize=block_fontsize)
+        ax.set_yticks(centres, labels, fontsize=block_fontsize)
+    ax.set_xlabel("predicted / co-predicted class")
+    ax.set_ylabel("true class" if clusters_json.get("matrix") != "covariance" else "class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    overlaps = any(c.get("also_in") for c in clusters_json.get("classes", []))
+    overlap = " dashed: also in that cluster;" if overlaps else ""
+    ax.set_title(f"{clusters_json.get('matrix', '')} confusability, reordered by cluster "
+                 f"(k={clusters_json.get('k', len(clusters_json['clusters']))};{overlap} diagonal hidden)")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def write_heatmap(run_dir: str | Path) -> Path:
+    """Draw a run's clusters over the matrix they were found in, as confusion.png in the run directory."""
+    run_dir = Path(run_dir)
+    clusters = read_clusters_json(run_dir)
+    names = [c["name"] for c in clusters["classes"]]
+    return plot_confusion(read_matrix(run_dir, clusters["matrix"]), clusters, names,
+                          run_dir / artifacts.HEATMAP_FILE)
 
 
 def plot_accuracy_vs_size(report: dict[str, Any], path: str | Path) -> Path:
-    """Scatter of test accuracy against parameter count (log scale), one point per model."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=120)
+    """Test accuracy against parameter count (log scale), one marker shape per model, named in a legend below the
+    axes (labels beside the points would overlap for models of the same size, such as the three students);
+    models on the very same point are drawn side by side."""
+    fig = Figure(figsize=(6.4, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name in MODEL_ORDER:
-        if name in report:
-            m = report[name]
-            ax.scatter(m["params"], 100 * m["test_accuracy"], s=40)
-            ax.annotate(name, (m["params"], 100 * m["test_accuracy"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+    shown = [name for name in MODEL_ORDER if name in report]
+    points = [(report[name]["params"], 100 * report[name]["test_accuracy"]) for name in shown]
+    for name, (params, accuracy) in zip(shown, points):
+        same = [other for other, point in zip(shown, points) if point == (params, accuracy)]
+        nudge = 1.06 ** (same.index(name) - (len(same) - 1) / 2)  # models on the very same point side by side
+        ax.scatter(params * nudge, accuracy, s=60, marker=_MARKERS[name], alpha=0.75,
+                   label=f"{name}: {_pct(report[name]['test_accuracy'])}, {params:,} params")
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.2)  # room around points at the edge, and a visible spread when all accuracies agree
     ax.set_xlabel("parameters")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs size")
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return artifacts.write_bytes(path, buffer.getvalue())
+    return _save_png(fig, path)
 
+
+# ---------------------------------------------------------------- report.md and report.json
 
 def render_markdown(report: dict[str, Any]) -> str:
     parts = [f"# ensemble-kd report: {report.get('run', '')}", "",
              f"Data: `{report.get('data', '')}`, {report.get('num_classes', '?')} classes, seed {report.get('seed')}.",
-             "", "## Models (test set)", "", format_table(report), ""]
+             "", "## Models (test set)", "", format_table(report), "", *verdict(report), ""]
     if report.get("clusters") == []:
         parts += [f"No specialists: with {report.get('num_classes', '?')} classes `clusters.k = 0` found no two "
                   "clusters that leave each specialist other classes to tell apart, so the ensemble is the "
                   "generalist alone and `student` is distilled from it.", ""]
     clusters = format_cluster_accuracy(report)
     if clusters:
-        parts += ["## Clusters of confusable classes", "", clusters, "", f"![clusters]({artifacts.HEATMAP_FILE})", ""]
+        parts += ["## Clusters of confusable classes", "", CLUSTER_NOTE, "", clusters, "",
+                  f"![clusters]({artifacts.HEATMAP_FILE})", ""]
     coverage = format_coverage(report)
     if coverage:
         parts += ["## Ensemble gain by number of specialists covering the true class", "", COVERAGE_NOTE, "",
@@ -126,8 +262,8 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Pat
     """Write report.json, the accuracy-vs-size plot and report.md into the run directory."""
     run_dir = Path(run_dir)
     if any(name in report for name in MODEL_ORDER):
-        plot_accuracy_vs_size(report, run_dir / "accuracy_vs_size.png")
-        report.setdefault("plots", {})["accuracy_vs_size"] = "accuracy_vs_size.png"
+        plot_accuracy_vs_size(report, run_dir / ACCURACY_VS_SIZE_FILE)
+        report.setdefault("plots", {})["accuracy_vs_size"] = ACCURACY_VS_SIZE_FILE
     json_path = artifacts.write_json(run_dir / artifacts.REPORT_JSON, report)
     md_path = artifacts.write_text(run_dir / artifacts.REPORT_MD, render_markdown(report))
     return json_path, md_path

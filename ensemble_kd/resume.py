@@ -2,10 +2,10 @@
 
 `ensemble-kd run --out DIR --resume` reads DIR/config.toml; `--set` may then change
 
-* runtime settings, which never change finished work: `device`, `precision`, `threads`,
-  `data.root` and `data.download` (where the data is read from: the data fingerprint in
-  every model file still refuses other data), `specialists.n_jobs`, `.backend`,
-  `.scheduler`, and every `export.*` setting (the export is redone on each run);
+* runtime settings (`config.RUNTIME_SETTINGS`), which never change finished work: `device`,
+  `precision`, `threads`, `data.root` and `data.download` (where the data is read from: the
+  data fingerprint in every model file still refuses other data), `specialists.n_jobs`,
+  `.backend`, `.scheduler`, and every `export.*` setting (the export is redone on each run);
 * the settings of a stage that holds no work yet, and of no later stage that does. A
   stage holds work once it has a model.pt or a checkpoint.pt. The clusters stage keeps
   none of its own (it is recomputed on every run), so after `--until clusters` the
@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts
-from .config import Config, ConfigError, apply_overrides, flatten, load_config
+from .choices import STAGES
+from .config import RUNTIME_SETTINGS, Config, ConfigError, apply_overrides, flatten, load_config
 
 log = logging.getLogger(__name__)
 
-RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "specialists.n_jobs",
-                    "specialists.backend", "specialists.scheduler")
 _STAGE_OF_SECTION = {"clusters": "clusters", "specialists": "specialists", "ensemble": "ensemble",
                      "student": "student"}  # seed, data.* and generalist.* belong to the generalist
 _WORK_FILES = (artifacts.MODEL_FILE, artifacts.CHECKPOINT_FILE)
 _STAGE_FOLDERS = {"generalist": [artifacts.GENERALIST_DIR], "specialists": [artifacts.SPECIALISTS_DIR],
-                  "student": ["student", "student_from_generalist", "student_hard_labels"]}
+                  "student": list(artifacts.STUDENT_DIRS)}
 
 
 def stage_of(key: str) -> str | None:
@@ -63,8 +62,6 @@ def changed_settings(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
 
 def check_resume(run_dir: str | Path, saved: Config, cfg: Config) -> None:
     """ConfigError naming the first setting `cfg` changes that work already in `run_dir` was made with."""
-    from .pipeline import STAGES
-
     work = stages_with_work(run_dir)
     for key, (old, new) in changed_settings(saved, cfg).items():
         stage = stage_of(key)

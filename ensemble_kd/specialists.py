@@ -10,8 +10,9 @@ oversampling of S: by default fitted on the held-out split (natural class mix);
 (2015, section 5) do, which over-corrects once phase 2 has pulled the specialist towards
 the generalist's natural-prior soft targets.
 
-Specialists are independent, so `train_all_specialists` runs them through joblib
-(loky processes, or Dask via joblib's backend); a finished one is never trained again.
+Specialists are independent, so `train_all_specialists` runs them in parallel
+(`parallel.run_jobs`: joblib's loky processes, or a Dask cluster); a finished one is never
+trained again.
 """
 from __future__ import annotations
 
@@ -21,21 +22,24 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
 
 import torch
+from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from . import artifacts
-from .artifacts import ArtifactError
-from .config import Config, ModelConfig
-from .data import Splits, load_data
-from .errors import EnsembleKDError
-from .generalist import generalist_fingerprint, load_generalist, make_augment
+from .artifacts import STARTED_FILE, ArtifactError
+from .config import Config, ModelConfig, recipe
+from .confusion import read_clusters
+from .data import Splits, load_data, make_augment
+from .errors import EnsembleKDError, plural
+from .generalist import generalist_fingerprint, load_generalist
+from .inference import predict_logits
 from .losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
-from .parallel import effective_jobs, joblib_backend, specialist_device, stop_with_parent, worker_parent
-from .train import TrainSet, fit, load_finished, predict_logits, save_model, set_seed
+from .parallel import effective_jobs, run_jobs, specialist_device, stop_with_parent, worker_parent
+from .train import FitOptions, TrainSet, fit, load_finished, save_model, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +56,6 @@ def specialist_seed(seed: int, cluster_id: int) -> int:
 
 def specialist_dir(run_dir: str | Path, cluster_id: int) -> Path:
     return Path(run_dir) / artifacts.SPECIALISTS_DIR / f"specialist_{cluster_id:02d}"
-
-
-def read_clusters(run_dir: str | Path) -> list[list[int]]:
-    clusters = artifacts.read_json(Path(run_dir) / artifacts.CLUSTERS_FILE)["clusters"]
-    return [list(c["ids"]) for c in clusters]
 
 
 def enriched_indices(in_subset: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -141,8 +140,8 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     model = build_specialist(cfg, data, generalist, subset, seed)
     if load_finished(model, out_dir, dict(fingerprint, stage=f"specialist {cluster_id}")):
         return out_dir / artifacts.MODEL_FILE
-    (out_dir / "STARTED").parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / "STARTED").write_text(str(os.getpid()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STARTED_FILE).write_text(str(os.getpid()))
     device = specialist_device(cfg, cluster_id)
     subset_t = torch.tensor(subset)
     fraction = cfg.specialists.in_cluster_fraction
@@ -151,12 +150,13 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     val_idx = enriched_indices(torch.isin(data.y_val, subset_t), fraction, torch.Generator().manual_seed(seed))
     val = TrainSet(data.x_val[val_idx], fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
-    common = dict(seed=seed, fingerprint=fingerprint, epoch_indices=indices, augment=make_augment(cfg),
-                  val=val, device=device, progress=progress, precision=cfg.precision, compile_model=cfg.compile)
-    fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard",
-        stage=f"specialist {cluster_id} hard", **common)
+    options = FitOptions(stage=f"specialist {cluster_id} hard", seed=seed, fingerprint=fingerprint,
+                         epoch_indices=indices, augment=make_augment(cfg.data), val=val, device=device,
+                         progress=progress, precision=cfg.precision, compile_model=cfg.compile)
+    fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard", options)
     if cfg.specialists.soft_epochs > 0:
-        model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir, common, cluster_id)
+        model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir,
+                            dataclasses.replace(options, stage=f"specialist {cluster_id} soft"))
     shift = _dustbin_shift(cfg, model, data, subset_t, float(in_subset.double().mean()), device)
     with torch.no_grad():
         model.head.bias[-1] += shift
@@ -180,19 +180,20 @@ def _dustbin_shift(cfg: Config, model: Classifier, data: Splits, subset_t: torch
 
 
 def _soft_phase(cfg: Config, model: Classifier, generalist: Classifier, data: Splits, labels: torch.Tensor,
-                subset_t: torch.Tensor, out_dir: Path, common: dict[str, Any], cluster_id: int) -> Classifier:
+                subset_t: torch.Tensor, out_dir: Path, options: FitOptions) -> Classifier:
+    """Phase 2: fine-tuning on the generalist's soft targets folded onto S + dustbin (the teacher runs on
+    each augmented batch; without augmentation its targets are computed once)."""
     spec = cfg.specialists
-    generalist = generalist.to(common["device"])  # the teacher runs where the batches are
+    generalist = generalist.to(options.device)  # the teacher runs where the batches are
     soft_cfg = copy.deepcopy(spec.train)
     soft_cfg.epochs, soft_cfg.lr, soft_cfg.warmup_epochs = spec.soft_epochs, spec.soft_lr, 0
-    augment = common["augment"]
-    teacher = None if augment is None else _FoldedTeacher(generalist, subset_t, spec.temperature)
-    targets = None if augment is not None else _soft_targets(
-        predict_logits(generalist, data.x_train, device=common["device"], precision=cfg.precision), subset_t,
+    teacher = None if options.augment is None else _FoldedTeacher(generalist, subset_t, spec.temperature)
+    targets = None if options.augment is not None else _soft_targets(
+        predict_logits(generalist, data.x_train, device=options.device, precision=cfg.precision), subset_t,
         spec.temperature)
     loss = lambda s, y, t: kd_loss(s, t, y, spec.soft_alpha, spec.temperature)  # noqa: E731
     return fit(model, TrainSet(data.x_train, labels, targets), soft_cfg, out_dir / "soft",
-               stage=f"specialist {cluster_id} soft", loss_fn=loss, teacher=teacher, **common)
+               dataclasses.replace(options, loss_fn=loss, teacher=teacher))
 
 
 class _FoldedTeacher(torch.nn.Module):
@@ -207,17 +208,11 @@ class _FoldedTeacher(torch.nn.Module):
         return _soft_targets(self.generalist(x), self.subset_t, self.temperature)
 
 
-def specialist_fingerprint(cfg: Config, data: Splits, cluster_id: int, subset: list[int]) -> dict[str, Any]:
+def specialist_fingerprint(cfg: Config, data: Splits, cluster_id: int, subset: list[int]) -> dict:
+    """What specialist `cluster_id`'s files must match: the generalist's fingerprint, its classes and the
+    specialists settings that change its weights (not how specialists are scheduled)."""
     return dict(generalist_fingerprint(cfg, data), cluster_id=cluster_id, subset=list(subset),
-                specialist=specialist_recipe(cfg))
-
-
-def specialist_recipe(cfg: Config) -> dict[str, Any]:
-    """The specialists settings that change their weights (not how they are scheduled)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.specialists).items() if k not in _RUNTIME_KEYS}
-
-
-_RUNTIME_KEYS = ("n_jobs", "backend", "scheduler")  # how specialists are scheduled does not change them
+                specialist=recipe(cfg.specialists, "specialists."))
 
 
 def load_specialist(cfg: Config, data: Splits, run_dir: str | Path, cluster_id: int,
@@ -246,9 +241,6 @@ def _worker(cfg: Config, run_dir: str, cluster_id: int, threads: int, parent_pid
         raise SpecialistError(f"specialist {cluster_id} failed: {type(err).__name__}: {err}") from err
 
 
-STARTED_FILE = "STARTED"  # in a specialist's folder once its training starts (holds the pid)
-
-
 def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None = None) -> list[Path]:
     """Train every unfinished specialist, `specialists.n_jobs` at a time; returns all model paths.
 
@@ -256,8 +248,6 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
     ArtifactError names a corrupt or foreign one before any training). When a worker
     process dies (killed, out of memory) a SpecialistError names the specialists that were
     training (on Ctrl-C joblib stops the workers itself). Finished specialists are kept."""
-    from joblib import Parallel, delayed
-
     run_dir = Path(run_dir).absolute()  # Dask workers resolve relative paths from their own directory
     clusters = read_clusters(run_dir)
     n_clusters = len(clusters)
@@ -272,14 +262,13 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
         if n_jobs > 1 or cfg.specialists.backend == "dask":  # one at a time, the order changes nothing
             todo = dispatch_order(cfg, {k: clusters[k] for k in todo}, None if data is None else data.y_train)
         threads = specialist_threads(cfg, n_clusters)
-        log.info("training %d specialists (%s), %d at a time, %d threads each", len(todo),
-                 ", ".join(map(str, todo)), n_jobs, threads)
+        log.info("training %s (%s), %d at a time, %s each", plural(len(todo), "specialist"),
+                 ", ".join(map(str, todo)), n_jobs, plural(threads, "thread"))
         for k in todo:  # a marker left by an earlier crash would blame this run's failure on the wrong one
             (specialist_dir(run_dir, k) / STARTED_FILE).unlink(missing_ok=True)
+        parent = worker_parent(cfg)
         try:
-            with joblib_backend(cfg, n_jobs, run_dir):
-                parent = worker_parent(cfg)
-                Parallel(n_jobs=n_jobs)(delayed(_worker)(cfg, str(run_dir), k, threads, parent) for k in todo)
+            run_jobs(cfg, n_jobs, run_dir, _worker, [(cfg, str(run_dir), k, threads, parent) for k in todo])
         except _worker_deaths(cfg) as err:
             raise SpecialistError(_died_message(run_dir, todo, err)) from err
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
@@ -312,16 +301,12 @@ def _check_finished(cfg: Config, data: Splits, run_dir: Path, finished: list[int
 
 def _worker_deaths(cfg: Config) -> tuple[type[BaseException], ...]:
     """The errors raised when a worker process dies rather than raising an exception (loky, Dask)."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
-
     deaths: tuple[type[BaseException], ...] = (TerminatedWorkerError, BrokenProcessPool)
     if cfg.specialists.backend != "dask":
         return deaths
     try:
-        from distributed import KilledWorker
-    except ImportError:  # joblib_backend has already said how to install it
+        from distributed import KilledWorker  # the dask extra
+    except ImportError:  # run_jobs has already said how to install it
         return deaths
     return (*deaths, KilledWorker)
 

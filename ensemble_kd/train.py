@@ -1,4 +1,4 @@
-"""One training loop for every stage: `fit()` and `evaluate()`.
+"""One training loop for every stage, `fit()`, with the devices it runs on.
 
 `fit` trains a model on in-memory tensors, appends per-epoch metrics to
 `metrics.jsonl`, writes an atomic checkpoint after each epoch and resumes from it, and
@@ -14,22 +14,25 @@ model file is written. On CUDA the epoch's example order is copied to the GPU on
 Optimizers use torch's fused kernels where it has them for the device (CUDA; CPU since
 torch 2.4), and gradient clipping (`clip_grad_norm`) costs a few small ops per step.
 
-Mixed precision (`precision` = bf16 | fp16) runs the forward pass and the teacher under
-`torch.autocast`; the loss, the weights and the optimizer stay in float32, and fp16
-(CUDA only) scales the loss with a `GradScaler`. `precision = "auto"` picks bf16 where
-the device computes it natively (CUDA GPUs of compute capability 8.0 or newer, CPUs with
-AVX512-BF16 or AMX) and the model does enough matmul work per step for bf16 to pay
-(`BF16_MIN_STEP_FLOPS`), else fp32. Models with 2-D convolutions train in channels-last
+Mixed precision (`precision` = bf16 | fp16; precision.py) runs the forward pass and the
+teacher under `torch.autocast`; the loss, the weights and the optimizer stay in float32,
+and fp16 (CUDA only) scales the loss with a `GradScaler`. `precision = "auto"` is
+resolved once per fit (`precision.training_precision`) and said in the log. Models with 2-D convolutions train in channels-last
 memory format on CPU and CUDA (faster for `cnn` and `resnet` in both precisions; see
 benchmarks/README.md) and are returned and saved in the usual contiguous format. With
 `compile_model`, the forward and backward passes run through `torch.compile`. On CUDA
 the training tensors are moved to the GPU once, when they take less than half of its
 free memory.
+
+Progress: a tqdm bar per epoch on a terminal, and one log line per finished epoch. When
+stderr is not a terminal (CI, `nohup`, a log file) there is no bar, so a log holds the
+epoch lines only, never carriage-return redraws.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import time
@@ -43,10 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, inference
 from .artifacts import ArtifactError
 from .config import ConfigError, TrainConfig
+from .data import apply_augmentation
 from .errors import EnsembleKDError
+from .precision import PRECISIONS, autocast_dtype, resolve_precision, training_precision
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +89,6 @@ class Views:
 
     def batch(self, x: torch.Tensor, view: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Examples `idx` (already gathered as `x`) seen through `view`, and the teacher's logits there."""
-        from .data import apply_augmentation
-
         flips = None if self.flips is None else self.flips[view][idx]
         offsets = None if self.offsets is None else self.offsets[view][idx]
         logits = None if self.logits is None else self.logits[view][idx]
@@ -105,115 +108,12 @@ class TrainSet:
         return len(self.y)
 
 
-@dataclass
-class EvalResult:
-    accuracy: float  # fraction correct
-    per_class_accuracy: list[float]  # accuracy on each true class (NaN where a class has no example)
-    logits: torch.Tensor  # (N, C) on CPU
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' but no CUDA GPU is visible; use --set device=cpu or device=auto")
     return torch.device(name)
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bf16 where it is native and pays, else fp32 (resolve_precision)
-# auto picks bf16 only from this many matmul FLOPs per step: below it autocast's casts cost more than bf16
-# saves (speed.py part 2, one thread of an AVX512-BF16 EPYC: the digits MLP ran at 0.88x in bf16 at 30 MFLOP
-# per step, 1.09x at 121 MFLOP; the Fashion-MNIST MLP 1.55x at 1.2 GFLOP; benchmarks/README.md)
-BF16_MIN_STEP_FLOPS = 1e8
-
-
-@functools.lru_cache(maxsize=None)
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bfloat16 in hardware: a CUDA GPU of compute capability 8.0 or newer,
-    or a CPU with AVX512-BF16 or AMX (and a torch build whose CPU autocast has bfloat16)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(probe() for probe in probes if probe is not None) and _bf16_autocast_works("cpu")
-    return False
-
-
-def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Matmul and convolution FLOPs of one forward pass of `model` on `example` (torch's FlopCounterMode),
-    run in eval mode without gradients, so no batch-norm statistic or random stream moves."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-def resolve_precision(precision: str, device: str | torch.device, step_flops: float | None = None) -> str:
-    """The precision that `precision` stands for on `device`: itself, unless it is "auto".
-
-    "auto" is bf16 when the device computes bfloat16 natively (`native_bf16`) and one step
-    does at least BF16_MIN_STEP_FLOPS matmul FLOPs (`step_flops`, where known); else fp32.
-    """
-    if precision != "auto":
-        return precision
-    if not native_bf16(torch.device(device)):
-        return "fp32"
-    return "bf16" if step_flops is None or step_flops >= BF16_MIN_STEP_FLOPS else "fp32"
-
-
-def training_precision(precision: str, device: str | torch.device, model: nn.Module, example: torch.Tensor,
-                       batch_size: int) -> str:
-    """`precision` for training `model` in batches of `batch_size`; "auto" counts a step as 3 x (forward and
-    backward) the forward FLOPs of one `example` x batch_size."""
-    if precision != "auto" or not native_bf16(torch.device(device)):
-        return resolve_precision(precision, device)
-    return resolve_precision(precision, device, 3 * batch_size * forward_flops(model, example[:1].to(device)))
-
-
-def autocast_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype of `precision` on `device`, None for fp32; ConfigError where it cannot run."""
-    if precision not in PRECISION_CHOICES:
-        raise ConfigError(f"precision = {precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return None
-    device_type = torch.device(device).type
-    if precision == "fp16" and device_type != "cuda":
-        raise ConfigError(f"precision = 'fp16' needs a CUDA device (float16 autocast with a gradient scaler), "
-                          f"but this stage runs on {device_type}; use precision = 'bf16' or 'fp32' there, "
-                          "or device = 'cuda'")
-    if precision == "bf16" and not _bf16_autocast_works(device_type):
-        other = "'fp16' or 'fp32'" if device_type == "cuda" else "'fp32'"
-        raise ConfigError(f"precision = 'bf16' but this {device_type} device has no bfloat16 support; "
-                          f"use precision = {other}")
-    return PRECISIONS[precision]
-
-
-@functools.lru_cache(maxsize=None)
-def _bf16_autocast_works(device_type: str) -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            probe = torch.ones(2, 2, device=device_type)
-            return (probe @ probe).dtype == torch.bfloat16
-    except (RuntimeError, ValueError):
-        return False
-
-
-def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
-    """`torch.autocast` for `precision` on `device`; a no-op for fp32."""
-    dtype = autocast_dtype(precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
@@ -417,45 +317,57 @@ def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _jsonl(record: dict[str, Any]) -> str:
-    import json
     return json.dumps(record) + "\n"
 
 
 NONFINITE_CHECK_STEPS = 50  # steps between reads of the on-device non-finite flag (each read waits for the device)
 
 
-def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Path, *, stage: str, seed: int,
-        fingerprint: dict[str, Any] | None = None, loss_fn: LossFn | None = None,
-        teacher: nn.Module | None = None, epoch_indices: IndexFn | None = None,
-        augment: AugmentFn | None = None, val: TrainSet | None = None,
-        device: str | torch.device = "cpu", progress: bool = True, precision: str = "fp32",
-        compile_model: bool = False) -> nn.Module:
+@dataclass
+class FitOptions:
+    """How one fit() call trains, besides the hyperparameters of its TrainConfig."""
+
+    stage: str  # the stage's name, in the log, the progress bar and the fingerprint
+    seed: int  # each epoch's batch order, augmentation and dropout come from (seed, epoch)
+    fingerprint: dict[str, Any] | None = None  # what a checkpoint or model.pt in stage_dir must match to be reused
+    loss_fn: LossFn | None = None  # loss_fn(logits, labels, targets); default: cross-entropy (cfg.label_smoothing)
+    teacher: nn.Module | None = None  # run on each (augmented) batch for its targets; else train.targets are used
+    epoch_indices: IndexFn | None = None  # the examples of each epoch, in order; default: a shuffle of all
+    augment: AugmentFn | None = None  # batched augmentation of every training batch
+    val: TrainSet | None = None  # held-out examples whose accuracy is logged after each epoch
+    device: str | torch.device = "cpu"  # where the model trains
+    progress: bool = True  # a progress bar per epoch on a terminal (never in a log file)
+    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 autocast; like device, not part of the fingerprint
+    compile_model: bool = False  # run forward and backward through torch.compile
+
+
+def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Path, options: FitOptions) -> nn.Module:
     """Train `model` for `cfg.epochs`, resuming from `stage_dir` if a checkpoint is there.
 
-    With `teacher`, the targets of each batch are the teacher's logits on the (augmented)
-    batch; otherwise `train.targets` (if any) are passed to `loss_fn` as they are.
-    `precision` (auto | fp32 | bf16 | fp16) and `compile_model` (torch.compile) are not part
-    of the fingerprint, like `device`: a stage may resume at another precision (so "auto"
-    may mix bf16 and fp32 epochs when a run resumes on another machine); model.pt records
-    the precision used when it is not fp32. A non-finite loss raises NonFiniteLossError,
-    naming the epoch and the steps between two checks, before that epoch's metrics line or
-    checkpoint is written.
+    With `options.teacher`, the targets of each batch are the teacher's logits on the
+    (augmented) batch; otherwise `train.targets` (if any) are passed to the loss as they are.
+    `precision` and `compile_model` are not part of the fingerprint, like `device`: a stage
+    may resume at another precision (so "auto" may mix bf16 and fp32 epochs when a run
+    resumes on another machine); model.pt records the precision used when it is not fp32.
+    A non-finite loss raises NonFiniteLossError, naming the epoch and the steps between two
+    checks, before that epoch's metrics line or checkpoint is written.
     Returns the model in eval mode; `stage_dir/model.pt` marks the stage finished.
     """
+    o = options
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = dict(fingerprint or {}, stage=stage)
-    device = torch.device(device)
-    autocast_dtype(precision, device)  # an impossible precision fails before any work
+    fingerprint = dict(o.fingerprint or {}, stage=o.stage)
+    device = torch.device(o.device)
+    autocast_dtype(o.precision, device)  # an impossible precision fails before any work
     model.to(device)
     if load_finished(model, stage_dir, fingerprint):
-        log.info("%s already trained (%s); not training again", stage, stage_dir / artifacts.MODEL_FILE)
+        log.info("%s already trained (%s); not training again", o.stage, stage_dir / artifacts.MODEL_FILE)
         return model.eval()
-    precision = _chosen_precision(precision, device, model, train, cfg.batch_size, stage)
+    precision = _chosen_precision(o.precision, device, model, train, cfg.batch_size, o.stage)
     memory_format = training_memory_format(model, device)
     model.to(memory_format=memory_format)  # before the optimizer, so its state takes the same layout
-    loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
-    epoch_indices = epoch_indices or (lambda epoch, gen: torch.randperm(len(train), generator=gen))
+    loss_fn = o.loss_fn or cross_entropy(cfg.label_smoothing)
+    epoch_indices = o.epoch_indices or (lambda epoch, gen: torch.randperm(len(train), generator=gen))
     steps_per_epoch = math.ceil(len(epoch_indices(0, torch.Generator().manual_seed(0))) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(model, cfg)
@@ -463,25 +375,26 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
         step, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
     scaler = _grad_scaler(precision)
     start = _resume(model, optimizer, scheduler, stage_dir, fingerprint, scaler)
-    if teacher is not None:
-        teacher.eval()
+    if o.teacher is not None:
+        o.teacher.eval()
     if start < cfg.epochs:
         train = keep_on_device(train, device)
-    loop = _Loop(model, torch.compile(model) if compile_model else model,
+    loop = _Loop(model, torch.compile(model) if o.compile_model else model,
                  [p for p in model.parameters() if p.requires_grad], train, cfg, optimizer, scheduler, scaler,
-                 loss_fn, teacher, epoch_indices, augment, stage, seed, device, precision, memory_format, progress)
+                 loss_fn, o.teacher, epoch_indices, o.augment, o.stage, o.seed, device, precision, memory_format,
+                 o.progress)
     for epoch in range(start + 1, cfg.epochs + 1):
         with _current_cuda_device(device):
             record = _train_epoch(loop, epoch)
-            if val is not None:
-                record["val_accuracy"] = evaluate(model, val.x, val.y, device=device).accuracy
+            if o.val is not None:
+                record["val_accuracy"] = inference.evaluate(model, o.val.x, o.val.y, device=device).accuracy
         artifacts.append_jsonl(stage_dir / artifacts.METRICS_FILE, record)
         artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
             **({"scaler": scaler.state_dict()} if scaler is not None else {})})
-        log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", stage, epoch, cfg.epochs, record["loss"],
-                 record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if val is not None else "")
+        log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", o.stage, epoch, cfg.epochs, record["loss"],
+                 record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if o.val is not None else "")
     model.to(memory_format=torch.contiguous_format).eval()
     save_model(model, stage_dir, fingerprint, epochs=cfg.epochs,
                **({"precision": precision} if precision != "fp32" else {}))
@@ -541,8 +454,8 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss x batch size: the non-finite flag
     correct = torch.zeros((), dtype=torch.int64, device=device)
     batches = order.split(loop.cfg.batch_size)
-    bar = tqdm(batches, desc=f"{loop.stage} {epoch}/{loop.cfg.epochs}", leave=False,
-               unit="batch") if loop.progress else batches
+    bar = tqdm(batches, desc=f"{loop.stage} {epoch}/{loop.cfg.epochs}", leave=False, unit="batch",
+               disable=None) if loop.progress else batches  # disable=None: no bar when stderr is not a terminal
     seen, checked = 0, 0
     view = None if loop.train.views is None else (epoch - 1) % loop.train.views.count
     for step, idx in enumerate(bar, start=1):
@@ -620,44 +533,6 @@ def _check_finite(loss_sum: torch.Tensor, loop: _Loop, epoch: int, first: int, l
         f"{loop.stage}: loss became {float(loss_sum)} at epoch {epoch}, in {steps} (it is checked every "
         f"{NONFINITE_CHECK_STEPS} steps); the last good checkpoint is kept. Lower the learning rate (now "
         f"{loop.cfg.lr:g}) or clip gradients harder (grad_clip, now {loop.cfg.grad_clip:g}), then rerun with --resume")
-
-
-def inference_precision(model: nn.Module, precision: str, device: str | torch.device, batch_size: int) -> str:
-    """`precision` for running `model` on batches of `batch_size` without gradients.
-
-    "auto" is decided without running the model: 2 x its parameters x the batch is a lower
-    bound of a batch's matmul FLOPs (each weight is used at least once per example)."""
-    if precision != "auto":
-        return precision
-    params = sum(p.numel() for p in model.parameters())
-    return resolve_precision(precision, device, 2 * params * batch_size)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
-                   device: str | torch.device = "cpu", precision: str = "fp32") -> torch.Tensor:
-    """The model's logits for every row of `x`, in eval mode, as float32 on CPU."""
-    was_training = model.training
-    model.eval()
-    with autocast(inference_precision(model, precision, device, min(batch_size, len(x))), device):
-        outputs = [model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
-    model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0)
-
-
-def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    correct = torch.bincount(labels[predictions == labels], minlength=num_classes).double()
-    totals = torch.bincount(labels, minlength=num_classes).double()
-    return [float(c / t) if t > 0 else float("nan") for c, t in zip(correct, totals)]
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
-             device: str | torch.device = "cpu") -> EvalResult:
-    """Accuracy, per-class accuracy and logits of `model` on (x, y)."""
-    logits = predict_logits(model, x, batch_size, device)
-    predictions = logits.argmax(1)
-    accuracy = float((predictions == y).double().mean()) if len(y) else float("nan")
-    return EvalResult(accuracy, per_class_accuracy(predictions, y, logits.shape[1]), logits)
 
 
 def set_seed(seed: int) -> None:

@@ -1,6 +1,7 @@
 """The command line: run, clusters, export, predict, report, error exits, and the pipeline script."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ensemble_kd import artifacts, cli, confusion, data, errors, export, parallel, pipeline, specialists, train
 from ensemble_kd.cli import main
-from ensemble_kd.config import DataConfig
+from ensemble_kd.config import ConfigError, DataConfig
 from ensemble_kd.data import load_data
 from ensemble_kd.export import load_student
 
@@ -92,8 +95,6 @@ def test_export_writes_the_chosen_format_into_the_chosen_folder(cli_run: tuple[P
 
 def test_predict_on_a_npy_batch_and_on_a_png(cli_run: tuple[Path, int, str], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str], digits_test: torch.Tensor) -> None:
-    from PIL import Image
-
     model = cli_run[0] / "export" / "student.ts"
     npy = tmp_path / "batch.npy"
     np.save(npy, digits_test.numpy())
@@ -173,9 +174,6 @@ def _one_error_line(code: int, err: str, *phrases: str) -> None:
 
 def test_every_user_error_class_is_an_ensemble_kd_error_and_the_cli_catches_the_base(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from ensemble_kd import artifacts, cli, confusion, data, errors, export, parallel, specialists, train
-    from ensemble_kd.config import ConfigError
-
     for error in (ConfigError, artifacts.ArtifactError, confusion.ClusterError, data.DataError, export.ExportError,
                   export.InputError, specialists.SpecialistError, train.NonFiniteLossError, parallel.SchedulerError,
                   errors.MissingExtraError):
@@ -202,8 +200,6 @@ def test_device_cuda_without_cuda_is_one_line_before_anything_is_written(tmp_pat
 
 def test_onnx_without_its_extra_is_refused_before_training_naming_the_extra(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ensemble_kd import pipeline
-
     monkeypatch.setattr(pipeline, "missing_onnx_modules", lambda: ["onnxscript"])
     code, _, err = _cli("run", *_sets(TINY_DIGITS), "--set", "export.formats=torchscript,onnx",
                         "--out", str(tmp_path / "run"))
@@ -249,8 +245,6 @@ def test_predict_on_a_run_directory_uses_its_export_folder(cli_run: tuple[Path, 
 
 def test_predict_says_in_one_line_what_it_resized_or_converted_and_refuses_an_empty_npy(
         cli_run: tuple[Path, int, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from PIL import Image
-
     Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "big.png")
     Image.new("L", (8, 8), 90).save(tmp_path / "fits.png")
     model = str(cli_run[0] / "export")
@@ -294,3 +288,12 @@ def test_the_readme_says_how_to_reach_the_installed_command() -> None:
     assert ".venv/bin/ensemble-kd" in readme and "source .venv/bin/activate" in readme
     assert ".venv/bin/python pipelines/full_pipeline.py" in readme
     assert "## Your own data" in readme and "pipelines/configs/imagefolder.toml" in readme
+
+
+def test_the_readme_layout_table_lists_every_module_with_its_docstring_saying_what_it_holds() -> None:
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):].split("\n\n## ")[0]
+    for module in sorted((REPO / "ensemble_kd").glob("*.py")):
+        assert f"| `{module.name}` |" in layout, module.name
+        first_line = (ast.get_docstring(ast.parse(module.read_text())) or "").splitlines()
+        assert first_line and len(first_line[0]) > 20, module.name

@@ -18,11 +18,11 @@ from ensemble_kd.confusion import (
     format_cluster_table,
     hard_confusion,
     inside_shares,
-    plot_confusion,
     prediction_covariance,
     reorder_by_cluster,
     soft_confusion,
 )
+from ensemble_kd.report import plot_confusion
 
 # six examples of three classes, worked out by hand below
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])

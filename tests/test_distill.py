@@ -13,7 +13,7 @@ from ensemble_kd.config import Config, ConfigError, load_config
 from ensemble_kd.data import Splits
 from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, cached_teacher_logits, check_student_size,
                                  new_student, train_students, transfer_views)
-from ensemble_kd.train import predict_logits
+from ensemble_kd.inference import predict_logits
 
 N_TRAIN, N_CLASSES, BATCH, EPOCHS = 40, 4, 16, 3
 BATCHES_PER_EPOCH = 3  # ceil(40 / 16)

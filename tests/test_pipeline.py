@@ -7,44 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from ensemble_kd.artifacts import ArtifactError
-from ensemble_kd.config import Config, ConfigError, load_config
-from ensemble_kd.data import DataError
+from ensemble_kd.cli import main
+from ensemble_kd.config import ConfigError, load_config
+from ensemble_kd.confusion import ClusterError, choose_k, read_clusters
+from ensemble_kd.data import DataError, load_data
 from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
 from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.specialists import dispatch_order
 from ensemble_kd.report import format_coverage
 
-TINY = [  # 6 synthetic classes in 2 planted groups, two specialists, seconds per stage; one thread is
-    # fastest for such tiny layers (and not slowed down by whatever else runs on the machine)
-    "threads=1", "data.name=synthetic", "data.synthetic_classes=6", "data.synthetic_groups=2", "data.synthetic_per_class=40",
-    "data.synthetic_dim=8", "generalist.model.hidden=[16]", "generalist.train.epochs=3",
-    "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=2", "specialists.soft_epochs=1",
-    "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]",
-    "student.train.epochs=3", "student.train.batch_size=32", "export.formats=[\"torchscript\",\"state_dict\"]",
-]
-N_TEST_PER_CLASS = 20  # synthetic: half of synthetic_per_class
-MODELS = ("generalist", "ensemble", "student", "student_hard_labels", "student_from_generalist")
-STUDENTS = ("student", "student_hard_labels", "student_from_generalist")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(*overrides: str) -> Config:
-    return load_config(None, [*TINY, *overrides])
-
-
-
-def full_run(run_dir: Path, *overrides: str) -> tuple[Path, dict]:
-    cfg = tiny_config(*overrides)
-    run_dir = start_run(cfg, run_dir)
-    return run_dir, run_pipeline(cfg, run_dir, progress=False)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One finished tiny run shared by the read-only tests: (run directory, returned report)."""
-    return full_run(tmp_path_factory.mktemp("finished") / "run")
-
+from conftest import MODELS, N_TEST_PER_CLASS, REPO, STUDENTS, assert_same_weights, full_run, tiny_config, weights
 
 def _strict_json(path: Path) -> dict:
     def no_constants(name: str) -> None:
@@ -56,12 +31,8 @@ def _files(run_dir: Path, pattern: str) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob(pattern))}
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def test_a_full_run_writes_the_documented_layout(finished: tuple[Path, dict]) -> None:
-    run_dir, _ = finished
+def test_a_full_run_writes_the_documented_layout(tiny_run: tuple[Path, dict]) -> None:
+    run_dir, _ = tiny_run
     expected = ["config.toml", "manifest.json", "generalist/model.pt", "clusters.json", "confusion.png",
                 "specialists/specialist_00/model.pt", "specialists/specialist_01/model.pt", "student/model.pt",
                 "student_hard_labels/model.pt", "student_from_generalist/model.pt", "export/student.ts",
@@ -74,8 +45,8 @@ def test_a_full_run_writes_the_documented_layout(finished: tuple[Path, dict]) ->
     assert tiny_config() == load_config(run_dir / "config.toml")  # the saved config is the resolved one
 
 
-def test_report_has_every_model_with_sane_numbers(finished: tuple[Path, dict]) -> None:
-    run_dir, returned = finished
+def test_report_has_every_model_with_sane_numbers(tiny_run: tuple[Path, dict]) -> None:
+    run_dir, returned = tiny_run
     report = _strict_json(run_dir / "report.json")  # strict: no NaN
     assert {m: returned[m]["test_accuracy"] for m in MODELS} == {m: report[m]["test_accuracy"] for m in MODELS}
     for name in MODELS:
@@ -93,8 +64,8 @@ def test_report_has_every_model_with_sane_numbers(finished: tuple[Path, dict]) -
     assert set(report["exports"]["formats"]) == {"torchscript", "state_dict"}
 
 
-def test_report_ensemble_rows_per_cluster_and_by_coverage_add_up(finished: tuple[Path, dict]) -> None:
-    report = _strict_json(finished[0] / "report.json")
+def test_report_ensemble_rows_per_cluster_and_by_coverage_add_up(tiny_run: tuple[Path, dict]) -> None:
+    report = _strict_json(tiny_run[0] / "report.json")
     ensemble, generalist = report["ensemble"], report["generalist"]
     for row in ensemble["per_cluster"]:
         assert row["n"] == N_TEST_PER_CLASS * len(row["classes"])  # test examples whose class is in the cluster
@@ -105,7 +76,7 @@ def test_report_ensemble_rows_per_cluster_and_by_coverage_add_up(finished: tuple
     correct = sum(round((r["accuracy"] or 0) * r["n"]) for r in rows)
     assert correct == 6 * N_TEST_PER_CLASS - ensemble["test_errors"]
     assert sum(r["delta_correct"] for r in rows) == generalist["test_errors"] - ensemble["test_errors"]
-    assert "| ensemble |" in (finished[0] / "report.md").read_text()
+    assert "| ensemble |" in (tiny_run[0] / "report.md").read_text()
 
 
 def test_coverage_rows_worked_by_hand_stay_strict_json_when_the_baseline_got_none_right() -> None:
@@ -127,52 +98,61 @@ def test_coverage_rows_worked_by_hand_stay_strict_json_when_the_baseline_got_non
     assert [r["accuracy"] for r in empty] == [0.5, None]
 
 
-def test_until_clusters_stops_before_specialists_and_resume_finishes(finished: tuple[Path, dict], tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_until_stops_after_that_stage_and_resume_finishes_as_one_uninterrupted_run(
+        tiny_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tiny_config()
     run_dir = start_run(cfg, tmp_path / "run")
-    report = run_pipeline(cfg, run_dir, until="clusters", progress=False)
-    assert (run_dir / "clusters.json").is_file() and (run_dir / "generalist" / "model.pt").is_file()
+    report = run_pipeline(cfg, run_dir, until="generalist", progress=False)
+    assert (run_dir / "generalist" / "model.pt").is_file() and "generalist" in report
+    assert not (run_dir / "clusters.json").exists() and not (run_dir / "confusion").exists()
+    assert "clusters" not in report and "ensemble" not in report
+
+    report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), until="clusters", progress=False)
+    assert (run_dir / "clusters.json").is_file() and (run_dir / "confusion.png").is_file()
     assert not (run_dir / "specialists").exists() and not (run_dir / "student").exists()
     assert "ensemble" not in report and "student" not in report
 
-    run_dir = start_run(cfg, run_dir, resume=True)
-    report = run_pipeline(cfg, run_dir, progress=False)
+    report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
     assert (run_dir / "export" / "student.ts").is_file() and "student" in report
     assert capsys.readouterr().out == ""  # the library logs; printing is the CLI's job
     # stopping and resuming gives the same models as one uninterrupted run
-    for name in ("specialists/specialist_01/model.pt", "student/model.pt"):
-        uninterrupted, resumed = _weights(finished[0] / name), _weights(run_dir / name)
+    for name in ("generalist/model.pt", "specialists/specialist_01/model.pt", "student/model.pt"):
+        uninterrupted, resumed = weights(tiny_run[0] / name), weights(run_dir / name)
         assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted), name
 
 
-def test_rerunning_into_a_used_directory_needs_resume_or_overwrite(finished: tuple[Path, dict]) -> None:
-    run_dir = finished[0]
+def test_rerunning_into_a_used_directory_needs_resume_or_overwrite(tiny_run: tuple[Path, dict]) -> None:
+    run_dir = tiny_run[0]
     before = (run_dir / "config.toml").read_bytes()
     with pytest.raises(ArtifactError, match="--resume"):
         start_run(tiny_config(), run_dir)
     assert (run_dir / "config.toml").read_bytes() == before
 
 
-def test_resuming_a_finished_run_retrains_nothing(finished: tuple[Path, dict], tmp_path: Path) -> None:
-    run_dir = Path(shutil.copytree(finished[0], tmp_path / "run"))
+def test_resuming_a_finished_run_retrains_nothing(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(tiny_run[0], tmp_path / "run"))
     models, metrics = _files(run_dir, "model.pt"), _files(run_dir, "metrics.jsonl")
     assert len(models) == 10  # generalist, 2 specialists x (hard, soft, final), 3 students
     cfg = tiny_config()
     report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
     assert _files(run_dir, "model.pt") == models
     assert _files(run_dir, "metrics.jsonl") == metrics  # no epoch was trained again
-    first = _strict_json(finished[0] / "report.json")
+    first = _strict_json(tiny_run[0] / "report.json")
     assert {m: report[m]["test_accuracy"] for m in MODELS} == {m: first[m]["test_accuracy"] for m in MODELS}
 
 
-def test_same_config_and_seed_give_identical_clusters_and_students(finished: tuple[Path, dict],
-                                                                    tmp_path: Path) -> None:
-    other, _ = full_run(tmp_path / "again")
-    assert (other / "clusters.json").read_bytes() == (finished[0] / "clusters.json").read_bytes()
-    for name in STUDENTS:
-        a, b = _weights(finished[0] / name / "model.pt"), _weights(other / name / "model.pt")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+def test_the_same_config_and_seed_give_identical_clusters_specialists_and_students_however_many_at_once(
+        tiny_run: tuple[Path, dict], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The one determinism test: a second run of the same config and seed, with its specialists trained two at a
+    time in loky worker processes (the first ran them one after the other in this process)."""
+    with caplog.at_level("INFO", logger="ensemble_kd.specialists"):
+        other, _ = full_run(tmp_path / "again", "specialists.n_jobs=2")
+    assert (other / "clusters.json").read_bytes() == (tiny_run[0] / "clusters.json").read_bytes()
+    for name in ("specialists/specialist_00", "specialists/specialist_01", *STUDENTS):
+        assert_same_weights(other / name / "model.pt", tiny_run[0] / name / "model.pt")
+    cfg = tiny_config()
+    longest_first = dispatch_order(cfg, dict(enumerate(read_clusters(other))), load_data(cfg.data, cfg.seed).y_train)
+    assert f"training 2 specialists ({', '.join(map(str, longest_first))}), 2 at a time" in caplog.text
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -182,7 +162,7 @@ def test_same_config_and_seed_give_identical_clusters_and_students(finished: tup
 def test_impossible_clusters_fail_before_any_training(tmp_path: Path, overrides: list[str], message: str) -> None:
     cfg = tiny_config(*overrides)
     run_dir = start_run(cfg, tmp_path / "run")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ClusterError, match=message):
         run_pipeline(cfg, run_dir, progress=False)
     assert not (run_dir / "generalist").exists()
 
@@ -192,8 +172,6 @@ def test_impossible_clusters_fail_before_any_training(tmp_path: Path, overrides:
 @pytest.mark.parametrize("num_classes, k", [(2, 0), (3, 0), (4, 2), (6, 2), (10, 3), (100, 10), (1000, 32)])
 def test_k_zero_chooses_about_the_square_root_of_the_classes_and_none_when_no_two_clusters_fit(
         num_classes: int, k: int) -> None:
-    from ensemble_kd.confusion import choose_k
-
     assert choose_k(tiny_config("clusters.k=0").clusters, num_classes) == k
     assert choose_k(tiny_config("clusters.k=0", "clusters.min_size=1").clusters, 3) == 2
 
@@ -208,8 +186,6 @@ def test_k_zero_says_in_the_log_which_k_it_chose(tmp_path: Path, caplog: pytest.
 
 def _two_class_folder(root: Path, per_class: int = 8) -> Path:
     """Stripes and blocks, 12x10 pixels, some of them RGB: a user's tiny image folder."""
-    from PIL import Image
-
     for split, count in (("train", per_class), ("test", 3)):
         for i in range(count):
             stripes = Image.new("L", (12, 10), 40)
@@ -225,8 +201,6 @@ def _two_class_folder(root: Path, per_class: int = 8) -> Path:
 
 def test_the_imagefolder_config_runs_end_to_end_on_two_classes_with_the_generalist_as_ensemble(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from ensemble_kd.cli import main
-
     monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))
     root = _two_class_folder(tmp_path / "images")
     quick = ["threads=1", "device=cpu", f"data.root={root}", "generalist.train.epochs=2", "specialists.n_jobs=1",
@@ -245,8 +219,6 @@ def test_the_imagefolder_config_runs_end_to_end_on_two_classes_with_the_generali
 
 
 def test_one_class_and_settings_the_data_cannot_meet_fail_before_the_generalist(tmp_path: Path) -> None:
-    from PIL import Image
-
     root = tmp_path / "one"
     for split in ("train", "test"):
         (root / split / "only").mkdir(parents=True)

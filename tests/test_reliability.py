@@ -3,7 +3,7 @@
 Kills are real: a subprocess runs the CLI and gets SIGKILL (or Ctrl-C) at a chosen point;
 the hooks that pick the point live in the test scripts, never in the library.
 Resuming must then give the same student as a run that never stopped, without training
-finished stages again. Runs use the tiny synthetic config of test_pipeline.
+finished stages again. Runs use the tiny synthetic config of conftest.py.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from ensemble_kd.cli import main
 from ensemble_kd.config import load_config, to_toml
 from ensemble_kd.data import load_data
 from ensemble_kd.export import ExportError, export_student, load_student
-from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.pipeline import start_run
 from ensemble_kd.specialists import specialist_dir, train_all_specialists
-from test_export import IMAGE_SHAPE, make_model
-from test_pipeline import STUDENTS, tiny_config
+
+from conftest import IMAGE_SHAPE, STUDENTS, assert_same_weights, make_model, tiny_config, until_clusters
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -42,13 +42,10 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run that was never interrupted (specialists in-process, n_jobs = 1)."""
-    cfg = tiny_config()
-    run_dir = start_run(cfg, tmp_path_factory.mktemp("reference") / "run")
-    run_pipeline(cfg, run_dir, progress=False)
-    return run_dir
+@pytest.fixture
+def reference(tiny_run: tuple[Path, dict]) -> Path:
+    """The session's tiny run, never interrupted (specialists in-process, n_jobs = 1); read only."""
+    return tiny_run[0]
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -73,15 +70,6 @@ def run_script(tmp_path: Path, source: str, *args: str, timeout: float = 240) ->
     script.write_text(source)
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
                           env=SUBPROCESS_ENV)
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"{a} != {b}"
 
 
 def model_files(run_dir: Path) -> dict[str, tuple[bytes, int]]:
@@ -332,13 +320,7 @@ def test_overwrite_replaces_the_run_and_refuses_folders_that_are_not_runs(
 
 def _until_clusters(reference: Path, tmp_path: Path) -> Path:
     """A copy of the reference run as `run --until clusters` leaves it, in tmp_path/run: generalist and clusters."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    run_dir = copy_run(reference, tmp_path)
-    for name in ("specialists", "export", *STUDENTS):
-        shutil.rmtree(run_dir / name)
-    for name in ("report.json", "report.md", "accuracy_vs_size.png"):
-        (run_dir / name).unlink()
-    return run_dir
+    return until_clusters(reference, tmp_path / "run")
 
 
 def test_resume_without_config_reads_the_runs_own_settings(reference: Path, tmp_path: Path) -> None:
@@ -452,7 +434,7 @@ def _float_labels(x_train, y_train, x_test, y_test, names):
 
 @pytest.mark.parametrize("corrupt, message", [
     (_nan_pixel, "NaN or infinite"), (_label_out_of_range, "test labels must be in [0, 6)"),
-    (_negative_test_label, "test labels must be in [0, 6); found 1 labels outside, e.g. -1 at index 5"),
+    (_negative_test_label, "test labels must be in [0, 6); found 1 label outside, e.g. -1 at index 5"),
     (_negative_train_label, "train labels must be in [0, 6)"),
     (_float_labels, "labels must be integer class ids"),
 ])
@@ -529,13 +511,13 @@ def worker(cfg, run_dir, cluster_id, *args):  # defined in __main__, so loky shi
     if cluster_id == 1:
         real_fit = spec.fit
 
-        def fit(*args, stage, **kwargs):  # specialist 1 dies in its soft phase, once specialist 0 is done
-            if stage.endswith("soft"):
+        def fit(*args):  # specialist 1 dies in its soft phase, once specialist 0 is done
+            if args[-1].stage.endswith("soft"):
                 deadline = time.time() + 120
                 while not spec.is_finished(run_dir, 0) and time.time() < deadline:
                     time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real_fit(*args, stage=stage, **kwargs)
+            return real_fit(*args)
 
         spec.fit = fit
     return spec._worker(cfg, run_dir, cluster_id, *args)
@@ -568,18 +550,7 @@ def test_a_dead_worker_names_its_specialist_keeps_the_others_and_resume_trains_o
     assert_same_weights(specialist_dir(run_dir, 1) / "model.pt", specialist_dir(reference, 1) / "model.pt")
 
 
-# ---------------------------------------------------------------- 9. determinism across n_jobs
-
-def test_sequential_and_parallel_runs_give_identical_clusters_and_students(reference: Path, tmp_path: Path) -> None:
-    cfg = tiny_config("specialists.n_jobs=2")
-    run_dir = start_run(cfg, tmp_path / "parallel")
-    run_pipeline(cfg, run_dir, progress=False)
-    assert (run_dir / "clusters.json").read_bytes() == (reference / "clusters.json").read_bytes()
-    for name in ("specialists/specialist_00", "specialists/specialist_01", *STUDENTS):
-        assert_same_weights(run_dir / name / "model.pt", reference / name / "model.pt")
-
-
-# ---------------------------------------------------------------- 10. Ctrl-C, SIGTERM, SIGKILL during parallel specialists
+# ---------------------------------------------------------------- 9. Ctrl-C, SIGTERM, SIGKILL during parallel specialists
 
 STALLED_SPECIALISTS = """
 import signal, sys, time
@@ -621,7 +592,7 @@ def _wait_for(condition, timeout: float) -> bool:
 
 
 def _alive(processes: list) -> list:
-    import psutil
+    import psutil  # the dask extra brings it; the test calling this has already skipped without it
 
     def running(p: psutil.Process) -> bool:
         try:

@@ -14,17 +14,20 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from ensemble_kd import parallel, train
+from ensemble_kd import parallel, precision
 from ensemble_kd.artifacts import load_torch, read_jsonl
 from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig, load_config
 from ensemble_kd.confusion import ClassClusterer, build_matrices, confusability, hard_confusion, soft_confusion
 from ensemble_kd.ensemble import combine
 from ensemble_kd.models import build_model
-from ensemble_kd.parallel import SchedulerError, effective_jobs, joblib_backend, specialist_device
+from ensemble_kd.parallel import SchedulerError, effective_jobs, run_jobs, specialist_device
 from ensemble_kd.specialists import train_all_specialists
-from ensemble_kd.train import (TrainSet, _bf16_autocast_works, evaluate, fit, forward_flops, native_bf16,
-                               predict_logits, resolve_precision, set_seed, training_precision)
-from test_pipeline import tiny_config
+from ensemble_kd.inference import evaluate, predict_logits
+from ensemble_kd.precision import (_bf16_autocast_works, forward_flops, native_bf16, resolve_precision,
+                                   training_precision)
+from ensemble_kd.train import FitOptions, TrainSet, fit, set_seed
+
+from conftest import tiny_config, weights
 
 
 
@@ -41,54 +44,34 @@ def dask_cluster():
 
 
 
-def _weights(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in paths]
-
-
-def test_dask_and_loky_backends_train_identical_specialists(dask_cluster, clustered_run: Path, tmp_path: Path,
+def test_dask_and_loky_backends_train_identical_specialists(dask_cluster, tiny_run: tuple[Path, dict],
+                                                           clustered_run: Path, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    address = dask_cluster.scheduler_address
-    configs = {"loky": tiny_config(), "dask": tiny_config("specialists.backend=dask", f"specialists.scheduler={address}")}
-    weights = {}
-    for backend, cfg in configs.items():
-        run_dir = shutil.copytree(clustered_run, tmp_path / backend)  # the same generalist and clusters
-        weights[backend] = _weights(train_all_specialists(cfg, run_dir))
-    assert len(weights["loky"]) == len(weights["dask"]) == 2
-    assert "several threads" not in caplog.text
-    for local, remote in zip(weights["loky"], weights["dask"]):
-        assert local.keys() == remote.keys()
-        assert all(torch.equal(local[name], remote[name]) for name in local)
+    cfg = tiny_config("specialists.backend=dask", f"specialists.scheduler={dask_cluster.scheduler_address}")
+    run_dir = shutil.copytree(clustered_run, tmp_path / "dask")  # the same generalist and clusters
+    on_dask = [weights(path) for path in train_all_specialists(cfg, run_dir)]
+    local = [weights(tiny_run[0] / "specialists" / f"specialist_{k:02d}" / "model.pt") for k in range(2)]
+    assert len(on_dask) == 2 and "several threads" not in caplog.text
+    for trained_here, remote in zip(local, on_dask):
+        assert trained_here.keys() == remote.keys()
+        assert all(torch.equal(trained_here[name], remote[name]) for name in trained_here)
 
 
 def _pid(_: int) -> int:
     return os.getpid()
 
 
-def test_the_dask_client_is_closed_after_the_block_even_when_it_fails(dask_cluster,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from joblib import Parallel, delayed
-
+def test_dask_jobs_run_on_the_workers_in_order_and_the_client_is_closed_even_when_one_fails(
+        dask_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     clients, real_connect = [], parallel.connect
     monkeypatch.setattr(parallel, "connect", lambda *a, **k: clients.append(real_connect(*a, **k)) or clients[-1])
     cfg = tiny_config("specialists.backend=dask", f"specialists.scheduler={dask_cluster.scheduler_address}")
-    with joblib_backend(cfg, n_jobs=2):
-        squares = Parallel(n_jobs=2)(delayed(pow)(i, 2) for i in range(4))
-    assert squares == [0, 1, 4, 9]
-    with pytest.raises(ZeroDivisionError), joblib_backend(cfg, n_jobs=2):
-        Parallel(n_jobs=2)(delayed(divmod)(1, 0) for _ in range(2))
-    assert len(clients) == 2 and all(client.status == "closed" for client in clients)
-
-
-def test_a_cluster_with_one_worker_thread_still_runs_the_tasks(dask_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """joblib runs a backend that reports one worker in the calling process; ours must not."""
-    from joblib import Parallel, delayed
-    from joblib._dask import DaskDistributedBackend
-
-    monkeypatch.setattr(DaskDistributedBackend, "effective_n_jobs", lambda self, n_jobs: 1)  # as one worker thread
-    cfg = tiny_config("specialists.backend=dask", f"specialists.scheduler={dask_cluster.scheduler_address}")
-    with joblib_backend(cfg, n_jobs=1):
-        pids = Parallel(n_jobs=1)(delayed(_pid)(i) for i in range(3))
-    assert os.getpid() not in pids
+    assert run_jobs(cfg, 2, None, pow, [(i, 2) for i in range(4)]) == [0, 1, 4, 9]
+    pids = run_jobs(cfg, 1, None, _pid, [(i,) for i in range(3)])  # n_jobs 1: still on the cluster
+    assert os.getpid() not in pids  # joblib's Dask backend would run these here for a one-thread cluster
+    with pytest.raises(ZeroDivisionError):
+        run_jobs(cfg, 2, None, divmod, [(1, 0), (2, 0)])
+    assert len(clients) == 3 and all(client.status == "closed" for client in clients)
 
 
 def test_workers_that_cannot_see_the_run_directory_are_refused(dask_cluster, tmp_path: Path) -> None:
@@ -123,8 +106,7 @@ def test_an_unreachable_scheduler_fails_fast_with_what_to_do(tmp_path: Path) -> 
     started = time.perf_counter()
     with pytest.raises(SchedulerError, match=rf"cannot reach a Dask scheduler at .*127.0.0.1:{port}.* within 1 s"
                                              r".*`dask scheduler`"):
-        with joblib_backend(cfg, n_jobs=2, connect_timeout=1.0):
-            pass
+        run_jobs(cfg, 2, None, pow, [(2, 2)], connect_timeout=1.0)
     assert time.perf_counter() - started < 10
 
 
@@ -187,7 +169,7 @@ def test_bf16_training_on_cpu_learns_and_keeps_float32_weights(tmp_path: Path) -
     set_seed(0)
     model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.0), (2,), 3, [0.0], [1.0])
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.02)
-    fit(model, TrainSet(x, y), cfg, tmp_path, stage="bf16", seed=0, progress=False, precision="bf16")
+    fit(model, TrainSet(x, y), cfg, tmp_path, FitOptions(stage="bf16", seed=0, progress=False, precision="bf16"))
     losses = [record["loss"] for record in read_jsonl(tmp_path / "metrics.jsonl")]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert evaluate(model, x, y).accuracy > 0.9  # chance is 1/3
@@ -199,8 +181,8 @@ def test_fp16_on_cpu_is_refused_with_what_to_use_instead(tmp_path: Path) -> None
     x, y = _blobs(30)
     model = build_model(ModelConfig(arch="mlp", hidden=[4]), (2,), 3, [0.0], [1.0])
     with pytest.raises(ConfigError, match=r"fp16' needs a CUDA device.*use precision = 'bf16'"):
-        fit(model, TrainSet(x, y), TrainConfig(epochs=1), tmp_path, stage="fp16", seed=0, progress=False,
-            precision="fp16")
+        fit(model, TrainSet(x, y), TrainConfig(epochs=1), tmp_path, FitOptions(stage="fp16", seed=0, progress=False,
+            precision="fp16"))
     assert not (tmp_path / "model.pt").exists()
 
 
@@ -225,7 +207,7 @@ def test_forward_flops_of_an_mlp_by_hand() -> None:
 def test_auto_precision_is_bf16_only_where_bf16_is_native_and_the_model_large_enough(monkeypatch) -> None:
     large = build_model(ModelConfig(arch="mlp", hidden=[1024, 1024]), (784,), 10, [0.0], [1.0])
     tiny = build_model(ModelConfig(arch="mlp", hidden=[16]), (2,), 3, [0.0], [1.0])
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     # training: 3 x 128 x 2 x (784 x 1024 + 1024 x 1024 + 1024 x 10) = 1.4 GFLOP per step; tiny: 13 kFLOP
     assert training_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "bf16"
     assert training_precision("auto", "cpu", tiny, torch.zeros(1, 2), batch_size=128) == "fp32"
@@ -234,7 +216,7 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native_and_the_model_large_en
     assert large.training and tiny.training  # counting ran in eval mode and gave the mode back
     assert resolve_precision("auto", "cpu", step_flops=2e8) == "bf16"
     assert resolve_precision("auto", "cpu", step_flops=2e7) == "fp32"
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert training_precision("auto", "cpu", large, torch.zeros(1, 784), batch_size=128) == "fp32"
     assert resolve_precision("auto", "cpu") == "fp32"
 
@@ -243,7 +225,7 @@ def test_predict_logits_under_auto_never_runs_the_model_more_than_once_per_chunk
     calls = []
     model = build_model(ModelConfig(arch="mlp", hidden=[1024]), (784,), 10, [0.0], [1.0])
     model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     logits = predict_logits(model, torch.rand(300, 784), batch_size=128, precision="auto")
     assert calls == [128, 128, 44]  # bf16 chosen from the parameter count, not from a trial pass
     assert logits.dtype == torch.float32 and logits.shape == (300, 10)
@@ -253,11 +235,11 @@ def test_predict_logits_under_auto_never_runs_the_model_more_than_once_per_chunk
 @pytest.mark.parametrize("min_flops, recorded", [(0, "bf16"), (float("inf"), None)])
 def test_fit_under_auto_records_the_precision_it_chose(tmp_path: Path, monkeypatch, min_flops: float,
                                                        recorded: str | None) -> None:
-    monkeypatch.setattr(train, "BF16_MIN_STEP_FLOPS", min_flops)
+    monkeypatch.setattr(precision, "BF16_MIN_STEP_FLOPS", min_flops)
     x, y = _blobs(60)
     model = build_model(ModelConfig(arch="mlp", hidden=[8]), (2,), 3, [0.0], [1.0])
-    fit(model, TrainSet(x, y), TrainConfig(epochs=1, batch_size=32), tmp_path, stage="auto", seed=0, progress=False,
-        precision="auto")
+    fit(model, TrainSet(x, y), TrainConfig(epochs=1, batch_size=32), tmp_path,
+        FitOptions(stage="auto", seed=0, progress=False, precision="auto"))
     assert load_torch(tmp_path / "model.pt").get("precision") == recorded  # absent for fp32
 
 
@@ -275,8 +257,8 @@ def test_a_compiled_fit_learns_and_saves_the_plain_models_weights(tmp_path: Path
     x, y = _blobs()
     set_seed(0)
     model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.0), (2,), 3, [0.0], [1.0])
-    fit(model, TrainSet(x, y), TrainConfig(epochs=4, batch_size=32, lr=0.02), tmp_path, stage="compiled", seed=0,
-        progress=False, compile_model=True)
+    fit(model, TrainSet(x, y), TrainConfig(epochs=4, batch_size=32, lr=0.02), tmp_path,
+        FitOptions(stage="compiled", seed=0, progress=False, compile_model=True))
     assert evaluate(model, x, y).accuracy > 0.9  # chance is 1/3
     assert set(load_torch(tmp_path / "model.pt")["state_dict"]) == set(model.state_dict())  # no _orig_mod. prefix
 

@@ -9,20 +9,16 @@ import pytest
 import torch
 
 from ensemble_kd import specialists
-from ensemble_kd.config import Config, ModelConfig, load_config
+from ensemble_kd.config import ConfigError, ModelConfig, load_config
+from ensemble_kd.confusion import read_clusters
+from ensemble_kd.data import load_data
+from ensemble_kd.generalist import load_generalist
 from ensemble_kd.losses import fold_labels, fold_probs
 from ensemble_kd.models import build_model
 from ensemble_kd.specialists import (SpecialistError, dispatch_order, enriched_indices, new_specialist,
                                      specialist_dir, specialist_head, specialist_seed, train_all_specialists)
-from test_pipeline import TINY as PIPELINE_TINY
 
-# the pipeline tests' tiny run, but with the default thread count: the n_jobs test needs it
-TINY = [setting for setting in PIPELINE_TINY if not setting.startswith("threads=")]
-
-
-def tiny_config(*overrides: str) -> Config:
-    return load_config(None, [*TINY, *overrides])
-
+from conftest import tiny_config
 
 
 @pytest.fixture
@@ -126,29 +122,6 @@ def test_specialists_are_dispatched_longest_first() -> None:
 
 # ---------------------------------------------------------------- training
 
-def _weights(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p in paths]
-
-
-def test_parallel_and_sequential_training_give_identical_specialists(clustered_run: Path, tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    threads_before = torch.get_num_threads()
-    weights = {}
-    caplog.set_level("INFO", logger="ensemble_kd.specialists")
-    for n_jobs in (1, 2):  # 2 = real loky worker processes
-        run_dir = shutil.copytree(clustered_run, tmp_path / f"jobs{n_jobs}")
-        weights[n_jobs] = _weights(train_all_specialists(tiny_config(f"specialists.n_jobs={n_jobs}"), run_dir))
-    assert torch.get_num_threads() == threads_before  # an in-process specialist restores the thread count
-    longest_first = dispatch_order(tiny_config(), dict(enumerate(specialists.read_clusters(clustered_run))))
-    assert [r.getMessage().split("(")[1].split(")")[0] for r in caplog.records if "at a time" in r.getMessage()] == [
-        "0, 1", ", ".join(map(str, longest_first))]  # one at a time in cluster order; two at a time longest first
-    assert len(weights[1]) == len(weights[2]) == 2
-    for sequential, parallel in zip(weights[1], weights[2]):
-        assert sequential.keys() == parallel.keys()
-        for name in sequential:
-            assert torch.equal(sequential[name], parallel[name]), name
-
-
 REAL_FIT = specialists.fit
 
 
@@ -157,11 +130,11 @@ def _stage_recorder(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None,
     """Wrap specialists.fit: record each stage trained; raise `error` on stages starting with `fail_on`."""
     real_fit, stages = REAL_FIT, []
 
-    def recording_fit(*args, stage: str, **kwargs):
-        if fail_on is not None and stage.startswith(fail_on):
+    def recording_fit(model, train, cfg, stage_dir, options):
+        if fail_on is not None and options.stage.startswith(fail_on):
             raise error
-        stages.append(stage)
-        return real_fit(*args, stage=stage, **kwargs)
+        stages.append(options.stage)
+        return real_fit(model, train, cfg, stage_dir, options)
 
     monkeypatch.setattr(specialists, "fit", recording_fit)
     return stages
@@ -179,7 +152,9 @@ def test_interrupted_specialists_resume_without_retraining_the_finished_one(run_
     assert not (specialist_dir(run_copy, 1) / "model.pt").exists()
 
     resumed = _stage_recorder(monkeypatch)
+    threads_before = torch.get_num_threads()
     paths = train_all_specialists(cfg, run_copy)
+    assert torch.get_num_threads() == threads_before  # a specialist trained in this process restores the count
     assert resumed == ["specialist 1 hard", "specialist 1 soft"]  # specialist 0 is not trained again
     assert finished.read_bytes() == saved
     assert all(p.is_file() for p in paths)
@@ -197,14 +172,11 @@ def test_failing_specialist_names_its_cluster_and_cause_and_keeps_the_others(run
 # ---------------------------------------------------------------- how a specialist starts
 
 def test_scratch_specialists_have_fresh_weights_of_their_own_architecture(run_copy: Path) -> None:
-    from ensemble_kd.data import load_data
-    from ensemble_kd.generalist import load_generalist
-
     cfg = tiny_config("specialists.init=scratch", "specialists.model.arch=mlp", "specialists.model.hidden=[24]",
                       "specialists.soft_epochs=0")
     data = load_data(cfg.data, cfg.seed)
     generalist = load_generalist(cfg, data, run_copy)
-    subset = specialists.read_clusters(run_copy)[0]
+    subset = read_clusters(run_copy)[0]
     first = specialists.build_specialist(cfg, data, generalist, subset, seed=5)
     again = specialists.build_specialist(cfg, data, generalist, subset, seed=5)
     other = specialists.build_specialist(cfg, data, generalist, subset, seed=6)
@@ -222,7 +194,5 @@ def test_scratch_specialists_have_fresh_weights_of_their_own_architecture(run_co
 
 
 def test_a_model_of_their_own_needs_scratch_initialisation() -> None:
-    from ensemble_kd.config import ConfigError
-
     with pytest.raises(ConfigError, match="specialists.init = 'scratch'"):
         tiny_config("specialists.model.arch=cnn")

@@ -1,4 +1,6 @@
-"""fit(): training, artifacts, determinism, resume after a crash or SIGKILL, guards; lr_factor; evaluate."""
+"""fit(): training, artifacts, determinism, resume after a crash or SIGKILL, guards, progress output; lr_factor."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -6,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,8 @@ from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import ArtifactError
 from ensemble_kd.config import ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
-from ensemble_kd.train import (NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy, evaluate,
+from ensemble_kd.inference import evaluate
+from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy,
                                fit, load_finished, lr_factor, save_model, set_seed)
 
 # 200 examples in batches of 32 -> 7 steps per epoch; loss_fn call 7 * (e - 1) + s is epoch e, step s.
@@ -32,7 +36,7 @@ def fresh_model(seed: int = 0) -> nn.Module:
 
 def train(model, data, stage_dir, **kwargs):
     kwargs.setdefault("progress", False)
-    return fit(model, data, CFG, stage_dir, stage=STAGE, seed=0, **kwargs)
+    return fit(model, data, CFG, stage_dir, FitOptions(stage=STAGE, seed=0, **kwargs))
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -105,7 +109,7 @@ def test_two_fits_with_the_same_seed_give_identical_weights(blobs, tmp_path, ref
 
 
 def test_another_seed_gives_other_weights(blobs, tmp_path, reference):
-    other = fit(fresh_model(), blobs, CFG, tmp_path / "other", stage=STAGE, seed=1, progress=False)
+    other = fit(fresh_model(), blobs, CFG, tmp_path / "other", FitOptions(stage=STAGE, seed=1, progress=False))
     assert not torch.equal(other.head.weight, reference.head.weight)
 
 
@@ -136,7 +140,7 @@ import torch
 from ensemble_kd import artifacts
 from ensemble_kd.config import ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
-from ensemble_kd.train import TrainSet, cross_entropy, fit, set_seed
+from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, set_seed
 
 data_file, stage_dir, where = sys.argv[1:]
 x, y = torch.load(data_file)
@@ -163,7 +167,7 @@ artifacts.save_torch = save_torch
 set_seed(0)
 model = build_model(ModelConfig(arch="mlp", hidden=[16], dropout=0.1), (2,), 3, [0.0], [1.0])
 cfg = TrainConfig(**{cfg})
-fit(model, TrainSet(x, y), cfg, stage_dir, stage="{stage}", seed=0, loss_fn=loss, progress=False)
+fit(model, TrainSet(x, y), cfg, stage_dir, FitOptions(stage="{stage}", seed=0, loss_fn=loss, progress=False))
 """
 
 
@@ -286,7 +290,7 @@ def test_a_nan_mid_epoch_is_caught_at_the_next_check_and_the_last_good_checkpoin
         return base(logits, labels, targets) * (float("nan") if calls[0] == 50 + 12 else 1.0)  # epoch 2, step 12
 
     with pytest.raises(NonFiniteLossError, match=r"toy: loss became nan at epoch 2, in steps 11-15"):
-        fit(fresh_model(), blobs, cfg, stage_dir, stage=STAGE, seed=0, loss_fn=loss, progress=False)
+        fit(fresh_model(), blobs, cfg, stage_dir, FitOptions(stage=STAGE, seed=0, loss_fn=loss, progress=False))
     assert calls[0] == 50 + 15  # stopped at the check after step 15, not at the end of the epoch
     assert (stage_dir / artifacts.CHECKPOINT_FILE).read_bytes() == saved["checkpoint"]
     assert epochs_logged(stage_dir) == [1]
@@ -326,7 +330,7 @@ def test_the_step_loop_reads_no_value_back_per_step(blobs, tmp_path, monkeypatch
     for batch_size in (32, 8):  # 7 and 25 steps per epoch
         cfg = TrainConfig(epochs=2, batch_size=batch_size, lr=0.02, grad_clip=0.0)  # CPU clipping reads its norm
         counted = count_host_reads(monkeypatch)
-        fit(fresh_model(), blobs, cfg, tmp_path / str(batch_size), stage=STAGE, seed=0, progress=False)
+        fit(fresh_model(), blobs, cfg, tmp_path / str(batch_size), FitOptions(stage=STAGE, seed=0, progress=False))
         reads[batch_size] = list(counted)
         monkeypatch.undo()
     assert reads[32] == reads[8]  # as many reads however many steps
@@ -359,7 +363,7 @@ def test_a_conv_model_trains_channels_last_and_comes_back_contiguous(tmp_path):
         return cross_entropy()(logits, labels, targets)
 
     data = image_data()
-    fit(model, data, CNN_CFG, tmp_path, stage=STAGE, seed=0, loss_fn=loss, progress=False)
+    fit(model, data, CNN_CFG, tmp_path, FitOptions(stage=STAGE, seed=0, loss_fn=loss, progress=False))
     assert layouts and all(layouts)
     assert conv.weight.is_contiguous()
     assert artifacts.load_torch(tmp_path / artifacts.MODEL_FILE)["state_dict"]["features.3.weight"].is_contiguous()
@@ -371,12 +375,12 @@ def test_a_checkpoint_in_contiguous_layout_resumes_correctly_under_channels_last
     # with channels-last parameters by memory position
     data = image_data()
     monkeypatch.setattr(train_module, "training_memory_format", lambda model, device: torch.contiguous_format)
-    reference = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "reference", stage=STAGE, seed=0, progress=False)
+    reference = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "reference", FitOptions(stage=STAGE, seed=0, progress=False))
     with pytest.raises(Crash):
-        fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", stage=STAGE, seed=0, progress=False,
-            loss_fn=counting_loss(crash_at=2 * 6 + 1))
+        fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", FitOptions(stage=STAGE, seed=0, progress=False,
+            loss_fn=counting_loss(crash_at=2 * 6 + 1)))
     monkeypatch.undo()
-    resumed = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", stage=STAGE, seed=0, progress=False)
+    resumed = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", FitOptions(stage=STAGE, seed=0, progress=False))
     for (name, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)  # conv rounding differs by ~1e-7 only
 
@@ -415,8 +419,8 @@ def test_loss_fn_gets_the_teachers_logits_on_the_augmented_batch(blobs, tmp_path
     def shift(x, generator):
         return x + 1.0
 
-    fit(student, blobs, TrainConfig(epochs=1, batch_size=32), tmp_path / "s", stage=STAGE, seed=0,
-        loss_fn=loss, teacher=teacher, augment=shift, progress=False)
+    fit(student, blobs, TrainConfig(epochs=1, batch_size=32), tmp_path / "s", FitOptions(stage=STAGE, seed=0,
+        loss_fn=loss, teacher=teacher, augment=shift, progress=False))
     assert sum(seen) == len(blobs) and len(seen) == STEPS
 
 
@@ -431,8 +435,8 @@ def test_loss_fn_gets_the_cached_targets_of_the_batch_without_a_teacher(blobs, t
         calls.append(1)
         return cross_entropy()(logits, labels, None)
 
-    fit(student, data, TrainConfig(epochs=1, batch_size=32), tmp_path / "s", stage=STAGE, seed=0, loss_fn=loss,
-        progress=False)
+    fit(student, data, TrainConfig(epochs=1, batch_size=32), tmp_path / "s",
+        FitOptions(stage=STAGE, seed=0, loss_fn=loss, progress=False))
     assert len(calls) == STEPS
 
 
@@ -474,24 +478,11 @@ def test_step_schedule_sets_lambdalrs_values_bit_for_bit_and_resumes_from_its_st
     assert resumed.last_epoch == 41 and resumed.optimizer.param_groups[0]["lr"] == torchs.param_groups[0]["lr"]
 
 
-# ---------------------------------------------------------------- evaluate
-
-class Lookup(nn.Module):
-    """Logits read from a table: row i of the input selects TABLE[int(x[i, 0])]."""
-
-    TABLE = torch.tensor([[5.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 3.0]])  # argmax 0, 1, 2
-
-    def forward(self, x):
-        return self.TABLE[x[:, 0].long()]
-
-
-def test_evaluate_by_hand():
-    x = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])  # predictions 0, 1, 1, 1, 0
-    y = torch.tensor([0, 0, 1, 1, 1])
-    result = evaluate(Lookup(), x, y, batch_size=2)
-    assert result.accuracy == pytest.approx(3 / 5)  # rows 0, 2, 3 are right
-    class0, class1, class2 = result.per_class_accuracy
-    assert class0 == pytest.approx(1 / 2)  # rows 0 (right) and 1 (wrong)
-    assert class1 == pytest.approx(2 / 3)  # rows 2, 3 right, row 4 wrong
-    assert math.isnan(class2)  # no example of class 2
-    assert torch.equal(result.logits, Lookup.TABLE[[0, 1, 1, 1, 0]])
+def test_progress_off_a_terminal_is_one_log_line_per_epoch_and_no_bar_redraws(
+        blobs, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stderr = io.StringIO()  # what a log file or CI sees: not a terminal
+    with contextlib.redirect_stderr(stderr), caplog.at_level("INFO", logger="ensemble_kd.train"):
+        train(fresh_model(), blobs, tmp_path, progress=True)
+    assert "\r" not in stderr.getvalue() and "batch" not in stderr.getvalue()  # no tqdm bar was drawn
+    epochs = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(epochs) == CFG.epochs and epochs[0].startswith(f"{STAGE} epoch 1/{CFG.epochs} loss ")

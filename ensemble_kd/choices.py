@@ -1,0 +1,23 @@
+"""The names each setting may take (architectures, data sets, precisions, export formats, stages, ...).
+
+Kept in one place: config.py checks values against them, and the registries
+(models.ARCHITECTURES, export.FORMATS, precision.PRECISIONS, the data loaders,
+confusion.MATRIX_KINDS, the pipeline's stages) are keyed by them.
+
+No torch here: config.py and the command line's --help import this module.
+"""
+from __future__ import annotations
+
+STAGES = ("generalist", "clusters", "specialists", "ensemble", "student", "export")  # in the order they run
+DEVICES = ("cpu", "cuda", "auto")  # auto: CUDA when a GPU is visible, else the CPU
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where it is native and pays, else fp32
+DATA_SETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+ARCHITECTURES = ("mlp", "cnn", "resnet")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+MATRIX_KINDS = ("hard", "soft", "covariance")  # the confusability matrices k-means may see
+SPECIALIST_INITS = ("generalist", "scratch")
+DUSTBIN_CORRECTIONS = ("validation", "prior", "none")
+BACKENDS = ("loky", "dask")
+TRANSFERS = ("live", "views", "dataset")  # how the student sees its teacher's targets
+EXPORT_FORMATS = ("torchscript", "export", "onnx", "state_dict")

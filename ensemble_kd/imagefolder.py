@@ -1,0 +1,353 @@
+"""A user's image folder or archive: listing, decoding (EXIF, bit depth, alpha) and caching.
+
+`data.name = "imagefolder"` reads `data.root`: a folder holding `train/<class>/*` and
+`test/<class>/*` image files (the folder names are the class names), or a tar archive
+(.tar.gz, .tgz, .tar.bz2, .tar.xz, .tar) of them. An archive is extracted once into a
+cache folder (a temporary folder renamed into place, so a half-done extraction never
+counts), and the decoded images of each split are cached there as uint8 tensors, keyed by
+the listing (names, sizes, modification times), the classes, the image size and the
+decoder's version. The cache is `ENSEMBLE_KD_CACHE`, default `~/.cache/ensemble-kd`.
+
+`read_image` is how every image is read, in training and in `predict`: upright by its
+EXIF orientation, 16-bit greyscale scaled to 8 bits, alpha dropped, optionally converted
+and resized; what it changed is said in the log, once per split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from .artifacts import save_torch
+from .config import DataConfig
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_LAYOUT_HINT = "an imagefolder needs train/<class>/<image> and test/<class>/<image> files"
+
+
+def cache_root() -> Path:
+    """Where extracted archives and decoded tensors are kept: $ENSEMBLE_KD_CACHE or ~/.cache/ensemble-kd."""
+    return Path(os.environ.get("ENSEMBLE_KD_CACHE") or Path.home() / ".cache" / "ensemble-kd")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_imagefolder(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """(x_train uint8 -> float in [0, 1], y_train, x_test, y_test, class names) of `data.root`: a folder
+    with train/<class>/* and test/<class>/*, or a tar archive of them (extracted once into the cache)."""
+    source = Path(cfg.root).expanduser()
+    if not source.exists():
+        raise DataError(f"data.root = {cfg.root!r} does not exist; point it at a folder with train/ and "
+                        "test/ (or a .tar.gz of them)")
+    if source.is_file():
+        cache_dir, folder = _extract_archive(source)
+    else:
+        cache_dir, folder = cache_root() / f"{source.resolve().name}-{_short_hash(str(source.resolve()))}", source
+    folder = _find_split_parent(folder, source)
+    class_names = _class_folders(folder / "train")
+    train_files = _list_images(folder / "train", class_names, class_names, "train")
+    test_classes = _class_folders(folder / "test")
+    unknown = sorted(set(test_classes) - set(class_names))
+    if unknown:
+        raise DataError(f"class folder test/{unknown[0]} in {folder} has no matching train/{unknown[0]}; "
+                        "add training images of it or remove it from test/")
+    test_files = _list_images(folder / "test", test_classes, class_names, "test")
+    x_train, y_train = _decoded_split(train_files, cfg.image_size, cache_dir, "train", class_names, folder)
+    x_test, y_test = _decoded_split(test_files, cfg.image_size, cache_dir, "test", class_names, folder)
+    x_train, x_test = _same_channels(x_train, x_test)
+    if x_train.shape[2:] != x_test.shape[2:]:
+        raise DataError(f"train images are {_size_text(x_train.shape[2:])} but test images are "
+                        f"{_size_text(x_test.shape[2:])} (e.g. {train_files[0][0]} and {test_files[0][0]} in "
+                        f"{folder}); set data.image_size (e.g. data.image_size={x_train.shape[-1]}) to resize "
+                        "all images")
+    return x_train.float().div_(255.0), y_train, x_test.float().div_(255.0), y_test, class_names
+
+
+def _size_text(hw: Sequence[int]) -> str:
+    return f"{hw[1]}x{hw[0]}"  # width x height, as image viewers say it
+
+
+def _archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in _ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _extract_archive(archive: Path) -> tuple[Path, Path]:
+    """Extract once into <cache>/<stem>-<hash>/extracted (temp dir, then rename); return (cache dir, extracted)."""
+    if not tarfile.is_tarfile(archive):
+        raise DataError(f"data.root = {archive} is a file but not a tar archive; give a folder with train/ and "
+                        "test/ or a .tar.gz of them")
+    stat = archive.stat()
+    identity = f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # a replaced archive gets a new folder
+    cache_dir = cache_root() / f"{_archive_stem(archive)}-{_short_hash(identity)}"
+    extracted = cache_dir / "extracted"
+    if extracted.is_dir():
+        return cache_dir, extracted
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = cache_dir / f".extracting-{secrets.token_hex(4)}"
+        staging.mkdir()  # mode 0777 less the umask, like any folder (mkdtemp would make it 0700)
+    except OSError as err:
+        raise DataError(f"cannot create the cache folder {cache_dir} ({err}); set ENSEMBLE_KD_CACHE to a "
+                        "writable folder") from err
+    log.info("extracting %s into %s (once)", archive, extracted)
+    try:
+        with tarfile.open(archive) as tar:
+            _safe_extract(tar, staging)
+        os.replace(staging, extracted)  # atomic: a half-done extraction never appears as `extracted`
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if extracted.is_dir():  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+            return cache_dir, extracted
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"cannot extract {archive} ({type(err).__name__}: {err}); check that the archive is "
+                        "complete, and that the cache folder (ENSEMBLE_KD_CACHE) is writable") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return cache_dir, extracted
+
+
+def _safe_extract(tar: tarfile.TarFile, target: Path) -> None:
+    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ / 3.10.12+: refuses absolute paths, .., device files
+        tar.extractall(target, filter="data")
+        return
+    root = target.resolve()
+    for member in tar.getmembers():
+        destination = (target / member.name).resolve()
+        if not destination.is_relative_to(root) or member.issym() or member.islnk() or member.isdev():
+            raise DataError(f"archive member {member.name!r} is a link, a device or points outside the "
+                            "archive; refusing to extract it, repack the archive with plain files")
+    tar.extractall(target)
+
+
+def _find_split_parent(folder: Path, source: Path) -> Path:
+    """The folder holding train/ and test/: `folder` itself or its only subfolder (an archive's top folder)."""
+    if (folder / "train").is_dir() or (folder / "test").is_dir():
+        candidate = folder
+    else:
+        subfolders = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+        candidate = subfolders[0] if len(subfolders) == 1 else folder
+    for split in ("train", "test"):
+        if not (candidate / split).is_dir():
+            raise DataError(f"{source} has no {split}/ folder; {_LAYOUT_HINT}")
+    return candidate
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"{split_dir} has no class folders; {_LAYOUT_HINT}")
+    return names
+
+
+def _image_extensions() -> set[str]:
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _list_images(split_dir: Path, classes: Sequence[str], all_classes: Sequence[str],
+                 split: str) -> list[tuple[str, int]]:
+    """(path relative to split_dir's parent, class id) of every image under split_dir/<class>/, sorted.
+
+    Class ids index `all_classes`; paths are plain strings (60,000 Path objects cost seconds).
+    """
+    extensions = _image_extensions()
+    label_of = {name: i for i, name in enumerate(all_classes)}
+    files: list[tuple[str, int]] = []
+    skipped = 0
+    for name in classes:
+        class_files = []
+        class_dir = os.path.join(split, name)
+        for directory, subdirs, filenames in os.walk(split_dir / name):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            relative_dir = os.path.join(class_dir, os.path.relpath(directory, split_dir / name))
+            for filename in sorted(filenames):
+                if filename.startswith("."):
+                    continue
+                if os.path.splitext(filename)[1].lower() not in extensions:
+                    skipped += 1
+                    continue
+                class_files.append((os.path.normpath(os.path.join(relative_dir, filename)), label_of[name]))
+        if not class_files:
+            raise DataError(f"class folder {split}/{name} ({split_dir / name}) holds no image files; add images "
+                            "or remove the folder")
+        files += class_files
+    if skipped:
+        log.warning("%s: skipped %d files that are not images (by extension)", split_dir, skipped)
+    return files
+
+
+_DECODER_VERSION = 2  # part of the tensor cache's key: caches of an older decoder are decoded again
+
+
+def _listing_signature(files: Sequence[tuple[str, int]], folder: Path, class_names: Sequence[str],
+                       image_size: int) -> str:
+    """Changes whenever a file is added, removed, replaced or relabelled, or the size, classes or decoder change."""
+    digest = hashlib.sha256(json.dumps([list(class_names), image_size, _DECODER_VERSION]).encode())
+    for relative, label in files:
+        stat = os.stat(os.path.join(folder, relative))
+        digest.update(f"{relative}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _decoded_split(files: Sequence[tuple[str, int]], image_size: int, cache_dir: Path, split: str,
+                   class_names: Sequence[str], folder: Path) -> tuple[Tensor, Tensor]:
+    """uint8 (N, C, H, W) images and int64 labels, from the tensor cache when the files are unchanged.
+
+    What decoding changed (alpha dropped, resized, ...) is logged on every load, cached or not."""
+    signature = _listing_signature(files, folder, class_names, image_size)
+    cache_file = cache_dir / "tensors" / f"{split}-size{image_size}-{signature}.pt"
+    if cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            _log_notes(split, folder, cached.get("notes", {}))
+            return cached["x"], cached["y"]
+        except Exception as err:  # a torn or foreign file: decode again
+            log.warning("ignoring unreadable tensor cache %s (%s); decoding the images again", cache_file, err)
+    log.info("decoding %d %s images from %s", len(files), split, folder)
+    x, notes = _decode_images([path for path, _ in files], image_size, folder)
+    _log_notes(split, folder, notes)
+    y = torch.tensor([label for _, label in files], dtype=torch.int64)
+    try:
+        for stale in cache_file.parent.glob(f"{split}-size{image_size}-*.pt"):
+            stale.unlink(missing_ok=True)
+        save_torch(cache_file, {"x": x, "y": y, "notes": notes})
+    except OSError as err:
+        log.warning("could not write the tensor cache %s (%s); the images will be decoded again next time",
+                    cache_file, err)
+    return x, y
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how PIL opens 16-bit greyscale (PNG, TIFF)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a (phone) photo must be turned to stand upright
+# what `read_image` changed -> (said as a warning?, how the log says it)
+_CHANGES = {
+    "upright": (False, "were turned upright as their EXIF orientation says"),
+    "16-bit": (False, "were 16-bit, scaled to 8 bits (value / 257)"),
+    "alpha": (True, "had an alpha channel, which was dropped (transparent pixels keep their colour)"),
+    "to greyscale": (True, "were colour, converted to greyscale"),
+    "to colour": (True, "were greyscale among colour images, repeated to 3 channels"),
+    "resized": (True, "were resized"),
+}
+
+
+def read_image(path: str | Path, channels: int | None = None,
+               size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """An image file as upright 8-bit pixels, (H, W) greyscale or (H, W, 3) RGB, and what reading it changed.
+
+    The EXIF orientation is applied (phones store photos sideways with a tag saying so);
+    16-bit greyscale is scaled to 8 bits (value / 257, so 65535 -> 255, not clipped at
+    255); an alpha channel is dropped; `channels` 1 or 3 converts to greyscale or RGB
+    (None keeps each image's own); `size` (width, height) resizes (bilinear). The dict
+    maps each change made (keys of _CHANGES) to a detail, e.g. {"resized": "28x28 -> 8x8"}.
+    Raises PIL's errors (OSError, ValueError, ...) for files it cannot read."""
+    changes: dict[str, str] = {}
+    with Image.open(path) as opened:
+        image = opened
+        if opened.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(opened)
+            changes["upright"] = ""
+        if image.mode in _SIXTEEN_BIT_MODES:
+            wide = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+            changes["16-bit"] = ""
+        if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+            changes["alpha"] = image.mode
+        own = "L" if image.mode in _GRAY_MODES else "RGB"
+        target = own if channels is None else ("L" if channels == 1 else "RGB")
+        if target != own:
+            changes["to greyscale" if target == "L" else "to colour"] = image.mode
+        image = image.convert(target)
+        if size is not None and image.size != size:
+            changes["resized"] = f"{_size_text(image.size[::-1])} -> {_size_text(size[::-1])}"
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8), changes
+
+
+def describe_changes(changes: dict[str, tuple[int, str, str]], total: int) -> tuple[str, str]:
+    """(warning text, info text) from {change: (count, first file, its detail)}; "" where there is none."""
+    said: dict[bool, list[str]] = {True: [], False: []}
+    for change, (count, first, detail) in changes.items():
+        warn, text = _CHANGES[change]
+        example = f"{first}{': ' + detail if detail else ''}"
+        said[warn].append(f"{count} of {total} {text} (e.g. {example})")
+    return "; ".join(said[True]), "; ".join(said[False])
+
+
+def _log_notes(split: str, folder: Path, notes: dict[str, Any]) -> None:
+    if notes.get("warning"):
+        log.warning("%s images in %s: %s", split, folder, notes["warning"])
+    if notes.get("info"):
+        log.info("%s images in %s: %s", split, folder, notes["info"])
+
+
+def _decode_image(relative: str, image_size: int, folder: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """(H, W) for grayscale images, (H, W, 3) for everything else, upright and resized to image_size if
+    it is set; with what was changed (`read_image`)."""
+    try:
+        size = (image_size, image_size) if image_size > 0 else None
+        return read_image(os.path.join(folder, relative), size=size)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        class_name = Path(relative).parts[1]
+        raise DataError(f"cannot read image {relative} (class {class_name!r}, in {folder}): {err}; "
+                        "remove or replace the file") from err
+
+
+def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> tuple[Tensor, dict[str, str]]:
+    """Decode plainly, in order, into one uint8 (N, C, H, W) tensor, with notes of what was changed.
+
+    Small JPEGs decode at ~13k/s on one core; a thread pool only added GIL contention.
+    """
+    decoded = [_decode_image(path, image_size, folder) for path in paths]
+    arrays = [array for array, _ in decoded]
+    first_size = arrays[0].shape[:2]
+    for path, array in zip(paths, arrays):
+        if array.shape[:2] != first_size:
+            raise DataError(f"images differ in size: {paths[0]} is {_size_text(first_size)} "
+                            f"but {path} is {_size_text(array.shape[:2])} (in {folder}); set data.image_size "
+                            f"(e.g. data.image_size={first_size[0]}) to resize all images to one square size")
+    all_gray = all(array.ndim == 2 for array in arrays)
+    channels = 1 if all_gray else 3
+    stacked = np.empty((len(arrays), *first_size, channels), dtype=np.uint8)
+    changes: dict[str, tuple[int, str, str]] = {}
+    for i, (path, (array, changed)) in enumerate(zip(paths, decoded)):
+        stacked[i] = array[..., None] if array.ndim == 2 else array  # gray broadcasts to RGB when mixed
+        if array.ndim == 2 and not all_gray:
+            changed = dict(changed, **{"to colour": ""})
+        for change, detail in changed.items():
+            count, first, first_detail = changes.get(change, (0, path, detail))
+            changes[change] = (count + 1, first, first_detail)
+    warning, info = describe_changes(changes, len(paths))
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), {"warning": warning, "info": info}
+
+
+def _same_channels(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
+    """Grayscale stays one channel only when both splits are all grayscale; otherwise repeat it to RGB."""
+    if x_train.shape[1] == x_test.shape[1]:
+        return x_train, x_test
+    gray, colour = ("train", "test") if x_train.shape[1] == 1 else ("test", "train")
+    log.warning("the %s images are all greyscale but the %s images are in colour: the greyscale ones are "
+                "repeated to 3 channels", gray, colour)
+    expand = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
+    return expand(x_train), expand(x_test)
