@@ -117,9 +117,10 @@ class Plan:
     compile_epochs: int  # part 8: epochs per fit (the first one compiles)
 
 
-DEFAULT = Plan(config="fashion-mnist", timing_limit=20000, rounds=5, epochs=1, distill_epochs=3,
+# The MLP recipe (fashion-mnist-mlp.toml): the small models whose per-step overhead issue 17 measured
+DEFAULT = Plan(config="fashion-mnist-mlp", timing_limit=20000, rounds=5, epochs=1, distill_epochs=3,
                batch_sizes=[64, 128, 256, 512, 1024], flops_repeats=2, matmul_size=2048, cnn_images=6144,
-               resnet_images=1024, cnn_rounds=3, specialists_config="fashion-mnist",
+               resnet_images=1024, cnn_rounds=3, specialists_config="fashion-mnist-mlp",
                specialists_overrides=["data.train_limit=20000", "generalist.train.epochs=3"], specialists_repeats=2,
                demo_rounds=3,
                compile_epochs=3)
