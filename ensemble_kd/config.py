@@ -127,6 +127,11 @@ class ExportConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write every stage's per-epoch metrics as TensorBoard events (the tensorboard extra)
+
+
+@dataclass
 class Config:
     seed: int = 0  # seeds data splits, initialisation, shuffling and clustering
     device: str = "cpu"  # cpu | cuda | auto
@@ -140,6 +145,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # stage 5
     student: StudentConfig = field(default_factory=StudentConfig)  # stage 6
     export: ExportConfig = field(default_factory=ExportConfig)  # stage 7
+    log: LogConfig = field(default_factory=LogConfig)  # what is logged besides each stage's metrics.jsonl and metrics.csv
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -248,7 +254,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # settings that change where and how fast work runs, never what it makes: a resumed run may change them,
 # and no fingerprint holds them (each model.pt's fingerprint also leaves out device, precision and threads)
 RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "specialists.n_jobs",
-                    "specialists.backend", "specialists.scheduler")
+                    "specialists.backend", "specialists.scheduler", "log.tensorboard")
 
 
 def recipe(section: Any, prefix: str) -> dict[str, Any]:
@@ -341,6 +347,7 @@ RULES: dict[type, dict[str, Rule]] = {
     ExportConfig: {"formats": ((lambda v: len(v) > 0 and all(f in choices.EXPORT_FORMATS for f in v)),
                                "a list of one or more of " + ", ".join(choices.EXPORT_FORMATS)),
                    "parity_atol": _at_least(0)},
+    LogConfig: {},
 }
 
 

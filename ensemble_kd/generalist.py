@@ -38,7 +38,8 @@ def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: b
     fit(model, TrainSet(data.x_train, data.y_train), cfg.generalist.train, stage_dir, FitOptions(
         stage="generalist", seed=cfg.seed, fingerprint=generalist_fingerprint(cfg, data),
         augment=make_augment(cfg.data), val=TrainSet(data.x_val, data.y_val), device=resolve_device(cfg.device),
-        progress=progress, precision=cfg.precision, compile_model=cfg.compile))
+        progress=progress, precision=cfg.precision, compile_model=cfg.compile,
+        tensorboard=cfg.log.tensorboard))
     return stage_dir / artifacts.MODEL_FILE
 
 

@@ -18,6 +18,7 @@ from . import artifacts
 from .choices import STAGES
 from .config import Config, ConfigError, load_config, to_toml
 from .confusion import choose_k, clusterer_from_config, find_clusters
+from .curves import TENSORBOARD_EXTRA, tensorboard_installed
 from .data import Splits, load_data
 from .distill import check_student_size, load_student_model, train_students
 from .ensemble import build_ensemble
@@ -70,6 +71,9 @@ def preflight(cfg: Config, until: str = "export") -> None:
     if cfg.specialists.backend == "dask" and stop >= STAGES.index("specialists") \
             and importlib.util.find_spec("distributed") is None:
         raise ConfigError(f"specialists.backend = 'dask' needs the dask extra: {DASK_EXTRA}")
+    if cfg.log.tensorboard and not tensorboard_installed():
+        raise ConfigError(f"log.tensorboard = true needs the tensorboard extra: {TENSORBOARD_EXTRA}; install it, or "
+                          "set log.tensorboard = false (each stage's metrics.csv is written either way)")
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:

@@ -152,7 +152,8 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
     options = FitOptions(stage=f"specialist {cluster_id} hard", seed=seed, fingerprint=fingerprint,
                          epoch_indices=indices, augment=make_augment(cfg.data), val=val, device=device,
-                         progress=progress, precision=cfg.precision, compile_model=cfg.compile)
+                         progress=progress, precision=cfg.precision, compile_model=cfg.compile,
+                         tensorboard=cfg.log.tensorboard)
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard", options)
     if cfg.specialists.soft_epochs > 0:
         model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir,

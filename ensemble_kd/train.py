@@ -1,8 +1,9 @@
 """One training loop for every stage, `fit()`, with the devices it runs on.
 
 `fit` trains a model on in-memory tensors, appends per-epoch metrics to
-`metrics.jsonl`, writes an atomic checkpoint after each epoch and resumes from it, and
-writes `model.pt` when done. Each epoch reseeds its own random streams from
+`metrics.jsonl` and `metrics.csv` (and TensorBoard events when asked: curves.py), writes
+an atomic checkpoint after each epoch and resumes from it, and writes `model.pt` when
+done. Each epoch reseeds its own random streams from
 (seed, epoch), so a run resumed at an epoch boundary gives the same weights as one that
 never stopped.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import time
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, inference
+from . import artifacts, curves, inference
 from .artifacts import ArtifactError
 from .config import ConfigError, TrainConfig
 from .data import apply_augmentation
@@ -282,8 +282,8 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: StepS
             fingerprint: dict[str, Any], scaler: Any = None) -> int:
     """Restore the last checkpoint; returns the number of epochs already done (0 if none)."""
     path = stage_dir / artifacts.CHECKPOINT_FILE
-    if not path.exists():  # starting afresh: lines of an epoch whose checkpoint never landed are stale
-        (stage_dir / artifacts.METRICS_FILE).unlink(missing_ok=True)
+    if not path.exists():
+        curves.cut_back(stage_dir, 0)
         return 0
     ckpt = artifacts.load_torch(path)
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler"} <= set(ckpt):
@@ -296,8 +296,7 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: StepS
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     done = int(ckpt["epoch"])
-    kept = [r for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE) if r["epoch"] <= done]
-    artifacts.write_text(stage_dir / artifacts.METRICS_FILE, "".join(_jsonl(r) for r in kept))
+    curves.cut_back(stage_dir, done)
     log.info("resuming %s from epoch %d", stage_dir.name, done)
     return done
 
@@ -314,10 +313,6 @@ def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     state[key] = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
                                                      device=value.device).copy_(value)
-
-
-def _jsonl(record: dict[str, Any]) -> str:
-    return json.dumps(record) + "\n"
 
 
 NONFINITE_CHECK_STEPS = 50  # steps between reads of the on-device non-finite flag (each read waits for the device)
@@ -339,6 +334,7 @@ class FitOptions:
     progress: bool = True  # a progress bar per epoch on a terminal (never in a log file)
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 autocast; like device, not part of the fingerprint
     compile_model: bool = False  # run forward and backward through torch.compile
+    tensorboard: bool = False  # also write each epoch's metrics as TensorBoard events into stage_dir (log.tensorboard)
 
 
 def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Path, options: FitOptions) -> nn.Module:
@@ -383,18 +379,22 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
                  [p for p in model.parameters() if p.requires_grad], train, cfg, optimizer, scheduler, scaler,
                  loss_fn, o.teacher, epoch_indices, o.augment, o.stage, o.seed, device, precision, memory_format,
                  o.progress)
-    for epoch in range(start + 1, cfg.epochs + 1):
-        with _current_cuda_device(device):
-            record = _train_epoch(loop, epoch)
-            if o.val is not None:
-                record["val_accuracy"] = inference.evaluate(model, o.val.x, o.val.y, device=device).accuracy
-        artifacts.append_jsonl(stage_dir / artifacts.METRICS_FILE, record)
-        artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
-            **({"scaler": scaler.state_dict()} if scaler is not None else {})})
-        log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", o.stage, epoch, cfg.epochs, record["loss"],
-                 record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if o.val is not None else "")
+    epoch_log = curves.EpochLog(stage_dir, o.tensorboard, start)
+    try:
+        for epoch in range(start + 1, cfg.epochs + 1):
+            with _current_cuda_device(device):
+                record = _train_epoch(loop, epoch)
+                if o.val is not None:
+                    record["val_accuracy"] = inference.evaluate(model, o.val.x, o.val.y, device=device).accuracy
+            epoch_log.write(record)
+            artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})})
+            log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", o.stage, epoch, cfg.epochs, record["loss"],
+                     record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if o.val is not None else "")
+    finally:
+        epoch_log.close()
     model.to(memory_format=torch.contiguous_format).eval()
     save_model(model, stage_dir, fingerprint, epochs=cfg.epochs,
                **({"precision": precision} if precision != "fp32" else {}))

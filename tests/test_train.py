@@ -1,5 +1,6 @@
 """fit(): training, artifacts, determinism, resume after a crash or SIGKILL, guards, progress output; lr_factor."""
 import contextlib
+import csv
 import io
 import json
 import math
@@ -197,6 +198,71 @@ def test_stale_metrics_without_a_checkpoint_are_dropped(blobs, tmp_path):
     (stage_dir / artifacts.METRICS_FILE).write_text(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")
     train(fresh_model(), blobs, stage_dir)
     assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
+
+
+def csv_rows(stage_dir) -> tuple[str, list[dict[str, str]]]:
+    """(the header line, the rows) of a stage's metrics.csv."""
+    text = (stage_dir / artifacts.METRICS_CSV).read_text()
+    return text.splitlines()[0], list(csv.DictReader(io.StringIO(text)))
+
+
+def csv_rows(stage_dir) -> tuple[str, list[dict[str, str]]]:
+    """(the header line, the rows) of a stage's metrics.csv."""
+    text = (stage_dir / artifacts.METRICS_CSV).read_text()
+    return text.splitlines()[0], list(csv.DictReader(io.StringIO(text)))
+
+
+def crash_before_epoch_3s_checkpoint(monkeypatch) -> None:
+    """Make fit() die after logging epoch 3 and before its checkpoint lands (the checkpoint says epoch 2)."""
+    real_save = artifacts.save_torch
+
+    def save_torch(path, obj):
+        if Path(path).name == artifacts.CHECKPOINT_FILE and obj["epoch"] == 3:
+            raise Crash
+        return real_save(path, obj)
+
+    monkeypatch.setattr(artifacts, "save_torch", save_torch)
+
+
+def test_metrics_csv_holds_the_jsonl_lines_and_a_resume_appends_without_repeating_header_or_epochs(
+        blobs, tmp_path, reference, monkeypatch):
+    header, rows = csv_rows(tmp_path / "reference")
+    assert header == "epoch,loss,train_accuracy,lr,seconds"
+    jsonl = artifacts.read_jsonl(tmp_path / "reference" / artifacts.METRICS_FILE)
+    assert rows == [{k: str(v) for k, v in record.items()} for record in jsonl]
+
+    stage_dir = tmp_path / "stage"
+    with monkeypatch.context() as patch:
+        crash_before_epoch_3s_checkpoint(patch)
+        with pytest.raises(Crash):
+            train(fresh_model(), blobs, stage_dir)
+    assert [row["epoch"] for row in csv_rows(stage_dir)[1]] == ["1", "2", "3"]
+    with open(stage_dir / artifacts.METRICS_CSV, "a") as f:
+        f.write("4,0.3")  # and a row torn by the crash
+    resumed = train(fresh_model(), blobs, stage_dir)
+    assert_same_weights(resumed, reference)  # writing the curves changes nothing in training
+    header, rows = csv_rows(stage_dir)
+    assert (stage_dir / artifacts.METRICS_CSV).read_text().count(header) == 1
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert [r["loss"] for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)] == [
+        float(row["loss"]) for row in rows]
+
+
+def test_tensorboard_events_hold_each_epoch_once_after_a_resume(blobs, tmp_path, monkeypatch):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="the tensorboard extra is not installed")
+    stage_dir = tmp_path / "stage"
+    with monkeypatch.context() as patch:
+        crash_before_epoch_3s_checkpoint(patch)
+        with pytest.raises(Crash):
+            train(fresh_model(), blobs, stage_dir, val=blobs, tensorboard=True)
+    train(fresh_model(), blobs, stage_dir, val=blobs, tensorboard=True)  # epoch 3 again, then 4 and 5
+    events = event_accumulator.EventAccumulator(str(stage_dir))
+    events.Reload()
+    assert {"loss", "train_accuracy", "val_accuracy", "lr", "seconds"} <= set(events.Tags()["scalars"])
+    logged = artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
 
 
 def test_a_finished_stage_is_loaded_not_retrained(blobs, tmp_path, reference):
