@@ -67,6 +67,8 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up before the schedule
     label_smoothing: float = 0.0  # for hard-label cross-entropy
     grad_clip: float = 5.0  # clip the gradient norm to this; 0 = off
+    early_stopping_patience: int = 0  # stop once this many epochs in a row have not raised the validation accuracy; 0 = off
+    keep_best: bool = False  # keep the weights of the epoch with the best validation accuracy, not the last epoch's
 
 
 @dataclass
@@ -307,6 +309,7 @@ _TRAIN = {
     "momentum": _between(0, 1, high_ok=False), "weight_decay": _at_least(0),
     "schedule": _one_of(*choices.SCHEDULES), "warmup_epochs": _at_least(0),
     "label_smoothing": _between(0, 1, high_ok=False), "grad_clip": _at_least(0),
+    "early_stopping_patience": _at_least(0),
 }
 _MODEL = {
     "arch": _one_of(*choices.ARCHITECTURES), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),

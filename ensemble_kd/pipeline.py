@@ -37,7 +37,13 @@ from .train import resolve_device
 log = logging.getLogger(__name__)
 
 
-def _timed(run_dir: Path, stage: str, work: Callable[[], Any]) -> Any:
+def _announce(stage: str, until: str) -> None:
+    """The run-level progress line of a stage starting: "stage 3/6: specialists" (of the stages up to `until`)."""
+    log.info("stage %d/%d: %s", STAGES.index(stage) + 1, STAGES.index(until) + 1, stage)
+
+
+def _timed(run_dir: Path, stage: str, until: str, work: Callable[[], Any]) -> Any:
+    _announce(stage, until)
     started = time.perf_counter()
     result = work()
     artifacts.mark_stage(run_dir, stage, time.perf_counter() - started)
@@ -89,25 +95,28 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     if reached("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
 
-    _timed(run_dir, "generalist", lambda: train_generalist(cfg, data, run_dir, progress))
+    _timed(run_dir, "generalist", until, lambda: train_generalist(cfg, data, run_dir, progress))
     generalist = load_generalist(cfg, data, run_dir)
     report: dict[str, Any] = {"run": run_dir.name, "data": cfg.data.name, "seed": cfg.seed,
                               "num_classes": data.num_classes, "class_names": data.class_names}
     clusters: list[list[int]] = []
     if reached("clusters"):
-        found = _timed(run_dir, "clusters", lambda: _clusters_stage(cfg, data, run_dir, generalist))
+        found = _timed(run_dir, "clusters", until, lambda: _clusters_stage(cfg, data, run_dir, generalist))
         clusters = [c["ids"] for c in found["clusters"]]
         report["clusters"] = [c["names"] for c in found["clusters"]]
         report["cluster_inside_share"] = [c["inside_share"] for c in found["clusters"]]
     if reached("specialists"):
-        _timed(run_dir, "specialists", lambda: train_all_specialists(cfg, run_dir, data))
-    ensemble = build_ensemble(cfg, data, run_dir, generalist) if reached("ensemble") else None
+        _timed(run_dir, "specialists", until, lambda: train_all_specialists(cfg, run_dir, data))
+    ensemble = None
+    if reached("ensemble"):
+        _announce("ensemble", until)
+        ensemble = build_ensemble(cfg, data, run_dir, generalist)
     if reached("student"):
-        _timed(run_dir, "student", lambda: train_students(cfg, data, run_dir, ensemble, generalist, progress))
+        _timed(run_dir, "student", until, lambda: train_students(cfg, data, run_dir, ensemble, generalist, progress))
     report.update(evaluate_run(cfg, data, run_dir, generalist, clusters, ensemble, with_students=reached("student")))
     if reached("export"):
         student = load_student_model(cfg, data, run_dir)
-        report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
+        report["exports"] = _timed(run_dir, "export", until, lambda: export_run(cfg, data, run_dir, student))
     write_report(run_dir, report)
     return report
 

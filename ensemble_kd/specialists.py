@@ -260,8 +260,10 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
             _check_finished(cfg, data, run_dir, done)
     if todo:
         n_jobs = effective_jobs(cfg, len(todo))
+        labels = None if data is None else data.y_train
         if n_jobs > 1 or cfg.specialists.backend == "dask":  # one at a time, the order changes nothing
-            todo = dispatch_order(cfg, {k: clusters[k] for k in todo}, None if data is None else data.y_train)
+            todo = dispatch_order(cfg, {k: clusters[k] for k in todo}, labels)
+        costs = specialist_costs(cfg, {k: clusters[k] for k in todo}, labels)
         threads = specialist_threads(cfg, n_clusters)
         log.info("training %s (%s), %d at a time, %s each", plural(len(todo), "specialist"),
                  ", ".join(map(str, todo)), n_jobs, plural(threads, "thread"))
@@ -269,28 +271,69 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
             (specialist_dir(run_dir, k) / STARTED_FILE).unlink(missing_ok=True)
         parent = worker_parent(cfg)
         try:
-            run_jobs(cfg, n_jobs, run_dir, _worker, [(cfg, str(run_dir), k, threads, parent) for k in todo])
+            run_jobs(cfg, n_jobs, run_dir, _worker, [(cfg, str(run_dir), k, threads, parent) for k in todo],
+                     on_done=_Progress([costs[k] for k in todo], len(done), n_clusters))
         except _worker_deaths(cfg) as err:
             raise SpecialistError(_died_message(run_dir, todo, err)) from err
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
 
 
-def dispatch_order(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> list[int]:
-    """The cluster ids of `subsets` (id -> its classes) in the order to hand them to the workers: longest first.
-
-    A specialist's cost is its enriched stream's size (its classes' training examples in
-    `labels` / in_cluster_fraction; its number of classes when the labels are not at hand)
-    times the epochs of both phases. Starting the longest first lets parallel workers
-    finish together. The order does not change any specialist: each one's seed comes from
-    the run seed and its cluster id, its thread count from the config."""
+def specialist_costs(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> dict[int, float]:
+    """{cluster id: how much training its specialist takes}: its enriched stream's size (its classes' training
+    examples in `labels` / in_cluster_fraction; its number of classes when the labels are not at hand) times
+    the epochs of both phases."""
     epochs = cfg.specialists.train.epochs + cfg.specialists.soft_epochs
 
     def cost(subset: list[int]) -> float:
         inside = len(subset) if labels is None else int(torch.isin(labels, torch.tensor(subset)).sum())
         return inside / cfg.specialists.in_cluster_fraction * epochs
 
-    costs = {k: cost(subset) for k, subset in subsets.items()}
+    return {k: cost(subset) for k, subset in subsets.items()}
+
+
+def dispatch_order(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> list[int]:
+    """The cluster ids of `subsets` (id -> its classes) in the order to hand them to the workers: the
+    costliest first (`specialist_costs`), ties by id.
+
+    Starting the longest first lets parallel workers finish together. The order does not
+    change any specialist: each one's seed comes from the run seed and its cluster id, its
+    thread count from the config."""
+    costs = specialist_costs(cfg, subsets, labels)
     return sorted(costs, key=lambda k: (-costs[k], k))
+
+
+def _about(seconds: float) -> str:
+    """A rough duration: "40 s", "3 min", "1 h", "2 h 5 min"."""
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" + (f" {minutes % 60} min" if minutes % 60 else "")
+
+
+class _Progress:
+    """The run-level progress of stage 4: one log line per finished specialist, with how many of all the
+    run's specialists are done and about how long the rest take (this run's pace per unit of
+    `specialist_costs`, so a specialist of many classes counts for more)."""
+
+    def __init__(self, costs: list[float], finished_before: int, total: int) -> None:
+        self.costs, self.finished_before, self.total = costs, finished_before, total
+        self.started, self.done = time.perf_counter(), 0.0
+        self.count = 0
+
+    def __call__(self, index: int) -> None:
+        """Specialist `index` (of the costs given) has finished."""
+        self.count += 1
+        self.done += self.costs[index]
+        elapsed = time.perf_counter() - self.started
+        finished = self.finished_before + self.count
+        if finished == self.total:
+            log.info("specialists: %d/%d done (%s for this run's %d)", finished, self.total, _about(elapsed),
+                     self.count)
+            return
+        left = elapsed / max(self.done, 1e-9) * (sum(self.costs) - self.done)
+        log.info("specialists: %d/%d done, about %s left", finished, self.total, _about(left))
 
 
 def _check_finished(cfg: Config, data: Splits, run_dir: Path, finished: list[int]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -115,10 +116,13 @@ def test_coverage_rows_worked_by_hand_stay_strict_json_when_the_baseline_got_non
 
 
 def test_until_stops_after_that_stage_and_resume_finishes_as_one_uninterrupted_run(
-        tiny_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config()
     run_dir = start_run(cfg, tmp_path / "run")
-    report = run_pipeline(cfg, run_dir, until="generalist", progress=False)
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.pipeline"):
+        report = run_pipeline(cfg, run_dir, until="generalist", progress=False)
+    assert [m for m in caplog.messages if m.startswith("stage ")] == ["stage 1/1: generalist"]
     assert (run_dir / "generalist" / "model.pt").is_file() and "generalist" in report
     assert not (run_dir / "clusters.json").exists() and not (run_dir / "confusion").exists()
     assert "clusters" not in report and "ensemble" not in report
@@ -128,7 +132,12 @@ def test_until_stops_after_that_stage_and_resume_finishes_as_one_uninterrupted_r
     assert not (run_dir / "specialists").exists() and not (run_dir / "student").exists()
     assert "ensemble" not in report and "student" not in report
 
-    report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.pipeline"):
+        report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
+    assert [m for m in caplog.messages if m.startswith("stage ")] == [
+        "stage 1/6: generalist", "stage 2/6: clusters", "stage 3/6: specialists", "stage 4/6: ensemble",
+        "stage 5/6: student", "stage 6/6: export"]
     assert (run_dir / "export" / "student.ts").is_file() and "student" in report
     assert capsys.readouterr().out == ""  # the library logs; printing is the CLI's job
     # stopping and resuming gives the same models as one uninterrupted run
