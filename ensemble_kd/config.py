@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class DataConfig:
     train_limit: int = 0  # use at most this many training examples (stratified subsample); 0 = all
     flip: bool = False  # random horizontal flips while training (photos yes, digits no)
     crop_pad: int = 0  # random crops after zero-padding by this many pixels; 0 = off
-    image_size: int = 0  # imagefolder: resize images to this square size; 0 = keep (all must match)
+    image_size: int = 0  # resize images to this square size; 0 = keep them (an imagefolder's must then match), or the size of the generalist's pretrained weights
     synthetic_classes: int = 12  # synthetic: number of classes
     synthetic_groups: int = 3  # synthetic: the classes fall into this many planted confusable groups
     synthetic_per_class: int = 120  # synthetic: training examples per class (the test set has half as many)
@@ -46,7 +47,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | cnn | resnet (see models.py)
+    arch: str = "mlp"  # mlp | cnn | resnet | torchvision | timm (a library's model by model.name; timm needs the timm extra)
+    name: str = ""  # torchvision | timm: the library's model name, e.g. resnet18, mobilenet_v3_small (torchvision), mobilenetv3_small_100 (timm)
+    pretrained: bool | str = False  # torchvision | timm: false = fresh weights | true = the library's own download (needs network) | the path of a local weights file
+    normalize: str = "auto"  # auto: the pretrained weights' mean and std when model.pretrained is set, else the training data's | data | weights
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp: widths of the hidden layers
     channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn: channels of each conv block (each halves the size)
     pool: int = 1  # cnn: feature maps are average-pooled to pool x pool before the head (1 = global pooling)
@@ -167,6 +171,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):  # bool | str: true, false or a path
+        if any(isinstance(value, option) and (option is not int or not isinstance(value, bool))
+               for option in typing.get_args(kind)):
+            return value
+        names = " or ".join("true/false" if option is bool else f"a {option.__name__}" for option in typing.get_args(kind))
+        raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool):
@@ -312,7 +322,10 @@ _TRAIN = {
     "early_stopping_patience": _at_least(0),
 }
 _MODEL = {
-    "arch": _one_of(*choices.ARCHITECTURES), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),
+    "arch": _one_of(*choices.ARCHITECTURES),
+    "name": ((lambda v: not any(c.isspace() for c in v)), "a model name without spaces (e.g. resnet18), or empty"),
+    "pretrained": ((lambda v: isinstance(v, bool) or bool(v.strip())), "true, false or the path of a weights file"),
+    "normalize": _one_of(*choices.NORMALIZATIONS), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),
     "pool": _at_least(1), "depth": (_resnet_depth, "6n+2 with n >= 1 (8, 14, 20, 32, 44, 56)"),
     "width": _at_least(1), "dropout": _between(0, 1, high_ok=False),
 }
@@ -376,11 +389,28 @@ def _check_fields(section: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{f.name} must be {text}, got {value!r}")
 
 
+def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
+    """Settings of the model section `key` (e.g. "generalist.model") that contradict each other."""
+    named = m.arch in choices.NAMED_ARCHITECTURES
+    return [
+        (not named or bool(m.name), f"{key}.arch = {m.arch!r} builds a library's model by name: set {key}.name "
+                                    f"(e.g. {'resnet18' if m.arch == 'torchvision' else 'resnet18, mobilenetv3_small_100'})"),
+        (named or not m.name, f"{key}.name = {m.name!r} names a library's model, but {key}.arch = {m.arch!r}; set "
+                              f"{key}.arch = 'torchvision' or 'timm', or leave {key}.name empty"),
+        (named or m.pretrained is False, f"{key}.pretrained = {m.pretrained!r} needs {key}.arch = 'torchvision' or "
+                                         f"'timm' ({m.arch!r} has no pretrained weights); set it to false"),
+        (named or m.normalize != "weights", f"{key}.normalize = 'weights' needs {key}.arch = 'torchvision' or "
+                                            f"'timm'; use 'auto' or 'data'"),
+    ]
+
+
 def validate_config(cfg: Config) -> None:
     """Reject values no run could use, before any work starts; each message names the field."""
     _check_fields(cfg, "")
     c = cfg.clusters
     checks = [
+        *_model_checks("generalist.model", cfg.generalist.model), *_model_checks("student.model", cfg.student.model),
+        *_model_checks("specialists.model", cfg.specialists.model),
         (c.max_size == 0 or c.max_size >= c.min_size, "clusters.max_size must be 0 (no limit) or >= clusters.min_size"),
         (c.k != 1 or c.min_confusion > 0,
          "clusters.k = 1 puts every class into one cluster, whose specialist would have no other classes to "

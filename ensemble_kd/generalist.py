@@ -26,9 +26,10 @@ def generalist_fingerprint(cfg: Config, data: Splits) -> dict[str, Any]:
                              flip=cfg.data.flip, crop_pad=cfg.data.crop_pad)
 
 
-def new_generalist(cfg: Config, data: Splits) -> Classifier:
+def new_generalist(cfg: Config, data: Splits, load_weights: bool = True) -> Classifier:
+    """The generalist before training (with generalist.model.pretrained's weights unless `load_weights` is False)."""
     set_seed(cfg.seed)
-    return build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std)
+    return build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std, load_weights)
 
 
 def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: bool = True) -> Path:
@@ -46,7 +47,7 @@ def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: b
 def load_generalist(cfg: Config, data: Splits, run_dir: str | Path) -> Classifier:
     """The trained generalist of this run, in eval mode; an error if it has not been trained."""
     path = Path(run_dir) / artifacts.GENERALIST_DIR
-    model = new_generalist(cfg, data)
+    model = new_generalist(cfg, data, load_weights=False)
     fingerprint = dict(generalist_fingerprint(cfg, data), stage="generalist")
     if not load_finished(model, path, fingerprint):
         raise artifacts.ArtifactError(f"no trained generalist in {path}; run `ensemble-kd run` first")

@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 from . import artifacts
-from .choices import STAGES
-from .config import Config, ConfigError, load_config, to_toml
+from .backbones import check_name, check_pretrained, data_config
+from .choices import NAMED_ARCHITECTURES, STAGES
+from .config import Config, ConfigError, DataConfig, ModelConfig, load_config, to_toml
 from .confusion import choose_k, clusterer_from_config, find_clusters
 from .curves import TENSORBOARD_EXTRA, tensorboard_installed
 from .data import Splits, load_data
@@ -31,7 +32,7 @@ from .parallel import DASK_EXTRA
 from .precision import autocast_dtype
 from .report import write_heatmap, write_report
 from .resume import check_resume
-from .specialists import train_all_specialists
+from .specialists import specialist_model_config, train_all_specialists
 from .train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,21 @@ def preflight(cfg: Config, until: str = "export") -> None:
     if cfg.log.tensorboard and not tensorboard_installed():
         raise ConfigError(f"log.tensorboard = true needs the tensorboard extra: {TENSORBOARD_EXTRA}; install it, or "
                           "set log.tensorboard = false (each stage's metrics.csv is written either way)")
+    for key, model in _models(cfg, until):
+        if model.arch in NAMED_ARCHITECTURES:
+            check_name(model, key)  # an unknown name, or timm without its extra
+            check_pretrained(model, key)
+
+
+def _models(cfg: Config, until: str) -> list[tuple[str, ModelConfig]]:
+    """(config key, settings) of every model the stages up to `until` build from their own settings."""
+    stop = STAGES.index(until)
+    models = [("generalist.model", cfg.generalist.model)]
+    if cfg.specialists.init == "scratch" and stop >= STAGES.index("specialists"):
+        models.append(("specialists.model", specialist_model_config(cfg)))
+    if stop >= STAGES.index("student"):
+        models.append(("student.model", cfg.student.model))
+    return models
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:
@@ -89,8 +105,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     reached = lambda stage: STAGES.index(until) >= STAGES.index(stage)  # noqa: E731
-    data = load_data(cfg.data, cfg.seed)
-    _check_data_fits(cfg, data)
+    data = load_data(_data_config(cfg), cfg.seed)
+    _check_data_fits(cfg, data, until)
     _check_clusters_fit(cfg, data)
     if reached("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
@@ -128,18 +144,31 @@ def _clusters_stage(cfg: Config, data: Splits, run_dir: Path, generalist: torch.
     return clusters
 
 
-def _check_data_fits(cfg: Config, data: Splits) -> None:
-    """Settings the data cannot meet are an error before any training."""
+def _data_config(cfg: Config) -> DataConfig:
+    """The run's data settings (`backbones.data_config`), saying so when pretrained weights set the image size."""
+    data_cfg = data_config(cfg)
+    if data_cfg.image_size != cfg.data.image_size:
+        model = cfg.generalist.model
+        log.info("generalist.model: the pretrained %s %s weights expect %dx%d inputs, so images are resized to "
+                 "that (set data.image_size to choose another size)", model.arch, model.name, data_cfg.image_size,
+                 data_cfg.image_size)
+    return data_cfg
+
+
+def _check_data_fits(cfg: Config, data: Splits, until: str = "export") -> None:
+    """Settings the data cannot meet are an error before any training: each model (with its pretrained
+    weights, so a weights file that does not fit is found now) must take the data's inputs."""
     if data.num_classes < 2:
         raise DataError(f"the data has {plural(data.num_classes, 'class')} ({', '.join(data.class_names)}); a "
                         "classifier needs at least 2: add another class (for an imagefolder, another class folder)")
     if cfg.ensemble.top_n > data.num_classes:
         raise ConfigError(f"ensemble.top_n = {cfg.ensemble.top_n} but the data has only {data.num_classes} "
                           f"classes; choose top_n <= {data.num_classes}")
-    try:
-        build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std)
-    except ConfigError as err:
-        raise ConfigError(f"generalist.model: {err}") from err
+    for key, model in _models(cfg, until):
+        try:
+            build_model(model, data.input_shape, data.num_classes, data.mean, data.std)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from err
 
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:

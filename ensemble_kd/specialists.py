@@ -29,6 +29,7 @@ import torch
 from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from . import artifacts
+from .backbones import data_config
 from .artifacts import STARTED_FILE, ArtifactError
 from .config import Config, ModelConfig, recipe
 from .confusion import read_clusters
@@ -98,13 +99,16 @@ def specialist_model_config(cfg: Config) -> ModelConfig:
     return cfg.generalist.model if own.arch == "generalist" else own
 
 
-def build_specialist(cfg: Config, data: Splits, generalist: Classifier, subset: list[int], seed: int) -> Classifier:
+def build_specialist(cfg: Config, data: Splits, generalist: Classifier, subset: list[int], seed: int,
+                     load_weights: bool = True) -> Classifier:
     """Specialist `subset`'s starting point: the folded generalist (init = generalist) or fresh
-    weights of `specialist_model_config` seeded by `seed` (init = scratch), with |S| + 1 outputs."""
+    weights of `specialist_model_config` seeded by `seed` (init = scratch; its pretrained weights
+    unless `load_weights` is False), with |S| + 1 outputs."""
     if cfg.specialists.init == "generalist":
         return new_specialist(generalist, subset)
     set_seed(seed)
-    return build_model(specialist_model_config(cfg), data.input_shape, len(subset) + 1, data.mean, data.std)
+    return build_model(specialist_model_config(cfg), data.input_shape, len(subset) + 1, data.mean, data.std,
+                       load_weights)
 
 
 def _soft_targets(generalist_logits: torch.Tensor, subset_t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -131,7 +135,7 @@ def train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Sp
 def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Splits | None,
                       progress: bool) -> Path:
     started = time.perf_counter()
-    data = data or load_data(cfg.data, cfg.seed)
+    data = data or load_data(data_config(cfg), cfg.seed)
     subset = read_clusters(run_dir)[cluster_id]
     out_dir = specialist_dir(run_dir, cluster_id)
     seed = specialist_seed(cfg.seed, cluster_id)
@@ -221,8 +225,8 @@ def load_specialist(cfg: Config, data: Splits, run_dir: str | Path, cluster_id: 
     """A finished specialist (dustbin correction included), in eval mode."""
     subset = read_clusters(run_dir)[cluster_id]
     generalist = generalist or build_model(cfg.generalist.model, data.input_shape, data.num_classes,
-                                           data.mean, data.std)
-    model = build_specialist(cfg, data, generalist, subset, specialist_seed(cfg.seed, cluster_id))
+                                           data.mean, data.std, load_weights=False)
+    model = build_specialist(cfg, data, generalist, subset, specialist_seed(cfg.seed, cluster_id), load_weights=False)
     fingerprint = dict(specialist_fingerprint(cfg, data, cluster_id, subset), stage=f"specialist {cluster_id}")
     if not load_finished(model, specialist_dir(run_dir, cluster_id), fingerprint):
         raise ArtifactError(f"specialist {cluster_id} has not been trained ({specialist_dir(run_dir, cluster_id)}); "

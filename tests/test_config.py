@@ -193,10 +193,15 @@ def test_every_shipped_config_loads(path, tmp_path):
 BAD_BY_TYPE = {  # values of the right type outside every field's range, then a value of the wrong type
     int: ["-5", "2.5"], float: ["-5.0", "nan", '"x"'], bool: ['"maybe"'], str: ['"no-such-value"', "5"],
     list[int]: ["[-5]", '["x"]'], list[str]: ['["no-such-value"]', "[5]"],
+    bool | str: ['""', '"no/such/weights.pt"', "5"],  # model.pretrained: true, false or a weights file
 }
 BAD_BY_FIELD = {  # where the type gives no bad value: each entry is the --set values of one case
     "data.root": [["data.name=imagefolder", "data.root={tmp}/no-such-folder"]],
     "specialists.scheduler": [["specialists.scheduler=not an address"]],
+    **{f"{section}.model.name": [[f"{section}.model.name=resnet 18"],  # a name the rule refuses, then one
+                                 [f"{section}.model.arch=torchvision", f"{section}.model.name=no-such-model",
+                                  "specialists.init=scratch"]]  # no library has (and "5": the wrong type)
+       for section in ("generalist", "specialists", "student")},
 }
 
 

@@ -28,6 +28,8 @@ from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, Tra
 
 from conftest import make_blobs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # 200 examples in batches of 32 -> 7 steps per epoch; loss_fn call 7 * (e - 1) + s is epoch e, step s.
 CFG = TrainConfig(epochs=5, batch_size=32, lr=0.02, weight_decay=1e-4, warmup_epochs=1)
 STEPS = 7
@@ -73,15 +75,6 @@ def counting_loss(crash_at: int | None = None, nan_at: int | None = None):
 
     loss.calls = 0
     return loss
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread avoids thread contention on a busy 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
