@@ -269,10 +269,24 @@ RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.downloa
                     "specialists.backend", "specialists.scheduler", "log.tensorboard")
 
 
+# settings added after runs were first fingerprinted, at the value that trains exactly as before they
+# existed: fingerprints leave them out at that value, so runs made before them still resume and are reused
+NEUTRAL_SETTINGS = {"early_stopping_patience": 0, "keep_best": False, "name": "", "pretrained": False,
+                    "normalize": "auto"}
+
+
+def fingerprint_settings(section: Any) -> dict[str, Any]:
+    """`dataclasses.asdict(section)`, nested sections too, without the NEUTRAL_SETTINGS at their neutral value."""
+    def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: without_neutral(v) if isinstance(v, dict) else v for k, v in settings.items()
+                if k not in NEUTRAL_SETTINGS or v != NEUTRAL_SETTINGS[k]}
+    return without_neutral(dataclasses.asdict(section))
+
+
 def recipe(section: Any, prefix: str) -> dict[str, Any]:
     """A config section as a dict without its runtime settings (`prefix` is its dotted path with a
     trailing dot, e.g. "specialists."): the settings that change what its stage makes."""
-    return {k: v for k, v in dataclasses.asdict(section).items() if prefix + k not in RUNTIME_SETTINGS}
+    return {k: v for k, v in fingerprint_settings(section).items() if prefix + k not in RUNTIME_SETTINGS}
 
 
 def to_toml(cfg: Config) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .config import Config, ConfigError, recipe
+from .config import Config, ConfigError, fingerprint_settings, recipe
 from .data import Splits, draw_augmentation, make_augment
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
@@ -174,7 +174,7 @@ def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
     return model_fingerprint(cfg.student.model, data, cfg.seed, teacher=teacher_fingerprint(cfg, data, kind)["teacher"],
                              alpha=cfg.student.alpha, temperature=cfg.student.temperature,
-                             train=dataclasses.asdict(cfg.student.train), **transfer_fingerprint(cfg))
+                             train=fingerprint_settings(cfg.student.train), **transfer_fingerprint(cfg))
 
 
 

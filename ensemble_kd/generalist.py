@@ -1,13 +1,12 @@
 """Stage 1: the generalist, one classifier over all classes."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from . import artifacts
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, fingerprint_settings
 from .data import Splits, make_augment
 from .models import Classifier, build_model
 from .train import FitOptions, TrainSet, fit, load_finished, resolve_device, set_seed
@@ -17,12 +16,12 @@ log = logging.getLogger(__name__)
 
 def model_fingerprint(model_cfg: ModelConfig, data: Splits, seed: int, **extra: Any) -> dict[str, Any]:
     """What a saved model must agree on to be reused by this run."""
-    return {"arch": dataclasses.asdict(model_cfg), "num_classes": data.num_classes,
+    return {"arch": fingerprint_settings(model_cfg), "num_classes": data.num_classes,
             "input_shape": list(data.input_shape), "data": data.fingerprint(), "seed": seed, **extra}
 
 
 def generalist_fingerprint(cfg: Config, data: Splits) -> dict[str, Any]:
-    return model_fingerprint(cfg.generalist.model, data, cfg.seed, train=dataclasses.asdict(cfg.generalist.train),
+    return model_fingerprint(cfg.generalist.model, data, cfg.seed, train=fingerprint_settings(cfg.generalist.train),
                              flip=cfg.data.flip, crop_pad=cfg.data.crop_pad)
 
 
