@@ -8,6 +8,7 @@ cuts the log back to its checkpoint), and the lock file `.lock`.
 """
 from __future__ import annotations
 
+import csv
 import datetime
 import io
 import json
@@ -53,6 +54,8 @@ REPORT_MD = "report.md"
 MODEL_FILE = "model.pt"  # the finished model of a stage directory
 CHECKPOINT_FILE = "checkpoint.pt"  # the last epoch's training state of an unfinished stage
 METRICS_FILE = "metrics.jsonl"  # one JSON object per finished epoch
+METRICS_CSV = "metrics.csv"  # the same metrics as a table: a header, then one row per finished epoch
+LEARNING_CURVES_FILE = "learning_curves.png"  # every stage's loss and validation accuracy per epoch (report.md)
 LOCK_FILE = ".lock"  # locked (flock) by the process running in the directory; holds its pid
 
 
@@ -130,6 +133,32 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one line (metrics logs are append-only; a torn last line is dropped on read)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """The whole log at once (atomically), e.g. cut back to a checkpoint's epoch."""
+    return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def append_csv(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one row (csv module) with the record's keys as columns; the header first when the file is new."""
+    path = Path(path)
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(record))
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+def write_csv(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """The whole table at once (atomically): a header from the first record's keys, then one row each."""
+    buffer = io.StringIO(newline="")
+    if records:
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return write_text(path, buffer.getvalue())
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Stages: " + " -> ".join(STAGES) + ".\n"
                    "Writes everything into RUN_DIR (--out; default artifacts/<data.name>-seed<seed>) and\n"
                    "ends with a table of the models; finished work in RUN_DIR is reused with --resume.\n"
+                   "Each stage folder gets metrics.csv (loss and accuracy per epoch; TensorBoard events too\n"
+                   "with --set log.tensorboard=true), and report.md shows every stage's learning curves.\n"
                    "Settings: the built-in defaults (for the digits data), then --config, then each --set.")
     _add_run_arguments(run)
     clusters = _command(commands, "clusters", "Show a run's clusters of confusable classes.",

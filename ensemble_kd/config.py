@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class DataConfig:
     train_limit: int = 0  # use at most this many training examples (stratified subsample); 0 = all
     flip: bool = False  # random horizontal flips while training (photos yes, digits no)
     crop_pad: int = 0  # random crops after zero-padding by this many pixels; 0 = off
-    image_size: int = 0  # imagefolder: resize images to this square size; 0 = keep (all must match)
+    image_size: int = 0  # resize images to this square size; 0 = keep them (an imagefolder's must then match), or the size of the generalist's pretrained weights
     synthetic_classes: int = 12  # synthetic: number of classes
     synthetic_groups: int = 3  # synthetic: the classes fall into this many planted confusable groups
     synthetic_per_class: int = 120  # synthetic: training examples per class (the test set has half as many)
@@ -46,7 +47,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | cnn | resnet (see models.py)
+    arch: str = "mlp"  # mlp | cnn | resnet | torchvision | timm (a library's model by model.name; timm needs the timm extra)
+    name: str = ""  # torchvision | timm: the library's model name, e.g. resnet18, mobilenet_v3_small (torchvision), mobilenetv3_small_100 (timm)
+    pretrained: bool | str = False  # torchvision | timm: false = fresh weights | true = the library's own download (needs network) | the path of a local weights file
+    normalize: str = "auto"  # auto: the pretrained weights' mean and std when model.pretrained is set, else the training data's | data | weights
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp: widths of the hidden layers
     channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn: channels of each conv block (each halves the size)
     pool: int = 1  # cnn: feature maps are average-pooled to pool x pool before the head (1 = global pooling)
@@ -67,6 +71,8 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up before the schedule
     label_smoothing: float = 0.0  # for hard-label cross-entropy
     grad_clip: float = 5.0  # clip the gradient norm to this; 0 = off
+    early_stopping_patience: int = 0  # stop once this many epochs in a row have not raised the validation accuracy; 0 = off
+    keep_best: bool = False  # keep the weights of the epoch with the best validation accuracy, not the last epoch's
 
 
 @dataclass
@@ -127,6 +133,11 @@ class ExportConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write every stage's per-epoch metrics as TensorBoard events (the tensorboard extra)
+
+
+@dataclass
 class Config:
     seed: int = 0  # seeds data splits, initialisation, shuffling and clustering
     device: str = "cpu"  # cpu | cuda | auto
@@ -140,6 +151,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # stage 5
     student: StudentConfig = field(default_factory=StudentConfig)  # stage 6
     export: ExportConfig = field(default_factory=ExportConfig)  # stage 7
+    log: LogConfig = field(default_factory=LogConfig)  # what is logged besides each stage's metrics.jsonl and metrics.csv
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -159,6 +171,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):  # bool | str: true, false or a path
+        if any(isinstance(value, option) and (option is not int or not isinstance(value, bool))
+               for option in typing.get_args(kind)):
+            return value
+        names = " or ".join("true/false" if option is bool else f"a {option.__name__}" for option in typing.get_args(kind))
+        raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool):
@@ -248,13 +266,27 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # settings that change where and how fast work runs, never what it makes: a resumed run may change them,
 # and no fingerprint holds them (each model.pt's fingerprint also leaves out device, precision and threads)
 RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "specialists.n_jobs",
-                    "specialists.backend", "specialists.scheduler")
+                    "specialists.backend", "specialists.scheduler", "log.tensorboard")
+
+
+# settings added after runs were first fingerprinted, at the value that trains exactly as before they
+# existed: fingerprints leave them out at that value, so runs made before them still resume and are reused
+NEUTRAL_SETTINGS = {"early_stopping_patience": 0, "keep_best": False, "name": "", "pretrained": False,
+                    "normalize": "auto"}
+
+
+def fingerprint_settings(section: Any) -> dict[str, Any]:
+    """`dataclasses.asdict(section)`, nested sections too, without the NEUTRAL_SETTINGS at their neutral value."""
+    def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: without_neutral(v) if isinstance(v, dict) else v for k, v in settings.items()
+                if k not in NEUTRAL_SETTINGS or v != NEUTRAL_SETTINGS[k]}
+    return without_neutral(dataclasses.asdict(section))
 
 
 def recipe(section: Any, prefix: str) -> dict[str, Any]:
     """A config section as a dict without its runtime settings (`prefix` is its dotted path with a
     trailing dot, e.g. "specialists."): the settings that change what its stage makes."""
-    return {k: v for k, v in dataclasses.asdict(section).items() if prefix + k not in RUNTIME_SETTINGS}
+    return {k: v for k, v in fingerprint_settings(section).items() if prefix + k not in RUNTIME_SETTINGS}
 
 
 def to_toml(cfg: Config) -> str:
@@ -301,9 +333,13 @@ _TRAIN = {
     "momentum": _between(0, 1, high_ok=False), "weight_decay": _at_least(0),
     "schedule": _one_of(*choices.SCHEDULES), "warmup_epochs": _at_least(0),
     "label_smoothing": _between(0, 1, high_ok=False), "grad_clip": _at_least(0),
+    "early_stopping_patience": _at_least(0),
 }
 _MODEL = {
-    "arch": _one_of(*choices.ARCHITECTURES), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),
+    "arch": _one_of(*choices.ARCHITECTURES),
+    "name": ((lambda v: not any(c.isspace() for c in v)), "a model name without spaces (e.g. resnet18), or empty"),
+    "pretrained": ((lambda v: isinstance(v, bool) or bool(v.strip())), "true, false or the path of a weights file"),
+    "normalize": _one_of(*choices.NORMALIZATIONS), "hidden": _each(_at_least(1)), "channels": _each(_at_least(1)),
     "pool": _at_least(1), "depth": (_resnet_depth, "6n+2 with n >= 1 (8, 14, 20, 32, 44, 56)"),
     "width": _at_least(1), "dropout": _between(0, 1, high_ok=False),
 }
@@ -341,6 +377,7 @@ RULES: dict[type, dict[str, Rule]] = {
     ExportConfig: {"formats": ((lambda v: len(v) > 0 and all(f in choices.EXPORT_FORMATS for f in v)),
                                "a list of one or more of " + ", ".join(choices.EXPORT_FORMATS)),
                    "parity_atol": _at_least(0)},
+    LogConfig: {},
 }
 
 
@@ -366,11 +403,28 @@ def _check_fields(section: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{f.name} must be {text}, got {value!r}")
 
 
+def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
+    """Settings of the model section `key` (e.g. "generalist.model") that contradict each other."""
+    named = m.arch in choices.NAMED_ARCHITECTURES
+    return [
+        (not named or bool(m.name), f"{key}.arch = {m.arch!r} builds a library's model by name: set {key}.name "
+                                    f"(e.g. {'resnet18' if m.arch == 'torchvision' else 'resnet18, mobilenetv3_small_100'})"),
+        (named or not m.name, f"{key}.name = {m.name!r} names a library's model, but {key}.arch = {m.arch!r}; set "
+                              f"{key}.arch = 'torchvision' or 'timm', or leave {key}.name empty"),
+        (named or m.pretrained is False, f"{key}.pretrained = {m.pretrained!r} needs {key}.arch = 'torchvision' or "
+                                         f"'timm' ({m.arch!r} has no pretrained weights); set it to false"),
+        (named or m.normalize != "weights", f"{key}.normalize = 'weights' needs {key}.arch = 'torchvision' or "
+                                            f"'timm'; use 'auto' or 'data'"),
+    ]
+
+
 def validate_config(cfg: Config) -> None:
     """Reject values no run could use, before any work starts; each message names the field."""
     _check_fields(cfg, "")
     c = cfg.clusters
     checks = [
+        *_model_checks("generalist.model", cfg.generalist.model), *_model_checks("student.model", cfg.student.model),
+        *_model_checks("specialists.model", cfg.specialists.model),
         (c.max_size == 0 or c.max_size >= c.min_size, "clusters.max_size must be 0 (no limit) or >= clusters.min_size"),
         (c.k != 1 or c.min_confusion > 0,
          "clusters.k = 1 puts every class into one cluster, whose specialist would have no other classes to "

@@ -94,6 +94,9 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     if cfg.name not in loaders:
         raise DataError(f"unknown data set data.name = {cfg.name!r}; choose from {', '.join(loaders)}")
     x_train, y_train, x_test, y_test, class_names = loaders[cfg.name]()
+    if cfg.image_size > 0 and cfg.name != "imagefolder":  # an image folder is resized as it is decoded
+        x_train, x_test = (resize_images(x, cfg.image_size, f"{cfg.name} {split}")
+                           for x, split in ((x_train, "train"), (x_test, "test")))
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):  # before any split or count
         validate_split(x, y, len(class_names), split, class_names=class_names)
     _check_test_classes_in_train(y_train, y_test, class_names)
@@ -106,6 +109,23 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     log.info("data %s: %d train, %d val, %d test examples of shape %s, %d classes", cfg.name,
              len(y_train), len(y_val), len(y_test), tuple(x_train.shape[1:]), len(class_names))
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(class_names), mean, std, cfg.name)
+
+
+def resize_images(x: Tensor, size: int, what: str, chunk: int = 1024) -> Tensor:
+    """(N, C, H, W) images resized to size x size (bilinear, antialiased; `data.image_size`), said in the log;
+    `x` itself when they have that size already. `what` names them in the log, e.g. "cifar10 train"."""
+    if x.ndim != 4:
+        raise DataError(f"data.image_size = {size} resizes images, but the {what} inputs are flat features of shape "
+                        f"{tuple(x.shape[1:])}; set data.image_size = 0")
+    if tuple(x.shape[2:]) == (size, size):
+        return x
+    out = torch.empty(len(x), x.shape[1], size, size, dtype=x.dtype)
+    for start in range(0, len(x), chunk):
+        out[start:start + chunk] = F.interpolate(x[start:start + chunk], size=(size, size), mode="bilinear",
+                                                 antialias=True, align_corners=False).clamp_(0.0, 1.0)
+    log.info("data %s: resized %d images from %dx%d to %dx%d (data.image_size; %.1f GiB in memory)", what, len(x),
+             x.shape[3], x.shape[2], size, size, out.element_size() * out.nelement() / 2**30)
+    return out
 
 
 # ---------------------------------------------------------------- validation

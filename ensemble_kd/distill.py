@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .config import Config, ConfigError, recipe
+from .config import Config, ConfigError, fingerprint_settings, recipe
 from .data import Splits, draw_augmentation, make_augment
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
@@ -37,17 +37,18 @@ log = logging.getLogger(__name__)
 STUDENT, FROM_GENERALIST, HARD_LABELS = artifacts.STUDENT_DIRS
 
 
-def new_student(cfg: Config, data: Splits, seed: int | None = None) -> Classifier:
-    """A fresh student; every student of a run starts from the same weights (seed `cfg.seed + 1`)."""
+def new_student(cfg: Config, data: Splits, seed: int | None = None, load_weights: bool = True) -> Classifier:
+    """A fresh student; every student of a run starts from the same weights (seed `cfg.seed + 1`, and
+    student.model.pretrained's weights unless `load_weights` is False)."""
     set_seed(cfg.seed + 1 if seed is None else seed)
-    return build_model(cfg.student.model, data.input_shape, data.num_classes, data.mean, data.std)
+    return build_model(cfg.student.model, data.input_shape, data.num_classes, data.mean, data.std, load_weights)
 
 
 def check_student_size(cfg: Config, data: Splits) -> int:
     """The student's parameter count; an error if it exceeds the allowed share of the generalist's."""
-    student = count_params(new_student(cfg, data))
+    student = count_params(new_student(cfg, data, load_weights=False))
     generalist = count_params(build_model(cfg.generalist.model, data.input_shape, data.num_classes,
-                                          data.mean, data.std))
+                                          data.mean, data.std, load_weights=False))
     if student > cfg.student.max_params_ratio * generalist:
         raise ConfigError(f"the student has {student:,} parameters, more than student.max_params_ratio = "
                           f"{cfg.student.max_params_ratio} x the generalist's {generalist:,}; choose a smaller "
@@ -149,7 +150,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
     return fit(student, train, cfg.student.train, stage_dir, FitOptions(
         stage=stage_dir.name, seed=cfg.seed if seed is None else seed, fingerprint=fingerprint, loss_fn=loss_fn,
         teacher=live_teacher, augment=augment, val=TrainSet(data.x_val, data.y_val), device=device,
-        progress=progress, precision=cfg.precision, compile_model=cfg.compile))
+        progress=progress, precision=cfg.precision, compile_model=cfg.compile, tensorboard=cfg.log.tensorboard))
 
 
 def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
@@ -173,7 +174,7 @@ def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
     return model_fingerprint(cfg.student.model, data, cfg.seed, teacher=teacher_fingerprint(cfg, data, kind)["teacher"],
                              alpha=cfg.student.alpha, temperature=cfg.student.temperature,
-                             train=dataclasses.asdict(cfg.student.train), **transfer_fingerprint(cfg))
+                             train=fingerprint_settings(cfg.student.train), **transfer_fingerprint(cfg))
 
 
 
@@ -233,7 +234,7 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
 
 def load_student_model(cfg: Config, data: Splits, run_dir: str | Path, name: str = STUDENT) -> Classifier:
     """A trained student of this run (eager PyTorch), in eval mode."""
-    model = new_student(cfg, data)
+    model = new_student(cfg, data, load_weights=False)
     fingerprint = dict(student_fingerprint(cfg, data, name), stage=name)
     if not load_finished(model, Path(run_dir) / name, fingerprint):
         raise artifacts.ArtifactError(f"{Path(run_dir) / name} holds no trained student; run `ensemble-kd run --resume`")

@@ -31,6 +31,7 @@ import torch
 
 from .artifacts import (CONFIG_FILE, EXPORT_DIR, atomic_write, new_temp_file, require_run_dir, save_torch,
                         write_bytes, write_json)
+from .backbones import data_config, normalization
 from .choices import EXPORT_FORMATS as FORMATS
 from .config import ModelConfig, load_config
 from .errors import EnsembleKDError
@@ -397,7 +398,7 @@ def _load_state_dict(path: Path) -> tuple[Runner, dict | None]:
     meta = StudentMeta.from_dict(blob.get("meta"))
     try:
         model = build_model(ModelConfig(**meta.model_config), meta.input_shape, len(meta.class_names),
-                            meta.mean, meta.std)
+                            meta.mean, meta.std, load_weights=False)  # every weight comes from the file
         model.load_state_dict(blob["state_dict"], strict=True)
     except Exception as err:
         raise ExportError(f"{path}: the weights do not fit the model its metadata describes "
@@ -480,9 +481,10 @@ def _open(path: Path, fmt: str) -> LoadedStudent:
 def export_run(cfg: "Config", data: "Splits", run_dir: str | Path, student: Classifier,
                formats: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
     """Export a run's student, checked against eager PyTorch on the whole test set."""
+    mean, std = normalization(cfg.student.model, data.input_shape[0], data.mean, data.std)
     meta = StudentMeta(class_names=list(data.class_names), input_shape=list(data.input_shape),
-                       model_config=dataclasses.asdict(cfg.student.model), mean=list(data.mean),
-                       std=list(data.std), config=dataclasses.asdict(cfg), data_fingerprint=data.fingerprint())
+                       model_config=dataclasses.asdict(cfg.student.model), mean=mean, std=std,
+                       config=dataclasses.asdict(cfg), data_fingerprint=data.fingerprint())
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EXPORT_DIR
     return export_student(student, meta, out_dir, list(formats or cfg.export.formats), data.x_test,
                           cfg.export.parity_atol)
@@ -501,5 +503,5 @@ def export_from_run_dir(run_dir: str | Path, formats: list[str] | None = None,
         _require_onnx()
     if out_dir is not None:
         _folder_for(out_dir, formats)
-    data = load_data(cfg.data, cfg.seed)
+    data = load_data(data_config(cfg), cfg.seed)
     return export_run(cfg, data, run_dir, load_student_model(cfg, data, run_dir), formats, out_dir)

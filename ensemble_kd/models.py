@@ -1,17 +1,22 @@
-"""Architectures by name: `mlp`, `cnn` and CIFAR-style `resnet`, all with the same shape.
+"""Architectures by name: `mlp`, `cnn`, CIFAR-style `resnet`, and named `torchvision` and `timm` backbones.
 
 Every model is a `Classifier`: input normalisation (so an exported model takes plain
 [0, 1] pixels), a feature extractor, dropout and one linear `head`. Specialists and
-students are built by giving a model a new head (`replace_head`).
+students are built by giving a model a new head (`replace_head`). A named backbone
+(backbones.py) is the library's model without its classifier, optionally with pretrained
+weights, and normalises with those weights' mean and std when they are used
+(`model.normalize`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .backbones import normalization, timm_features, torchvision_features
 from .config import ConfigError, ModelConfig
 
 
@@ -103,19 +108,27 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig, tuple[int, ...]], tuple[nn.Modul
     "mlp": _mlp,
     "cnn": _cnn,
     "resnet": _resnet,
+    "torchvision": torchvision_features,
+    "timm": timm_features,
 }
 
 
 def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int,
-                mean: Sequence[float], std: Sequence[float]) -> Classifier:
-    """A freshly initialised classifier for inputs of `input_shape` (without the batch dim)."""
+                mean: Sequence[float], std: Sequence[float], load_weights: bool = True) -> Classifier:
+    """A freshly initialised classifier for inputs of `input_shape` (without the batch dim), normalising
+    with `mean` and `std` (the training data's) unless its pretrained weights bring their own.
+
+    `load_weights=False` leaves out cfg.pretrained's weights (the head is new either way): for a
+    model whose state is loaded next from a run's file, or whose parameters are only counted."""
     input_shape = tuple(int(d) for d in input_shape)
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {cfg.arch!r}; choose from {', '.join(ARCHITECTURES)}")
     if cfg.arch != "mlp" and len(input_shape) != 3:
         raise ConfigError(f"{cfg.arch} needs image inputs (channels, height, width), got shape {input_shape}; "
                          "use model.arch = 'mlp' for flat features")
-    features, feature_dim = ARCHITECTURES[cfg.arch](cfg, input_shape)
+    mean, std = normalization(cfg, input_shape[0], mean, std)
+    features, feature_dim = ARCHITECTURES[cfg.arch](cfg if load_weights else dataclasses.replace(cfg, pretrained=False),
+                                                    input_shape)
     normalize = Normalize(mean, std, ndim=len(input_shape))
     return Classifier(normalize, features, feature_dim, num_classes, cfg.dropout)
 

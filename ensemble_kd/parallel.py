@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from joblib import Parallel, delayed, parallel_config
@@ -119,21 +119,31 @@ def stop_with_parent(parent_pid: int | None) -> None:
 # ---------------------------------------------------------------- running the jobs
 
 def run_jobs(cfg: Config, n_jobs: int, run_dir: str | Path | None, function: Callable[..., Any],
-             calls: Sequence[tuple], connect_timeout: float = CONNECT_TIMEOUT_S) -> list[Any]:
+             calls: Sequence[tuple], connect_timeout: float = CONNECT_TIMEOUT_S,
+             on_done: Callable[[int], None] | None = None) -> list[Any]:
     """`function(*args)` for each `args` in `calls`, on the configured backend; the results in order.
+    `on_done(i)` is called here, in this process, as soon as call i has finished (in the order they finish).
 
-    loky: joblib's worker processes, `n_jobs` at a time (in this process when n_jobs is 1).
+    loky: joblib's worker processes, `n_jobs` at a time (in this process when n_jobs is 1),
+    their results taken as they come (`return_as="generator_unordered"`).
     dask: every call is a task on the cluster at `specialists.scheduler`, through
-    distributed's public `Client.map` and `Client.gather` (the first task error is raised
+    distributed's public `Client.map` and `as_completed` (the first task error is raised
     here). The client connects (SchedulerError after `connect_timeout` seconds), checks
     that every worker sees `run_dir` (when given) and is closed however the jobs end,
     which cancels what is still queued. Unlike joblib's Dask backend, which runs
     everything in the caller when the cluster reports a single worker thread, this never
     falls back to this process.
     """
+    on_done = on_done or (lambda i: None)
+    results: list[Any] = [None] * len(calls)
     if cfg.specialists.backend != "dask":
         with parallel_config(backend="loky" if n_jobs > 1 else "sequential"):
-            return Parallel(n_jobs=n_jobs)(delayed(function)(*args) for args in calls)
+            finished = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+                delayed(_numbered)(function, i, args) for i, args in enumerate(calls))
+            for i, result in finished:
+                results[i] = result
+                on_done(i)
+        return results
     client = connect(cfg.specialists.scheduler, connect_timeout)
     try:
         if run_dir is not None:
@@ -142,9 +152,26 @@ def run_jobs(cfg: Config, n_jobs: int, run_dir: str | Path | None, function: Cal
         log.info("running %s on the Dask cluster at %s (%s)", plural(len(calls), "task"), cfg.specialists.scheduler,
                  plural(len(client.scheduler_info().get("workers", {})), "worker"))
         futures = client.map(function, *zip(*calls), pure=False) if calls else []
-        return client.gather(futures)
+        for i, result in _as_completed(client, futures):
+            results[i] = result
+            on_done(i)
+        return results
     finally:
         client.close()
+
+
+def _numbered(function: Callable[..., Any], i: int, args: tuple) -> tuple[int, Any]:
+    """(i, function(*args)): which call a result belongs to, when results come in the order they finish."""
+    return i, function(*args)
+
+
+def _as_completed(client: Any, futures: list[Any]) -> Iterator[tuple[int, Any]]:
+    """(index in `futures`, result) of each of `client`'s futures as it finishes; a task's error is raised here."""
+    from distributed import as_completed  # the dask extra; run_jobs has connected through it already
+
+    index = {future.key: i for i, future in enumerate(futures)}
+    for future in as_completed(futures, loop=client.loop):  # the client is not the default one
+        yield index[future.key], future.result()
 
 
 def connect(address: str, timeout: float = CONNECT_TIMEOUT_S) -> Any:

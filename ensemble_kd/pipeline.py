@@ -15,9 +15,11 @@ from typing import Any, Callable
 import torch
 
 from . import artifacts
-from .choices import STAGES
-from .config import Config, ConfigError, load_config, to_toml
+from .backbones import check_name, check_pretrained, data_config
+from .choices import NAMED_ARCHITECTURES, STAGES
+from .config import Config, ConfigError, DataConfig, ModelConfig, load_config, to_toml
 from .confusion import choose_k, clusterer_from_config, find_clusters
+from .curves import TENSORBOARD_EXTRA, tensorboard_installed
 from .data import Splits, load_data
 from .distill import check_student_size, load_student_model, train_students
 from .ensemble import build_ensemble
@@ -30,13 +32,19 @@ from .parallel import DASK_EXTRA
 from .precision import autocast_dtype
 from .report import write_heatmap, write_report
 from .resume import check_resume
-from .specialists import train_all_specialists
+from .specialists import specialist_model_config, train_all_specialists
 from .train import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def _timed(run_dir: Path, stage: str, work: Callable[[], Any]) -> Any:
+def _announce(stage: str, until: str) -> None:
+    """The run-level progress line of a stage starting: "stage 3/6: specialists" (of the stages up to `until`)."""
+    log.info("stage %d/%d: %s", STAGES.index(stage) + 1, STAGES.index(until) + 1, stage)
+
+
+def _timed(run_dir: Path, stage: str, until: str, work: Callable[[], Any]) -> Any:
+    _announce(stage, until)
     started = time.perf_counter()
     result = work()
     artifacts.mark_stage(run_dir, stage, time.perf_counter() - started)
@@ -70,6 +78,24 @@ def preflight(cfg: Config, until: str = "export") -> None:
     if cfg.specialists.backend == "dask" and stop >= STAGES.index("specialists") \
             and importlib.util.find_spec("distributed") is None:
         raise ConfigError(f"specialists.backend = 'dask' needs the dask extra: {DASK_EXTRA}")
+    if cfg.log.tensorboard and not tensorboard_installed():
+        raise ConfigError(f"log.tensorboard = true needs the tensorboard extra: {TENSORBOARD_EXTRA}; install it, or "
+                          "set log.tensorboard = false (each stage's metrics.csv is written either way)")
+    for key, model in _models(cfg, until):
+        if model.arch in NAMED_ARCHITECTURES:
+            check_name(model, key)  # an unknown name, or timm without its extra
+            check_pretrained(model, key)
+
+
+def _models(cfg: Config, until: str) -> list[tuple[str, ModelConfig]]:
+    """(config key, settings) of every model the stages up to `until` build from their own settings."""
+    stop = STAGES.index(until)
+    models = [("generalist.model", cfg.generalist.model)]
+    if cfg.specialists.init == "scratch" and stop >= STAGES.index("specialists"):
+        models.append(("specialists.model", specialist_model_config(cfg)))
+    if stop >= STAGES.index("student"):
+        models.append(("student.model", cfg.student.model))
+    return models
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progress: bool = True) -> dict[str, Any]:
@@ -79,31 +105,34 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     reached = lambda stage: STAGES.index(until) >= STAGES.index(stage)  # noqa: E731
-    data = load_data(cfg.data, cfg.seed)
-    _check_data_fits(cfg, data)
+    data = load_data(_data_config(cfg), cfg.seed)
+    _check_data_fits(cfg, data, until)
     _check_clusters_fit(cfg, data)
     if reached("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
 
-    _timed(run_dir, "generalist", lambda: train_generalist(cfg, data, run_dir, progress))
+    _timed(run_dir, "generalist", until, lambda: train_generalist(cfg, data, run_dir, progress))
     generalist = load_generalist(cfg, data, run_dir)
     report: dict[str, Any] = {"run": run_dir.name, "data": cfg.data.name, "seed": cfg.seed,
                               "num_classes": data.num_classes, "class_names": data.class_names}
     clusters: list[list[int]] = []
     if reached("clusters"):
-        found = _timed(run_dir, "clusters", lambda: _clusters_stage(cfg, data, run_dir, generalist))
+        found = _timed(run_dir, "clusters", until, lambda: _clusters_stage(cfg, data, run_dir, generalist))
         clusters = [c["ids"] for c in found["clusters"]]
         report["clusters"] = [c["names"] for c in found["clusters"]]
         report["cluster_inside_share"] = [c["inside_share"] for c in found["clusters"]]
     if reached("specialists"):
-        _timed(run_dir, "specialists", lambda: train_all_specialists(cfg, run_dir, data))
-    ensemble = build_ensemble(cfg, data, run_dir, generalist) if reached("ensemble") else None
+        _timed(run_dir, "specialists", until, lambda: train_all_specialists(cfg, run_dir, data))
+    ensemble = None
+    if reached("ensemble"):
+        _announce("ensemble", until)
+        ensemble = build_ensemble(cfg, data, run_dir, generalist)
     if reached("student"):
-        _timed(run_dir, "student", lambda: train_students(cfg, data, run_dir, ensemble, generalist, progress))
+        _timed(run_dir, "student", until, lambda: train_students(cfg, data, run_dir, ensemble, generalist, progress))
     report.update(evaluate_run(cfg, data, run_dir, generalist, clusters, ensemble, with_students=reached("student")))
     if reached("export"):
         student = load_student_model(cfg, data, run_dir)
-        report["exports"] = _timed(run_dir, "export", lambda: export_run(cfg, data, run_dir, student))
+        report["exports"] = _timed(run_dir, "export", until, lambda: export_run(cfg, data, run_dir, student))
     write_report(run_dir, report)
     return report
 
@@ -115,18 +144,31 @@ def _clusters_stage(cfg: Config, data: Splits, run_dir: Path, generalist: torch.
     return clusters
 
 
-def _check_data_fits(cfg: Config, data: Splits) -> None:
-    """Settings the data cannot meet are an error before any training."""
+def _data_config(cfg: Config) -> DataConfig:
+    """The run's data settings (`backbones.data_config`), saying so when pretrained weights set the image size."""
+    data_cfg = data_config(cfg)
+    if data_cfg.image_size != cfg.data.image_size:
+        model = cfg.generalist.model
+        log.info("generalist.model: the pretrained %s %s weights expect %dx%d inputs, so images are resized to "
+                 "that (set data.image_size to choose another size)", model.arch, model.name, data_cfg.image_size,
+                 data_cfg.image_size)
+    return data_cfg
+
+
+def _check_data_fits(cfg: Config, data: Splits, until: str = "export") -> None:
+    """Settings the data cannot meet are an error before any training: each model (with its pretrained
+    weights, so a weights file that does not fit is found now) must take the data's inputs."""
     if data.num_classes < 2:
         raise DataError(f"the data has {plural(data.num_classes, 'class')} ({', '.join(data.class_names)}); a "
                         "classifier needs at least 2: add another class (for an imagefolder, another class folder)")
     if cfg.ensemble.top_n > data.num_classes:
         raise ConfigError(f"ensemble.top_n = {cfg.ensemble.top_n} but the data has only {data.num_classes} "
                           f"classes; choose top_n <= {data.num_classes}")
-    try:
-        build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std)
-    except ConfigError as err:
-        raise ConfigError(f"generalist.model: {err}") from err
+    for key, model in _models(cfg, until):
+        try:
+            build_model(model, data.input_shape, data.num_classes, data.mean, data.std)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from err
 
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:

@@ -9,8 +9,9 @@ cluster (computed by evaluation.py); `by_coverage` (Table 4 of Hinton et al. 201
 models, with a line naming the best one and saying when distillation did not beat hard
 labels; accuracy per cluster, flagging a cluster whose classes are hardly confused with
 each other; the ensemble's gain by number of covering specialists; the exported files.
-Both images are drawn here: `confusion.png` (the clusters stage's matrix reordered by
-cluster, `write_heatmap`) and `accuracy_vs_size.png`.
+The images are drawn here: `confusion.png` (the clusters stage's matrix reordered by
+cluster, `write_heatmap`), `accuracy_vs_size.png` and `learning_curves.png` (every
+trained model's loss and validation accuracy per epoch, from its stage's metrics).
 """
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from . import artifacts
 from .artifacts import ArtifactError
 from .confusion import LOW_INSIDE_SHARE, primary_sizes, read_clusters_json, read_matrix, reorder_by_cluster
+from .curves import stage_curves
 
 MODEL_ORDER = ("generalist", "ensemble", *artifacts.STUDENT_DIRS)
 _MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) get cluster labels, not class names
@@ -229,6 +233,62 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: str | Path) -> Path:
     return _save_png(fig, path)
 
 
+_STUDENT_COLOURS = dict(zip(artifacts.STUDENT_DIRS, ("tab:red", "tab:orange", "tab:purple")))
+_NAMED_SPECIALISTS = 8  # up to this many specialists get a legend entry each; more share one
+
+
+def _curve_style(name: str, index: int, n_specialists: int) -> dict[str, Any]:
+    """Colour, width and legend label of model `name` (the index-th specialist, for specialists)."""
+    if name.startswith("specialist"):
+        label = name if n_specialists <= _NAMED_SPECIALISTS else (f"specialists ({n_specialists})" if index == 0
+                                                                  else None)
+        return {"color": colormaps["Blues"](0.45 + 0.5 * index / max(n_specialists - 1, 1)), "linewidth": 1.0,
+                "label": label}
+    return {"color": _STUDENT_COLOURS.get(name, "black"), "linewidth": 2.0, "label": name}
+
+
+def plot_learning_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
+    """One figure, two panels: training loss (log scale) and validation accuracy per epoch of every model in
+    `curves` (`curves.stage_curves`); a specialist's soft-target phase is dashed. PNG at `path`."""
+    fig = Figure(figsize=(10.0, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    specialists = [name for name in curves if name.startswith("specialist")]
+    for name, records in curves.items():
+        style = _curve_style(name, specialists.index(name) if name in specialists else 0, len(specialists))
+        before: list[dict[str, Any]] = []
+        for phase in dict.fromkeys(r.get("phase", "") for r in records):
+            part = before[-1:] + [r for r in records if r.get("phase", "") == phase]  # phases joined up
+            dashes = "--" if phase == "soft" else "-"
+            epochs = [r["epoch"] for r in part]
+            marker = "o" if len(part) == 1 else None  # a one-epoch curve is a point
+            loss_ax.plot(epochs, [r["loss"] for r in part], linestyle=dashes, marker=marker, **style)
+            if all("val_accuracy" in r for r in part):
+                acc_ax.plot(epochs, [100 * r["val_accuracy"] for r in part], linestyle=dashes, marker=marker,
+                            **style)
+            style, before = dict(style, label=None), part  # one legend entry per model
+    if all(r["loss"] > 0 for records in curves.values() for r in records):
+        loss_ax.set_yscale("log")
+    for ax, title, ylabel in ((loss_ax, "training loss", "loss"),
+                              (acc_ax, "validation accuracy", "accuracy (%)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles, labels = loss_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(labels) - 1) // 4), 1, 1))
+    return _save_png(fig, path)
+
+
+CURVES_NOTE = (
+    "Training loss and validation accuracy per epoch of every model trained (each stage folder's `metrics.csv`). "
+    "A specialist's soft-target phase (dashed) continues its epochs with the distillation loss, and its "
+    "validation accuracy is on its own held-out mix of its classes and the dustbin; the distilled students' "
+    "loss holds the distillation term too. Compare shapes across models, not levels.")
+
+
 # ---------------------------------------------------------------- report.md and report.json
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -249,6 +309,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   coverage, ""]
     if (report.get("plots") or {}).get("accuracy_vs_size"):
         parts += ["## Accuracy vs size", "", f"![accuracy vs size]({report['plots']['accuracy_vs_size']})", ""]
+    if (report.get("plots") or {}).get("learning_curves"):
+        parts += ["## Learning curves", "", CURVES_NOTE, "",
+                  f"![learning curves]({report['plots']['learning_curves']})", ""]
     exports = report.get("exports", {}).get("formats", {})
     if exports:
         parts += ["## Exported student", "", "| format | file | size | max abs diff vs eager |", "|---|---|---:|---:|"]
@@ -259,11 +322,15 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    """Write report.json, the accuracy-vs-size plot and report.md into the run directory."""
+    """Write report.json, the accuracy-vs-size plot, the learning curves and report.md into the run directory."""
     run_dir = Path(run_dir)
     if any(name in report for name in MODEL_ORDER):
         plot_accuracy_vs_size(report, run_dir / ACCURACY_VS_SIZE_FILE)
         report.setdefault("plots", {})["accuracy_vs_size"] = ACCURACY_VS_SIZE_FILE
+    curves = stage_curves(run_dir)
+    if curves:
+        plot_learning_curves(curves, run_dir / artifacts.LEARNING_CURVES_FILE)
+        report.setdefault("plots", {})["learning_curves"] = artifacts.LEARNING_CURVES_FILE
     json_path = artifacts.write_json(run_dir / artifacts.REPORT_JSON, report)
     md_path = artifacts.write_text(run_dir / artifacts.REPORT_MD, render_markdown(report))
     return json_path, md_path

@@ -29,6 +29,7 @@ import torch
 from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from . import artifacts
+from .backbones import data_config
 from .artifacts import STARTED_FILE, ArtifactError
 from .config import Config, ModelConfig, recipe
 from .confusion import read_clusters
@@ -98,13 +99,16 @@ def specialist_model_config(cfg: Config) -> ModelConfig:
     return cfg.generalist.model if own.arch == "generalist" else own
 
 
-def build_specialist(cfg: Config, data: Splits, generalist: Classifier, subset: list[int], seed: int) -> Classifier:
+def build_specialist(cfg: Config, data: Splits, generalist: Classifier, subset: list[int], seed: int,
+                     load_weights: bool = True) -> Classifier:
     """Specialist `subset`'s starting point: the folded generalist (init = generalist) or fresh
-    weights of `specialist_model_config` seeded by `seed` (init = scratch), with |S| + 1 outputs."""
+    weights of `specialist_model_config` seeded by `seed` (init = scratch; its pretrained weights
+    unless `load_weights` is False), with |S| + 1 outputs."""
     if cfg.specialists.init == "generalist":
         return new_specialist(generalist, subset)
     set_seed(seed)
-    return build_model(specialist_model_config(cfg), data.input_shape, len(subset) + 1, data.mean, data.std)
+    return build_model(specialist_model_config(cfg), data.input_shape, len(subset) + 1, data.mean, data.std,
+                       load_weights)
 
 
 def _soft_targets(generalist_logits: torch.Tensor, subset_t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -131,7 +135,7 @@ def train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Sp
 def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: Splits | None,
                       progress: bool) -> Path:
     started = time.perf_counter()
-    data = data or load_data(cfg.data, cfg.seed)
+    data = data or load_data(data_config(cfg), cfg.seed)
     subset = read_clusters(run_dir)[cluster_id]
     out_dir = specialist_dir(run_dir, cluster_id)
     seed = specialist_seed(cfg.seed, cluster_id)
@@ -152,7 +156,8 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
     options = FitOptions(stage=f"specialist {cluster_id} hard", seed=seed, fingerprint=fingerprint,
                          epoch_indices=indices, augment=make_augment(cfg.data), val=val, device=device,
-                         progress=progress, precision=cfg.precision, compile_model=cfg.compile)
+                         progress=progress, precision=cfg.precision, compile_model=cfg.compile,
+                         tensorboard=cfg.log.tensorboard)
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard", options)
     if cfg.specialists.soft_epochs > 0:
         model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir,
@@ -220,8 +225,8 @@ def load_specialist(cfg: Config, data: Splits, run_dir: str | Path, cluster_id: 
     """A finished specialist (dustbin correction included), in eval mode."""
     subset = read_clusters(run_dir)[cluster_id]
     generalist = generalist or build_model(cfg.generalist.model, data.input_shape, data.num_classes,
-                                           data.mean, data.std)
-    model = build_specialist(cfg, data, generalist, subset, specialist_seed(cfg.seed, cluster_id))
+                                           data.mean, data.std, load_weights=False)
+    model = build_specialist(cfg, data, generalist, subset, specialist_seed(cfg.seed, cluster_id), load_weights=False)
     fingerprint = dict(specialist_fingerprint(cfg, data, cluster_id, subset), stage=f"specialist {cluster_id}")
     if not load_finished(model, specialist_dir(run_dir, cluster_id), fingerprint):
         raise ArtifactError(f"specialist {cluster_id} has not been trained ({specialist_dir(run_dir, cluster_id)}); "
@@ -259,8 +264,10 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
             _check_finished(cfg, data, run_dir, done)
     if todo:
         n_jobs = effective_jobs(cfg, len(todo))
+        labels = None if data is None else data.y_train
         if n_jobs > 1 or cfg.specialists.backend == "dask":  # one at a time, the order changes nothing
-            todo = dispatch_order(cfg, {k: clusters[k] for k in todo}, None if data is None else data.y_train)
+            todo = dispatch_order(cfg, {k: clusters[k] for k in todo}, labels)
+        costs = specialist_costs(cfg, {k: clusters[k] for k in todo}, labels)
         threads = specialist_threads(cfg, n_clusters)
         log.info("training %s (%s), %d at a time, %s each", plural(len(todo), "specialist"),
                  ", ".join(map(str, todo)), n_jobs, plural(threads, "thread"))
@@ -268,28 +275,69 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
             (specialist_dir(run_dir, k) / STARTED_FILE).unlink(missing_ok=True)
         parent = worker_parent(cfg)
         try:
-            run_jobs(cfg, n_jobs, run_dir, _worker, [(cfg, str(run_dir), k, threads, parent) for k in todo])
+            run_jobs(cfg, n_jobs, run_dir, _worker, [(cfg, str(run_dir), k, threads, parent) for k in todo],
+                     on_done=_Progress([costs[k] for k in todo], len(done), n_clusters))
         except _worker_deaths(cfg) as err:
             raise SpecialistError(_died_message(run_dir, todo, err)) from err
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
 
 
-def dispatch_order(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> list[int]:
-    """The cluster ids of `subsets` (id -> its classes) in the order to hand them to the workers: longest first.
-
-    A specialist's cost is its enriched stream's size (its classes' training examples in
-    `labels` / in_cluster_fraction; its number of classes when the labels are not at hand)
-    times the epochs of both phases. Starting the longest first lets parallel workers
-    finish together. The order does not change any specialist: each one's seed comes from
-    the run seed and its cluster id, its thread count from the config."""
+def specialist_costs(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> dict[int, float]:
+    """{cluster id: how much training its specialist takes}: its enriched stream's size (its classes' training
+    examples in `labels` / in_cluster_fraction; its number of classes when the labels are not at hand) times
+    the epochs of both phases."""
     epochs = cfg.specialists.train.epochs + cfg.specialists.soft_epochs
 
     def cost(subset: list[int]) -> float:
         inside = len(subset) if labels is None else int(torch.isin(labels, torch.tensor(subset)).sum())
         return inside / cfg.specialists.in_cluster_fraction * epochs
 
-    costs = {k: cost(subset) for k, subset in subsets.items()}
+    return {k: cost(subset) for k, subset in subsets.items()}
+
+
+def dispatch_order(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> list[int]:
+    """The cluster ids of `subsets` (id -> its classes) in the order to hand them to the workers: the
+    costliest first (`specialist_costs`), ties by id.
+
+    Starting the longest first lets parallel workers finish together. The order does not
+    change any specialist: each one's seed comes from the run seed and its cluster id, its
+    thread count from the config."""
+    costs = specialist_costs(cfg, subsets, labels)
     return sorted(costs, key=lambda k: (-costs[k], k))
+
+
+def _about(seconds: float) -> str:
+    """A rough duration: "40 s", "3 min", "1 h", "2 h 5 min"."""
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" + (f" {minutes % 60} min" if minutes % 60 else "")
+
+
+class _Progress:
+    """The run-level progress of stage 4: one log line per finished specialist, with how many of all the
+    run's specialists are done and about how long the rest take (this run's pace per unit of
+    `specialist_costs`, so a specialist of many classes counts for more)."""
+
+    def __init__(self, costs: list[float], finished_before: int, total: int) -> None:
+        self.costs, self.finished_before, self.total = costs, finished_before, total
+        self.started, self.done = time.perf_counter(), 0.0
+        self.count = 0
+
+    def __call__(self, index: int) -> None:
+        """Specialist `index` (of the costs given) has finished."""
+        self.count += 1
+        self.done += self.costs[index]
+        elapsed = time.perf_counter() - self.started
+        finished = self.finished_before + self.count
+        if finished == self.total:
+            log.info("specialists: %d/%d done (%s for this run's %d)", finished, self.total, _about(elapsed),
+                     self.count)
+            return
+        left = elapsed / max(self.done, 1e-9) * (sum(self.costs) - self.done)
+        log.info("specialists: %d/%d done, about %s left", finished, self.total, _about(left))
 
 
 def _check_finished(cfg: Config, data: Splits, run_dir: Path, finished: list[int]) -> None:

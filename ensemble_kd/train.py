@@ -1,8 +1,9 @@
 """One training loop for every stage, `fit()`, with the devices it runs on.
 
 `fit` trains a model on in-memory tensors, appends per-epoch metrics to
-`metrics.jsonl`, writes an atomic checkpoint after each epoch and resumes from it, and
-writes `model.pt` when done. Each epoch reseeds its own random streams from
+`metrics.jsonl` and `metrics.csv` (and TensorBoard events when asked: curves.py), writes
+an atomic checkpoint after each epoch and resumes from it, and writes `model.pt` when
+done. Each epoch reseeds its own random streams from
 (seed, epoch), so a run resumed at an epoch boundary gives the same weights as one that
 never stopped.
 
@@ -24,6 +25,10 @@ benchmarks/README.md) and are returned and saved in the usual contiguous format.
 the training tensors are moved to the GPU once, when they take less than half of its
 free memory.
 
+Optional early stopping and best-epoch selection on the validation split
+(`train.early_stopping_patience`, `train.keep_best`; stopping.py) survive a resume: their
+state is part of every checkpoint.
+
 Progress: a tqdm bar per epoch on a terminal, and one log line per finished epoch. When
 stderr is not a terminal (CI, `nohup`, a log file) there is no bar, so a log holds the
 epoch lines only, never carriage-return redraws.
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import time
@@ -46,12 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts, inference
+from . import artifacts, curves, inference
 from .artifacts import ArtifactError
 from .config import ConfigError, TrainConfig
 from .data import apply_augmentation
 from .errors import EnsembleKDError
 from .precision import PRECISIONS, autocast_dtype, resolve_precision, training_precision
+from .stopping import BestEpoch
 
 log = logging.getLogger(__name__)
 
@@ -279,11 +284,12 @@ def save_model(model: nn.Module, stage_dir: Path, fingerprint: dict[str, Any], *
 
 
 def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: StepSchedule, stage_dir: Path,
-            fingerprint: dict[str, Any], scaler: Any = None) -> int:
-    """Restore the last checkpoint; returns the number of epochs already done (0 if none)."""
+            fingerprint: dict[str, Any], scaler: Any = None, best: BestEpoch | None = None) -> int:
+    """Restore the last checkpoint (and `best`'s state from it); returns the number of epochs already done
+    (0 if none)."""
     path = stage_dir / artifacts.CHECKPOINT_FILE
-    if not path.exists():  # starting afresh: lines of an epoch whose checkpoint never landed are stale
-        (stage_dir / artifacts.METRICS_FILE).unlink(missing_ok=True)
+    if not path.exists():
+        curves.cut_back(stage_dir, 0)
         return 0
     ckpt = artifacts.load_torch(path)
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler"} <= set(ckpt):
@@ -295,9 +301,10 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: StepS
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+    if best is not None and ckpt.get("best"):
+        best.load_state_dict(ckpt["best"])
     done = int(ckpt["epoch"])
-    kept = [r for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE) if r["epoch"] <= done]
-    artifacts.write_text(stage_dir / artifacts.METRICS_FILE, "".join(_jsonl(r) for r in kept))
+    curves.cut_back(stage_dir, done)
     log.info("resuming %s from epoch %d", stage_dir.name, done)
     return done
 
@@ -314,10 +321,6 @@ def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     state[key] = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
                                                      device=value.device).copy_(value)
-
-
-def _jsonl(record: dict[str, Any]) -> str:
-    return json.dumps(record) + "\n"
 
 
 NONFINITE_CHECK_STEPS = 50  # steps between reads of the on-device non-finite flag (each read waits for the device)
@@ -339,6 +342,7 @@ class FitOptions:
     progress: bool = True  # a progress bar per epoch on a terminal (never in a log file)
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 autocast; like device, not part of the fingerprint
     compile_model: bool = False  # run forward and backward through torch.compile
+    tensorboard: bool = False  # also write each epoch's metrics as TensorBoard events into stage_dir (log.tensorboard)
 
 
 def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Path, options: FitOptions) -> nn.Module:
@@ -351,6 +355,8 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     resumes on another machine); model.pt records the precision used when it is not fp32.
     A non-finite loss raises NonFiniteLossError, naming the epoch and the steps between two
     checks, before that epoch's metrics line or checkpoint is written.
+    `cfg.early_stopping_patience` and `cfg.keep_best` judge epochs by their accuracy on
+    `options.val` (stopping.py); model.pt then also records `epochs_trained` and `best_epoch`.
     Returns the model in eval mode; `stage_dir/model.pt` marks the stage finished.
     """
     o = options
@@ -359,6 +365,9 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     fingerprint = dict(o.fingerprint or {}, stage=o.stage)
     device = torch.device(o.device)
     autocast_dtype(o.precision, device)  # an impossible precision fails before any work
+    if (cfg.early_stopping_patience > 0 or cfg.keep_best) and o.val is None:
+        raise ConfigError(f"{o.stage}: early_stopping_patience and keep_best judge epochs on a validation split, "
+                          "and this training has none (FitOptions.val); pass one or switch both off")
     model.to(device)
     if load_finished(model, stage_dir, fingerprint):
         log.info("%s already trained (%s); not training again", o.stage, stage_dir / artifacts.MODEL_FILE)
@@ -374,7 +383,8 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     scheduler = StepSchedule(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
     scaler = _grad_scaler(precision)
-    start = _resume(model, optimizer, scheduler, stage_dir, fingerprint, scaler)
+    best = BestEpoch(cfg.early_stopping_patience, cfg.keep_best)
+    start = _resume(model, optimizer, scheduler, stage_dir, fingerprint, scaler, best)
     if o.teacher is not None:
         o.teacher.eval()
     if start < cfg.epochs:
@@ -383,23 +393,48 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
                  [p for p in model.parameters() if p.requires_grad], train, cfg, optimizer, scheduler, scaler,
                  loss_fn, o.teacher, epoch_indices, o.augment, o.stage, o.seed, device, precision, memory_format,
                  o.progress)
-    for epoch in range(start + 1, cfg.epochs + 1):
-        with _current_cuda_device(device):
-            record = _train_epoch(loop, epoch)
-            if o.val is not None:
-                record["val_accuracy"] = inference.evaluate(model, o.val.x, o.val.y, device=device).accuracy
-        artifacts.append_jsonl(stage_dir / artifacts.METRICS_FILE, record)
-        artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "fingerprint": fingerprint,
-            **({"scaler": scaler.state_dict()} if scaler is not None else {})})
-        log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", o.stage, epoch, cfg.epochs, record["loss"],
-                 record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if o.val is not None else "")
+    epoch_log = curves.EpochLog(stage_dir, o.tensorboard, start)
+    try:
+        last = _run_epochs(loop, o, start, best, epoch_log, stage_dir, fingerprint)
+    finally:
+        epoch_log.close()
+    if best.restore(model) and best.epoch != last:
+        log.info("%s: keeping epoch %d's weights (best val acc %.4f), not epoch %d's", o.stage, best.epoch,
+                 best.accuracy, last)
     model.to(memory_format=torch.contiguous_format).eval()
-    save_model(model, stage_dir, fingerprint, epochs=cfg.epochs,
+    chosen = {"epochs_trained": last, "best_epoch": best.epoch} if best.active else {}
+    save_model(model, stage_dir, fingerprint, epochs=cfg.epochs, **chosen,
                **({"precision": precision} if precision != "fp32" else {}))
     (stage_dir / artifacts.CHECKPOINT_FILE).unlink(missing_ok=True)
     return model
+
+
+def _run_epochs(loop: _Loop, o: FitOptions, start: int, best: BestEpoch, epoch_log: curves.EpochLog,
+                stage_dir: Path, fingerprint: dict[str, Any]) -> int:
+    """Train the epochs after `start`, each followed by its metrics and checkpoint, until cfg.epochs or
+    early stopping; returns the last epoch trained."""
+    cfg, last = loop.cfg, start
+    for epoch in range(start + 1, cfg.epochs + 1):
+        if best.out_of_patience():  # checked first, so a stage resumed after its last epoch stops too
+            log.info("%s: early stop after epoch %d: val acc has not improved for %d epoch%s (best %.4f at "
+                     "epoch %d)", o.stage, last, best.since, "s" if best.since > 1 else "", best.accuracy, best.epoch)
+            break
+        with _current_cuda_device(loop.device):
+            record = _train_epoch(loop, epoch)
+            if o.val is not None:
+                record["val_accuracy"] = inference.evaluate(loop.model, o.val.x, o.val.y, device=loop.device).accuracy
+        if best.active:
+            best.update(epoch, record["val_accuracy"], loop.model)
+        epoch_log.write(record)
+        artifacts.save_torch(stage_dir / artifacts.CHECKPOINT_FILE, {
+            "epoch": epoch, "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "fingerprint": fingerprint,
+            **({"scaler": loop.scaler.state_dict()} if loop.scaler is not None else {}),
+            **({"best": best.state_dict()} if best.active else {})})
+        log.info("%s epoch %d/%d loss %.4f train acc %.4f%s", o.stage, epoch, cfg.epochs, record["loss"],
+                 record["train_accuracy"], f" val acc {record['val_accuracy']:.4f}" if o.val is not None else "")
+        last = epoch
+    return last
 
 
 def _chosen_precision(precision: str, device: torch.device, model: nn.Module, train: TrainSet, batch_size: int,

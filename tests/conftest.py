@@ -93,6 +93,16 @@ def restore_torch_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread():
+    """The models are tiny: one thread avoids thread contention on a busy 2-core machine (restored after).
+    A module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- small data and models
 
 BLOB_CENTRES = [[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]]

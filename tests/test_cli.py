@@ -207,6 +207,14 @@ def test_onnx_without_its_extra_is_refused_before_training_naming_the_extra(
     assert not (tmp_path / "run").exists()
 
 
+def test_tensorboard_without_its_extra_is_refused_before_training_naming_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "tensorboard_installed", lambda: False)
+    code, _, err = _cli("run", *_sets(TINY_DIGITS), "--set", "log.tensorboard=true", "--out", str(tmp_path / "run"))
+    _one_error_line(code, err, "log.tensorboard", "pip install 'ensemble-kd[tensorboard]'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_export_into_a_file_or_from_a_folder_that_is_no_run_is_one_line(cli_run: tuple[Path, int, str],
                                                                         tmp_path: Path) -> None:
     a_file = tmp_path / "model.onnx"

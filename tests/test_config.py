@@ -10,7 +10,8 @@ import pytest
 
 from ensemble_kd import choices, confusion, data, export, generalist, models, pipeline, precision
 from ensemble_kd.cli import main
-from ensemble_kd.config import Config, ConfigError, load_config, to_toml
+from ensemble_kd.config import (NEUTRAL_SETTINGS, Config, ConfigError, ModelConfig, TrainConfig, fingerprint_settings,
+                                load_config, to_toml)
 from ensemble_kd.pipeline import start_run
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
@@ -193,10 +194,15 @@ def test_every_shipped_config_loads(path, tmp_path):
 BAD_BY_TYPE = {  # values of the right type outside every field's range, then a value of the wrong type
     int: ["-5", "2.5"], float: ["-5.0", "nan", '"x"'], bool: ['"maybe"'], str: ['"no-such-value"', "5"],
     list[int]: ["[-5]", '["x"]'], list[str]: ['["no-such-value"]', "[5]"],
+    bool | str: ['""', '"no/such/weights.pt"', "5"],  # model.pretrained: true, false or a weights file
 }
 BAD_BY_FIELD = {  # where the type gives no bad value: each entry is the --set values of one case
     "data.root": [["data.name=imagefolder", "data.root={tmp}/no-such-folder"]],
     "specialists.scheduler": [["specialists.scheduler=not an address"]],
+    **{f"{section}.model.name": [[f"{section}.model.name=resnet 18"],  # a name the rule refuses, then one
+                                 [f"{section}.model.arch=torchvision", f"{section}.model.name=no-such-model",
+                                  "specialists.init=scratch"]]  # no library has (and "5": the wrong type)
+       for section in ("generalist", "specialists", "student")},
 }
 
 
@@ -247,3 +253,12 @@ def test_every_config_field_with_a_bad_value_exits_2_with_one_line_naming_it(tmp
 
 def test_the_default_export_formats_need_only_the_base_install():
     assert load_config().export.formats == ["torchscript", "state_dict"]  # onnx needs the onnx extra
+
+
+def test_fingerprints_leave_out_settings_at_their_neutral_value_so_older_runs_resume():
+    train, model = TrainConfig(), ModelConfig()
+    assert not set(NEUTRAL_SETTINGS) & (set(fingerprint_settings(train)) | set(fingerprint_settings(model)))
+    assert fingerprint_settings(dataclasses.replace(train, keep_best=True))["keep_best"] is True
+    assert fingerprint_settings(dataclasses.replace(model, arch="torchvision", name="resnet18"))["name"] == "resnet18"
+    nested = fingerprint_settings(Config().specialists)
+    assert "early_stopping_patience" not in nested["train"] and "pretrained" not in nested["model"]

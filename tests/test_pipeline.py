@@ -1,7 +1,9 @@
 """The whole pipeline on a tiny synthetic set: layout, report, --until, resume, reproducibility, early errors."""
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -9,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ensemble_kd.artifacts import ArtifactError
+from ensemble_kd.artifacts import ArtifactError, read_jsonl
 from ensemble_kd.cli import main
 from ensemble_kd.config import ConfigError, load_config
 from ensemble_kd.confusion import ClusterError, choose_k, read_clusters
+from ensemble_kd.curves import stage_curves
 from ensemble_kd.data import DataError, load_data
 from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
 from ensemble_kd.pipeline import run_pipeline, start_run
@@ -36,13 +39,27 @@ def test_a_full_run_writes_the_documented_layout(tiny_run: tuple[Path, dict]) ->
     expected = ["config.toml", "manifest.json", "generalist/model.pt", "clusters.json", "confusion.png",
                 "specialists/specialist_00/model.pt", "specialists/specialist_01/model.pt", "student/model.pt",
                 "student_hard_labels/model.pt", "student_from_generalist/model.pt", "export/student.ts",
-                "export/student_state.pt", "report.json", "report.md", "accuracy_vs_size.png"]
+                "export/student_state.pt", "report.json", "report.md", "accuracy_vs_size.png", "learning_curves.png"]
     missing = [name for name in expected if not (run_dir / name).is_file()]
     assert not missing
     assert not list(run_dir.rglob("checkpoint.pt"))  # finished stages leave no checkpoint behind
     stages = _strict_json(run_dir / "manifest.json")["stages"]
     assert {"generalist", "clusters", "specialists", "student", "export"} <= set(stages)
     assert tiny_config() == load_config(run_dir / "config.toml")  # the saved config is the resolved one
+
+
+def test_every_trained_stage_has_its_metrics_as_csv_and_report_md_shows_every_models_curves(
+        tiny_run: tuple[Path, dict]) -> None:
+    run_dir, report = tiny_run
+    logs = sorted(run_dir.rglob("metrics.jsonl"))
+    assert len(logs) == 1 + 2 * 2 + 3  # the generalist, two phases of two specialists, three students
+    for jsonl in logs:
+        rows = list(csv.DictReader((jsonl.parent / "metrics.csv").open()))
+        assert rows == [{k: str(v) for k, v in r.items()} for r in read_jsonl(jsonl)], jsonl
+    assert not list(run_dir.rglob("events.out.tfevents*"))  # log.tensorboard is off by default
+    assert set(stage_curves(run_dir)) == {"generalist", "specialist 0", "specialist 1", *STUDENTS}
+    assert "![learning curves](learning_curves.png)" in (run_dir / "report.md").read_text()
+    assert report["plots"]["learning_curves"] == "learning_curves.png"
 
 
 def test_report_has_every_model_with_sane_numbers(tiny_run: tuple[Path, dict]) -> None:
@@ -99,10 +116,13 @@ def test_coverage_rows_worked_by_hand_stay_strict_json_when_the_baseline_got_non
 
 
 def test_until_stops_after_that_stage_and_resume_finishes_as_one_uninterrupted_run(
-        tiny_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_run: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config()
     run_dir = start_run(cfg, tmp_path / "run")
-    report = run_pipeline(cfg, run_dir, until="generalist", progress=False)
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.pipeline"):
+        report = run_pipeline(cfg, run_dir, until="generalist", progress=False)
+    assert [m for m in caplog.messages if m.startswith("stage ")] == ["stage 1/1: generalist"]
     assert (run_dir / "generalist" / "model.pt").is_file() and "generalist" in report
     assert not (run_dir / "clusters.json").exists() and not (run_dir / "confusion").exists()
     assert "clusters" not in report and "ensemble" not in report
@@ -112,7 +132,12 @@ def test_until_stops_after_that_stage_and_resume_finishes_as_one_uninterrupted_r
     assert not (run_dir / "specialists").exists() and not (run_dir / "student").exists()
     assert "ensemble" not in report and "student" not in report
 
-    report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.pipeline"):
+        report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
+    assert [m for m in caplog.messages if m.startswith("stage ")] == [
+        "stage 1/6: generalist", "stage 2/6: clusters", "stage 3/6: specialists", "stage 4/6: ensemble",
+        "stage 5/6: student", "stage 6/6: export"]
     assert (run_dir / "export" / "student.ts").is_file() and "student" in report
     assert capsys.readouterr().out == ""  # the library logs; printing is the CLI's job
     # stopping and resuming gives the same models as one uninterrupted run

@@ -1,6 +1,7 @@
-"""The report: the closing verdict, flagged clusters, the accuracy-versus-size chart, report.md."""
+"""The report: the closing verdict, flagged clusters, the accuracy-versus-size chart, the learning curves, report.md."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,42 @@ def test_report_md_explains_table_4_and_the_verdict(tmp_path: Path) -> None:
     assert "in no cluster" in text and "dustbins" in text
     assert render_markdown(report) == text
     assert (tmp_path / "accuracy_vs_size.png").is_file()
+
+
+def _records(losses: list[float], accuracies: list[float], phase: str | None = None) -> list[dict]:
+    return [dict({"epoch": e, "loss": loss, "val_accuracy": acc}, **({"phase": phase} if phase else {}))
+            for e, (loss, acc) in enumerate(zip(losses, accuracies), start=1)]
+
+
+def test_the_learning_curves_are_one_figure_with_loss_and_val_accuracy_of_every_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    real_save = report_module._save_png
+    monkeypatch.setattr(report_module, "_save_png", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    specialist = _records([1.0, 0.8], [0.6, 0.7], "hard") + [dict(_records([0.5], [0.75], "soft")[0], epoch=3)]
+    curves = {"generalist": _records([2.0, 1.5, 1.2], [0.5, 0.6, 0.65]), "specialist 0": specialist,
+              "student": _records([0.9, 0.7, 0.6], [0.55, 0.6, 0.62])}
+    path = report_module.plot_learning_curves(curves, tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    loss_ax, acc_ax = fig.axes
+    assert (loss_ax.get_title(), acc_ax.get_title()) == ("training loss", "validation accuracy")
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert labels == ["generalist", "specialist 0", "student"]  # one entry per model, its two phases one
+    drawn = {(line.get_label(), line.get_linestyle()): list(line.get_ydata()) for line in acc_ax.get_lines()}
+    assert drawn[("generalist", "-")] == pytest.approx([50.0, 60.0, 65.0])
+    soft = [line for line in acc_ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(soft) == 1 and list(soft[0].get_xdata()) == [2, 3]  # the soft phase continues from epoch 2
+    assert loss_ax.get_yscale() == "log"
+
+
+def test_report_md_links_the_learning_curves_of_the_run(tmp_path: Path) -> None:
+    (tmp_path / "generalist").mkdir()
+    for record in _records([2.0, 1.5], [0.5, 0.6]):
+        (tmp_path / "generalist" / "metrics.jsonl").open("a").write(json.dumps(record) + "\n")
+    report = _report(0.97, 0.98)
+    write_report(tmp_path, report)
+    assert report["plots"]["learning_curves"] == "learning_curves.png"
+    assert (tmp_path / "learning_curves.png").is_file()
+    assert "## Learning curves" in (tmp_path / "report.md").read_text()
+    assert "![learning curves](learning_curves.png)" in (tmp_path / "report.md").read_text()

@@ -1,7 +1,9 @@
 """Specialists: the enriched stream, the dustbin head, seeds, parallel training, resume and failures."""
 from __future__ import annotations
 
+import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -140,20 +142,26 @@ def _stage_recorder(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None,
     return stages
 
 
-def test_interrupted_specialists_resume_without_retraining_the_finished_one(run_copy: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_specialists_resume_without_retraining_the_finished_one_and_say_how_many_are_done(
+        run_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config()
     first_run = _stage_recorder(monkeypatch, fail_on="specialist 1", error=KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="ensemble_kd.specialists"):
         train_all_specialists(cfg, run_copy)
     assert first_run == ["specialist 0 hard", "specialist 0 soft"]
+    lines = [m for m in caplog.messages if m.startswith("specialists:")]
+    assert len(lines) == 1 and re.fullmatch(r"specialists: 1/2 done, about \d+ (s|min) left", lines[0])
     finished = specialist_dir(run_copy, 0) / "model.pt"
     saved = finished.read_bytes()
     assert not (specialist_dir(run_copy, 1) / "model.pt").exists()
 
     resumed = _stage_recorder(monkeypatch)
     threads_before = torch.get_num_threads()
-    paths = train_all_specialists(cfg, run_copy)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.specialists"):
+        paths = train_all_specialists(cfg, run_copy)
+    lines = [m for m in caplog.messages if m.startswith("specialists:")]
+    assert len(lines) == 1 and re.fullmatch(r"specialists: 2/2 done \(\d+ (s|min) for this run's 1\)", lines[0])
     assert torch.get_num_threads() == threads_before  # a specialist trained in this process restores the count
     assert resumed == ["specialist 1 hard", "specialist 1 soft"]  # specialist 0 is not trained again
     assert finished.read_bytes() == saved
@@ -167,6 +175,23 @@ def test_failing_specialist_names_its_cluster_and_cause_and_keeps_the_others(run
         train_all_specialists(tiny_config(), run_copy)
     assert (specialist_dir(run_copy, 0) / "model.pt").is_file()
     assert not (specialist_dir(run_copy, 1) / "model.pt").exists()
+
+
+@pytest.mark.parametrize("seconds, text", [(0.2, "1 s"), (40.4, "40 s"), (90, "2 min"), (3599, "1 h"),
+                                           (7500, "2 h 5 min")])
+def test_durations_in_the_progress_line_are_rounded_for_reading(seconds: float, text: str) -> None:
+    assert specialists._about(seconds) == text
+
+
+def test_the_time_left_is_this_runs_pace_per_unit_of_cost_times_the_cost_left(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    clock = iter([100.0, 160.0, 190.0])  # started at 100 s; the first finishes at 160, the second at 190
+    monkeypatch.setattr(specialists.time, "perf_counter", lambda: next(clock))
+    progress = specialists._Progress([30.0, 10.0, 20.0], finished_before=1, total=4)
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.specialists"):
+        progress(0)  # 30 units in 60 s: the 30 left take about 60 s
+        progress(2)  # 50 units in 90 s: the 10 left take about 18 s
+    assert caplog.messages == ["specialists: 2/4 done, about 1 min left", "specialists: 3/4 done, about 18 s left"]
 
 
 # ---------------------------------------------------------------- how a specialist starts

@@ -1,7 +1,10 @@
 """fit(): training, artifacts, determinism, resume after a crash or SIGKILL, guards, progress output; lr_factor."""
 import contextlib
+import csv
+import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -17,11 +20,15 @@ from torch import nn
 from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import ArtifactError
-from ensemble_kd.config import ModelConfig, TrainConfig
+from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
 from ensemble_kd.inference import evaluate
 from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy,
                                fit, load_finished, lr_factor, save_model, set_seed)
+
+from conftest import make_blobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 200 examples in batches of 32 -> 7 steps per epoch; loss_fn call 7 * (e - 1) + s is epoch e, step s.
 CFG = TrainConfig(epochs=5, batch_size=32, lr=0.02, weight_decay=1e-4, warmup_epochs=1)
@@ -68,15 +75,6 @@ def counting_loss(crash_at: int | None = None, nan_at: int | None = None):
 
     loss.calls = 0
     return loss
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread avoids thread contention on a busy 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -138,7 +136,7 @@ from pathlib import Path
 import torch
 
 from ensemble_kd import artifacts
-from ensemble_kd.config import ModelConfig, TrainConfig
+from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
 from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, set_seed
 
@@ -199,6 +197,71 @@ def test_stale_metrics_without_a_checkpoint_are_dropped(blobs, tmp_path):
     assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
 
 
+def csv_rows(stage_dir) -> tuple[str, list[dict[str, str]]]:
+    """(the header line, the rows) of a stage's metrics.csv."""
+    text = (stage_dir / artifacts.METRICS_CSV).read_text()
+    return text.splitlines()[0], list(csv.DictReader(io.StringIO(text)))
+
+
+def csv_rows(stage_dir) -> tuple[str, list[dict[str, str]]]:
+    """(the header line, the rows) of a stage's metrics.csv."""
+    text = (stage_dir / artifacts.METRICS_CSV).read_text()
+    return text.splitlines()[0], list(csv.DictReader(io.StringIO(text)))
+
+
+def crash_before_epoch_3s_checkpoint(monkeypatch) -> None:
+    """Make fit() die after logging epoch 3 and before its checkpoint lands (the checkpoint says epoch 2)."""
+    real_save = artifacts.save_torch
+
+    def save_torch(path, obj):
+        if Path(path).name == artifacts.CHECKPOINT_FILE and obj["epoch"] == 3:
+            raise Crash
+        return real_save(path, obj)
+
+    monkeypatch.setattr(artifacts, "save_torch", save_torch)
+
+
+def test_metrics_csv_holds_the_jsonl_lines_and_a_resume_appends_without_repeating_header_or_epochs(
+        blobs, tmp_path, reference, monkeypatch):
+    header, rows = csv_rows(tmp_path / "reference")
+    assert header == "epoch,loss,train_accuracy,lr,seconds"
+    jsonl = artifacts.read_jsonl(tmp_path / "reference" / artifacts.METRICS_FILE)
+    assert rows == [{k: str(v) for k, v in record.items()} for record in jsonl]
+
+    stage_dir = tmp_path / "stage"
+    with monkeypatch.context() as patch:
+        crash_before_epoch_3s_checkpoint(patch)
+        with pytest.raises(Crash):
+            train(fresh_model(), blobs, stage_dir)
+    assert [row["epoch"] for row in csv_rows(stage_dir)[1]] == ["1", "2", "3"]
+    with open(stage_dir / artifacts.METRICS_CSV, "a") as f:
+        f.write("4,0.3")  # and a row torn by the crash
+    resumed = train(fresh_model(), blobs, stage_dir)
+    assert_same_weights(resumed, reference)  # writing the curves changes nothing in training
+    header, rows = csv_rows(stage_dir)
+    assert (stage_dir / artifacts.METRICS_CSV).read_text().count(header) == 1
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert [r["loss"] for r in artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)] == [
+        float(row["loss"]) for row in rows]
+
+
+def test_tensorboard_events_hold_each_epoch_once_after_a_resume(blobs, tmp_path, monkeypatch):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="the tensorboard extra is not installed")
+    stage_dir = tmp_path / "stage"
+    with monkeypatch.context() as patch:
+        crash_before_epoch_3s_checkpoint(patch)
+        with pytest.raises(Crash):
+            train(fresh_model(), blobs, stage_dir, val=blobs, tensorboard=True)
+    train(fresh_model(), blobs, stage_dir, val=blobs, tensorboard=True)  # epoch 3 again, then 4 and 5
+    events = event_accumulator.EventAccumulator(str(stage_dir))
+    events.Reload()
+    assert {"loss", "train_accuracy", "val_accuracy", "lr", "seconds"} <= set(events.Tags()["scalars"])
+    logged = artifacts.read_jsonl(stage_dir / artifacts.METRICS_FILE)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
+
+
 def test_a_finished_stage_is_loaded_not_retrained(blobs, tmp_path, reference):
     stage_dir = tmp_path / "reference"
     loss = counting_loss()
@@ -207,6 +270,93 @@ def test_a_finished_stage_is_loaded_not_retrained(blobs, tmp_path, reference):
     assert not again.training
     assert_same_weights(again, reference)
     assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- early stopping and the best epoch
+
+STOPPING = dataclasses.replace(CFG, epochs=12, early_stopping_patience=3, keep_best=True)
+
+
+def noisy_val() -> TrainSet:
+    """Held-out blobs with 30% of the labels moved to the next class: accuracy peaks early, then stalls."""
+    generator = torch.Generator().manual_seed(0)
+    val = make_blobs(90, seed=1)
+    y = val.y.clone()
+    moved = torch.rand(len(y), generator=generator) < 0.3
+    y[moved] = (y[moved] + 1) % 3
+    return TrainSet(val.x + 1.5 * torch.randn(val.x.shape, generator=generator), y)
+
+
+def train_stopping(stage_dir, **kwargs):
+    kwargs.setdefault("progress", False)
+    return fit(fresh_model(), make_blobs(), STOPPING, stage_dir, FitOptions(stage=STAGE, seed=0, val=noisy_val(),
+                                                                            **kwargs))
+
+
+def weights_by_epoch(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """The model weights of every checkpoint fit() writes, by epoch."""
+    seen, real_save = {}, artifacts.save_torch
+
+    def save_torch(path, obj):
+        if Path(path).name == artifacts.CHECKPOINT_FILE:
+            seen[obj["epoch"]] = {k: v.clone() for k, v in obj["model"].items()}
+        return real_save(path, obj)
+
+    monkeypatch.setattr(artifacts, "save_torch", save_torch)
+    return seen
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_val_accuracy_and_keeps_the_best(
+        tmp_path, monkeypatch, caplog):
+    checkpoints = weights_by_epoch(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="ensemble_kd.train"):
+        model = train_stopping(tmp_path / "stage")
+    records = artifacts.read_jsonl(tmp_path / "stage" / artifacts.METRICS_FILE)
+    accuracies = [r["val_accuracy"] for r in records]
+    best = accuracies.index(max(accuracies)) + 1  # the first epoch with the best accuracy
+    assert len(records) == best + 3 < STOPPING.epochs  # three epochs without a better one, then stop
+    saved = artifacts.load_torch(tmp_path / "stage" / artifacts.MODEL_FILE)
+    assert (saved["epochs_trained"], saved["best_epoch"]) == (best + 3, best)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoints[best].items())  # the best, not the last
+    val = noisy_val()
+    assert evaluate(model, val.x, val.y).accuracy == pytest.approx(max(accuracies))
+    assert f"early stop after epoch {best + 3}: val acc has not improved for 3 epochs" in caplog.text
+    assert f"keeping epoch {best}'s weights" in caplog.text
+
+
+def test_without_keep_best_early_stopping_keeps_the_last_epochs_weights(tmp_path, monkeypatch):
+    checkpoints = weights_by_epoch(monkeypatch)
+    model = fit(fresh_model(), make_blobs(), dataclasses.replace(STOPPING, keep_best=False), tmp_path / "stage",
+                FitOptions(stage=STAGE, seed=0, val=noisy_val(), progress=False))
+    last = max(checkpoints)
+    assert last < STOPPING.epochs
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoints[last].items())
+
+
+@pytest.mark.parametrize("crash", ["mid-training", "after the last checkpoint"])
+def test_a_resumed_stage_stops_at_and_keeps_the_same_epoch_as_one_that_never_stopped(tmp_path, monkeypatch, crash):
+    reference = train_stopping(tmp_path / "reference")
+    stage_dir = tmp_path / "stage"
+    with monkeypatch.context() as patch:
+        if crash == "mid-training":  # in the epoch after the best one: the best weights live in the checkpoint
+            best = artifacts.load_torch(tmp_path / "reference" / artifacts.MODEL_FILE)["best_epoch"]
+            loss = counting_loss(crash_at=best * STEPS + 2)
+        else:  # every epoch done, model.pt not written yet
+            loss = counting_loss()
+            patch.setattr(train_module, "save_model", lambda *args, **kwargs: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            train_stopping(stage_dir, loss_fn=loss)
+    loss = counting_loss()
+    resumed = train_stopping(stage_dir, loss_fn=loss)
+    assert_same_weights(resumed, reference)
+    assert epochs_logged(stage_dir) == epochs_logged(tmp_path / "reference")
+    if crash != "mid-training":
+        assert loss.calls == 0  # out of patience already: no epoch trained again
+
+
+def test_early_stopping_without_a_validation_split_is_refused(blobs, tmp_path):
+    with pytest.raises(ConfigError, match="early_stopping_patience and keep_best judge epochs on a validation"):
+        fit(fresh_model(), blobs, STOPPING, tmp_path / "stage", FitOptions(stage=STAGE, seed=0, progress=False))
 
 
 # ---------------------------------------------------------------- guards
