@@ -139,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     ratios["memory_stays_within_20_percent"] = ratios["stream_10x_over_1x_peak_pss"] <= 1.2
     print(report_table(rows, ratios, breakdown))
+    where = {"1x": folders["1x"] if args.quick else f"{common.relative(ARCHIVE)}, extracted", "10x": folders["10x"]}
     result = {"machine": common.machine_info(), "archive": ARCHIVE, "config": CONFIG, "train_limit": limit,
-              "epochs": args.epochs, "workers": args.workers, "threads": args.threads, "folders": folders, "runs": rows, "ratios": ratios,
-              "stream_time_per_image_us": breakdown, "load_average_after": common.load_average()}
+              "epochs": args.epochs, "workers": args.workers, "threads": args.threads, "folders": where,
+              "runs": rows, "ratios": ratios, "stream_time_per_image_us": breakdown,
+              "load_average_after": common.load_average()}
     path = common.write_result("streaming_quick" if args.quick else "streaming", result)
     common.log_to_stderr(f"wrote {path}")
     return 0
@@ -299,9 +301,9 @@ def report_table(rows: dict[str, dict[str, Any]], ratios: dict[str, Any], breakd
     table = common.format_table(
         ["run", "images", "train img/s", "CPU ms/img", "peak PSS MB", "first load peak", "training peak", "processes",
          "child RSS MB", "first load s", "load s"],
-        [[name, r["folder_images"], r["images_per_s"], r["cpu_ms_per_image"], r["run_peak_pss_mb"], r["first_load_peak_pss_mb"],
-          r["peak_pss_mb"], r["most_processes"], r["child_peak_rss_mb"], r["first_load_s"], r["load_s"]]
-         for name, r in rows.items()])
+        [[name, r["folder_images"], r["images_per_s"], r["cpu_ms_per_image"], r["run_peak_pss_mb"],
+          r["first_load_peak_pss_mb"], r["peak_pss_mb"], r["most_processes"], r["child_peak_rss_mb"],
+          r["first_load_s"], r["load_s"]] for name, r in rows.items()])
     lines = [table, "", *(f"{k}: {v if isinstance(v, bool) else round(v, 3)}" for k, v in ratios.items()), "",
              "CPU microseconds per image: "
              + ", ".join(f"{k} {v:g}" for k, v in breakdown.items())]

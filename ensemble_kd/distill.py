@@ -224,7 +224,8 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
     Then writes `student/teachers.json`: the transfer method and the teachers' top-1
     disagreement on the transfer set."""
     check_student_size(cfg, data)
-    unseen = [f"data.{k}" for k in ("random_resized_crop", "auto_augment", "mix") if k in augment_fingerprint(cfg.data)]
+    augmented = augment_fingerprint(cfg.data)
+    unseen = [f"data.{k}" for k in ("random_resized_crop", "auto_augment", "mix") if k in augmented]
     if unseen and cfg.student.transfer != "live":
         log.info("student.transfer = %r: the students train without %s (a teacher labels augmented batches only "
                  "with student.transfer = 'live')", cfg.student.transfer, " and ".join(unseen))

@@ -25,6 +25,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -167,7 +168,7 @@ def scan_split(listing: FolderListing, split: str, image_size: int, workers: int
         log.info("reading the %d %s images in %s once, to check them and measure them (kept for later runs)",
                  len(paths), split, listing.folder)
         loader = DataLoader(_Scanned(str(listing.folder), paths, image_size), batch_size=SCAN_BATCH,
-                            collate_fn=list, **_worker_settings(workers))
+                            collate_fn=list, **_worker_settings(workers, persistent=False))
         sizes, gray = np.empty((len(paths), 2), dtype=np.int64), np.empty(len(paths), dtype=bool)
         sums, squares = np.empty((len(paths), 3)), np.empty((len(paths), 3))
         changed: dict[int, dict[str, str]] = {}
@@ -213,7 +214,8 @@ def batches(x: Inputs, batch_size: int) -> Iterator[Tensor]:
         yield from x.split(batch_size)
         return
     order = torch.arange(len(x)).split(batch_size)
-    loader = ImageLoader(x, None, x.workers if len(order) > 1 else 0)  # a worker reads whole batches: one is read here
+    workers = x.workers if len(order) > 1 else 0  # a worker reads whole batches: a single one is read here
+    loader = ImageLoader(x, None, workers, persistent=False)
     try:
         yield from loader.epoch(order, seed=0)
     finally:
@@ -266,13 +268,14 @@ class _EpochPlan:
 
 class ImageLoader:
     """Batches of `source` read one image at a time by a DataLoader with `workers` processes, which stay
-    for every epoch; each image transformed by `transform` (None: as read) under its own seed."""
+    for every epoch (`persistent`) or end with each; each image transformed by `transform` (None: as
+    read) under its own seed."""
 
     def __init__(self, source: Inputs, transform: Callable[[Tensor], Tensor] | None, workers: int,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, persistent: bool = True) -> None:
         self._plan = _EpochPlan()
         self._loader: DataLoader | None = DataLoader(_Images(source, transform), batch_sampler=self._plan,
-                                                     pin_memory=pin_memory, **_worker_settings(workers))
+                                                     pin_memory=pin_memory, **_worker_settings(workers, persistent))
 
     def epoch(self, batches: Sequence[Tensor], seed: int) -> Iterator[Tensor]:
         """The images of each index batch in `batches`, in order; the image at position p of the epoch is
@@ -285,13 +288,14 @@ class ImageLoader:
         self._loader = None
 
 
-def _worker_settings(workers: int) -> dict[str, Any]:
-    """DataLoader settings for `workers` processes. Forked, so that a loader also starts inside a specialist's
-    loky worker (whose own default context cannot start them); their seeds come from a private generator,
-    so starting an epoch leaves torch's global random stream (dropout's) as it was."""
+def _worker_settings(workers: int, persistent: bool) -> dict[str, Any]:
+    """DataLoader settings for `workers` processes, kept from one pass to the next when `persistent`. Forked,
+    so that a loader also starts inside a specialist's loky worker (whose own default context cannot start
+    them); their seeds come from a private generator, so starting an epoch leaves torch's global random
+    stream (dropout's) as it was."""
     settings: dict[str, Any] = {"num_workers": workers, "generator": torch.Generator()}
     if workers > 0:
-        settings.update(persistent_workers=True, worker_init_fn=_freeze_inherited_objects,
+        settings.update(persistent_workers=persistent, worker_init_fn=_freeze_inherited_objects,
                         multiprocessing_context=multiprocessing.get_context(
                             "fork" if "fork" in multiprocessing.get_all_start_methods() else None))
     return settings
@@ -306,11 +310,15 @@ def _freeze_inherited_objects(worker_id: int) -> None:
 
 def _unwrapped(loader: Iterable) -> Iterator[Any]:
     """`loader`'s batches; a DataError raised in a worker process is raised again with its own one-line
-    message (the DataLoader wraps it in the worker's traceback)."""
+    message (the DataLoader wraps it in the worker's traceback), after the loader's iterator and so its
+    worker processes are gone (the error's traceback would keep them until the garbage collector runs)."""
+    iterator = iter(loader)
     try:
-        yield from loader
+        yield from iterator
     except DataError as err:
         message = str(err).strip()
-        if message.startswith("Caught "):
-            raise DataError(message.splitlines()[-1].partition(": ")[2] or message) from None
-        raise
+        if not message.startswith("Caught "):
+            raise
+        traceback.clear_frames(err.__traceback__)  # the DataLoader's own frames hold the iterator too
+        del iterator, err
+        raise DataError(message.splitlines()[-1].partition(": ")[2] or message) from None

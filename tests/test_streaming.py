@@ -21,6 +21,7 @@ from conftest import UPRIGHT, assert_same_weights, write_sideways
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One image cache (tensors, scans) for the module's runs."""
@@ -30,8 +31,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
-def digits(folder: Path, storage: str, workers: int = 0) -> Splits:
-    return load_data(DataConfig(name="imagefolder", root=str(folder), storage=storage, workers=workers), 0)
+def digits(folder: Path, storage: str) -> Splits:
+    """The digits image folder, decoded into memory or streamed (read in this process)."""
+    return load_data(DataConfig(name="imagefolder", root=str(folder), storage=storage, workers=0), 0)
 
 
 def test_streamed_splits_hold_the_in_memory_values_statistics_and_fingerprint(digits_folder: Path,

@@ -544,7 +544,10 @@ def test_per_image_augmentation_and_mixing_give_the_same_weights_in_any_number_o
         augment = make_augment(DataConfig(random_resized_crop=0.5, auto_augment="randaugment", mix="mixup",
                                           workers=workers), (1, 8, 8), 3)
         loss = counting_loss(crash_at)
-        record = lambda logits, labels, targets: labels_seen.append(labels) or loss(logits, labels, targets)  # noqa: E731
+
+        def record(logits, labels, targets):
+            labels_seen.append(labels)
+            return loss(logits, labels, targets)
         return FitOptions(stage=STAGE, seed=0, augment=augment, loss_fn=record, progress=False)
 
     reference = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "reference", options(workers=0))
