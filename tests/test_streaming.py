@@ -12,10 +12,13 @@ import torch
 from PIL import Image
 
 from ensemble_kd import artifacts, distill
-from ensemble_kd.config import DataConfig, load_config
+from ensemble_kd.augment import make_augment
+from ensemble_kd.config import DataConfig, ModelConfig, TrainConfig, load_config
 from ensemble_kd.data import DataError, Splits, load_data
 from ensemble_kd.distill import new_student
+from ensemble_kd.models import build_model
 from ensemble_kd.streaming import ImageFiles, head
+from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, set_seed
 
 from conftest import UPRIGHT, assert_same_weights, write_sideways
 
@@ -68,6 +71,43 @@ def test_a_student_streamed_learns_from_the_same_teacher_targets(digits_folder: 
                   for s in ("memory", "stream")]
         assert torch.equal(*logits)
     assert_same_weights(tmp_path / "memory" / artifacts.MODEL_FILE, tmp_path / "stream" / artifacts.MODEL_FILE)
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_loss(at: int):
+    """Cross-entropy that raises Crash on its `at`-th call."""
+    calls, base = [], cross_entropy()
+
+    def loss(logits, labels, targets):
+        calls.append(1)
+        if len(calls) == at:
+            raise Crash
+        return base(logits, labels, targets)
+    return loss
+
+
+def test_a_streamed_fit_resumed_after_a_crash_trains_on_the_batches_of_an_uninterrupted_in_memory_fit(
+        digits_folder: Path, cache: Path, tmp_path: Path) -> None:
+    memory, stream = digits(digits_folder, "memory"), digits(digits_folder, "stream")
+    files = dataclasses.replace(stream.x_train, workers=2)  # read by two worker processes
+    cfg = TrainConfig(epochs=2, batch_size=256, lr=0.01)  # 1,212 training images: 5 steps per epoch
+    augment = make_augment(DataConfig(flip=True, crop_pad=1, random_resized_crop=0.5, workers=0), (1, 8, 8), 10)
+
+    def trained(x, stage: str, loss_fn=None) -> torch.nn.Module:
+        set_seed(0)
+        model = build_model(ModelConfig(hidden=[16], dropout=0.1), (1, 8, 8), 10, memory.mean, memory.std)
+        return fit(model, TrainSet(x, memory.y_train), cfg, tmp_path / stage, FitOptions(
+            stage=stage, seed=0, augment=augment, loss_fn=loss_fn, progress=False))
+
+    reference = trained(memory.x_train, "memory")  # each image cropped in this process
+    with pytest.raises(Crash):  # in epoch 2: the run resumes from epoch 1's checkpoint
+        trained(files, "stream", crashing_loss(at=5 + 2))
+    assert len(artifacts.read_jsonl(tmp_path / "stream" / artifacts.METRICS_FILE)) == 1
+    resumed = trained(files, "stream")
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()))
 
 
 def _odd_folder(root: Path) -> Path:
