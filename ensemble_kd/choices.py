@@ -11,6 +11,9 @@ from __future__ import annotations
 STAGES = ("generalist", "clusters", "specialists", "ensemble", "student", "export")  # in the order they run
 DEVICES = ("cpu", "cuda", "auto")  # auto: CUDA when a GPU is visible, else the CPU
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where it is native and pays, else fp32
+STORAGES = ("auto", "memory", "stream")  # where an image folder's decoded images live while training
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")  # torchvision.transforms.v2's per-image policies
+MIXES = ("none", "mixup", "cutmix", "mixup_cutmix")  # batch mixing of torchvision.transforms.v2
 DATA_SETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 ARCHITECTURES = ("mlp", "cnn", "resnet", "torchvision", "timm")  # the last two: a library's model by name
 NAMED_ARCHITECTURES = ("torchvision", "timm")  # of ARCHITECTURES: built by a library from model.name

@@ -39,6 +39,13 @@ class DataConfig:
     flip: bool = False  # random horizontal flips while training (photos yes, digits no)
     crop_pad: int = 0  # random crops after zero-padding by this many pixels; 0 = off
     image_size: int = 0  # resize images to this square size; 0 = keep them (an imagefolder's must then match), or the size of the generalist's pretrained weights
+    storage: str = "auto"  # imagefolder: memory = decode every image once into tensors | stream = read the files batch by batch while training | auto = memory when it fits data.memory_budget_mb
+    memory_budget_mb: int = 4096  # storage = auto: stream when the decoded images of all splits (float32) would take more than this
+    workers: int = 2  # loader processes that read (storage = stream) and augment (random_resized_crop, auto_augment) images one at a time; 0 = in the training process
+    random_resized_crop: float = 0.0  # crop a random part of at least this share of each image's area (aspect 3/4 to 4/3) and resize it back; 0 = off (torchvision's default is 0.08)
+    auto_augment: str = "none"  # none | randaugment | trivialaugment: torchvision's per-image augmentation policy (RandAugment: 2 ops of magnitude 9)
+    mix: str = "none"  # none | mixup | cutmix | mixup_cutmix (either, at random): mixes the images and labels of each training batch
+    mix_alpha: float = 1.0  # mix: the mixing weight is drawn from Beta(mix_alpha, mix_alpha)
     synthetic_classes: int = 12  # synthetic: number of classes
     synthetic_groups: int = 3  # synthetic: the classes fall into this many planted confusable groups
     synthetic_per_class: int = 120  # synthetic: training examples per class (the test set has half as many)
@@ -265,14 +272,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # settings that change where and how fast work runs, never what it makes: a resumed run may change them,
 # and no fingerprint holds them (each model.pt's fingerprint also leaves out device, precision and threads)
-RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "specialists.n_jobs",
-                    "specialists.backend", "specialists.scheduler", "log.tensorboard")
+RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "data.storage",
+                    "data.memory_budget_mb", "data.workers", "specialists.n_jobs", "specialists.backend",
+                    "specialists.scheduler", "log.tensorboard")
 
 
 # settings added after runs were first fingerprinted, at the value that trains exactly as before they
 # existed: fingerprints leave them out at that value, so runs made before them still resume and are reused
 NEUTRAL_SETTINGS = {"early_stopping_patience": 0, "keep_best": False, "name": "", "pretrained": False,
-                    "normalize": "auto"}
+                    "normalize": "auto", "random_resized_crop": 0.0, "auto_augment": "none", "mix": "none",
+                    "mix_alpha": 1.0}
 
 
 def fingerprint_settings(section: Any) -> dict[str, Any]:
@@ -353,7 +362,10 @@ RULES: dict[type, dict[str, Rule]] = {
         "name": _one_of(*choices.DATA_SETS),
         "root": ((lambda v: bool(v.strip())), "a path (a folder, or an archive for imagefolder)"),
         "val_fraction": _between(0, 1, False, False), "train_limit": _at_least(0), "crop_pad": _at_least(0),
-        "image_size": _at_least(0), "synthetic_classes": _at_least(2), "synthetic_groups": _at_least(1),
+        "image_size": _at_least(0), "storage": _one_of(*choices.STORAGES), "memory_budget_mb": _at_least(1),
+        "workers": _at_least(0), "random_resized_crop": _between(0, 1),
+        "auto_augment": _one_of(*choices.AUTO_AUGMENTS), "mix": _one_of(*choices.MIXES), "mix_alpha": _above(0),
+        "synthetic_classes": _at_least(2), "synthetic_groups": _at_least(1),
         "synthetic_per_class": _at_least(2), "synthetic_dim": _at_least(1)},
     ModelConfig: _MODEL,
     TrainConfig: _TRAIN,
@@ -418,6 +430,13 @@ def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _image_augmentations(data: DataConfig) -> list[str]:
+    """The per-image and mixing augmentations `data` switches on (by field name)."""
+    on = {"random_resized_crop": data.random_resized_crop > 0, "auto_augment": data.auto_augment != "none",
+          "mix": data.mix != "none"}
+    return [name for name, used in on.items() if used]
+
+
 def validate_config(cfg: Config) -> None:
     """Reject values no run could use, before any work starts; each message names the field."""
     _check_fields(cfg, "")
@@ -431,6 +450,12 @@ def validate_config(cfg: Config) -> None:
          "tell apart (no dustbin); use clusters.k >= 2, or 0 to choose k from the number of classes"),
         (cfg.data.name != "synthetic" or cfg.data.synthetic_groups <= cfg.data.synthetic_classes,
          "data.synthetic_groups must be <= data.synthetic_classes"),
+        (cfg.data.storage != "stream" or cfg.data.name == "imagefolder",
+         f"data.storage = 'stream' reads image files from disk, and data.name = {cfg.data.name!r} is not an image "
+         "folder (it is held in memory); use data.storage = 'memory' or 'auto', or data.name = 'imagefolder'"),
+        (cfg.data.name != "synthetic" or not _image_augmentations(cfg.data),
+         f"data.{(_image_augmentations(cfg.data) or [''])[0]} augments images, and the synthetic data are flat "
+         "features; switch it off (0 or 'none') for data.name = 'synthetic'"),
         (cfg.specialists.init == "scratch" or cfg.specialists.model.arch == "generalist",
          "specialists.model sets an architecture of its own, which needs specialists.init = 'scratch' "
          "(a specialist initialised from the generalist has the generalist's architecture)"),

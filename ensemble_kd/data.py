@@ -11,11 +11,14 @@ Data sets (`data.name`):
 - `mnist`, `fashion-mnist`, `cifar10`, `cifar100`: torchvision's files under `data.root`,
   converted to tensors in one go (no per-image PIL transforms).
 - `imagefolder`: `data.root` holds `train/<class>/*` and `test/<class>/*` image files, or is a
-  .tar.gz of them (read, decoded and cached by `imagefolder.py`).
+  .tar.gz of them (read, decoded and cached by `imagefolder.py`). With `data.storage = "stream"`
+  (or "auto" when they do not fit `data.memory_budget_mb`) its splits' inputs are `ImageFiles`,
+  read from disk batch by batch (`streaming.py`) instead of tensors.
 - `synthetic`: Gaussian classes in planted confusable groups, for tests (`planted_groups`).
 
 Training is meant to run on tensors kept on the device, with `augment_batch` doing flips
-and padded random crops for a whole batch at once (`make_augment` builds it from the config).
+and padded random crops for a whole batch at once (augment.py builds every augmentation
+from the config, the per-image ones of torchvision included).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,7 +39,8 @@ from sklearn.model_selection import train_test_split
 
 from .config import DataConfig
 from .errors import DataError, plural
-from .imagefolder import load_imagefolder
+from .imagefolder import list_imagefolder, load_imagefolder
+from .streaming import ImageFiles, Inputs, storage_for, stream_imagefolder, take
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,11 @@ log = logging.getLogger(__name__)
 class Splits:
     """Train / validation / test tensors of one data set, with what a model needs to know about them."""
 
-    x_train: Tensor  # float32 in [0, 1], (N, *input_shape)
+    x_train: Inputs  # float32 in [0, 1], (N, *input_shape); ImageFiles when streamed from disk
     y_train: Tensor  # int64 class ids
-    x_val: Tensor  # stratified hold-out from the training data (data.val_fraction)
+    x_val: Inputs  # stratified hold-out from the training data (data.val_fraction)
     y_val: Tensor
-    x_test: Tensor
+    x_test: Inputs
     y_test: Tensor
     class_names: list[str]
     mean: list[float]  # of x_train: one per channel for images, one per feature for flat data
@@ -88,7 +92,7 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     loaders = {
         "digits": lambda: _load_digits(),
         "synthetic": lambda: _load_synthetic(cfg, seed),
-        "imagefolder": lambda: load_imagefolder(cfg),
+        "imagefolder": lambda: _load_imagefolder(cfg),
         **{name: (lambda name=name: _load_torchvision(name, cfg)) for name in _TORCHVISION},
     }  # keyed by choices.DATA_SETS (tests/test_config.py checks that they match)
     if cfg.name not in loaders:
@@ -111,6 +115,14 @@ def load_data(cfg: DataConfig, seed: int) -> Splits:
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(class_names), mean, std, cfg.name)
 
 
+def _load_imagefolder(cfg: DataConfig) -> tuple[Inputs, Tensor, Inputs, Tensor, list[str]]:
+    """An image folder decoded into memory, or as ImageFiles to stream from disk (`streaming.storage_for`)."""
+    listing = list_imagefolder(cfg)
+    if storage_for(cfg, listing) == "stream":
+        return stream_imagefolder(listing, cfg)
+    return load_imagefolder(listing, cfg.image_size)
+
+
 def resize_images(x: Tensor, size: int, what: str, chunk: int = 1024) -> Tensor:
     """(N, C, H, W) images resized to size x size (bilinear, antialiased; `data.image_size`), said in the log;
     `x` itself when they have that size already. `what` names them in the log, e.g. "cifar10 train"."""
@@ -130,10 +142,11 @@ def resize_images(x: Tensor, size: int, what: str, chunk: int = 1024) -> Tensor:
 
 # ---------------------------------------------------------------- validation
 
-def validate_split(x: Tensor, y: Tensor, num_classes: int, split: str,
+def validate_split(x: Inputs, y: Tensor, num_classes: int, split: str,
                    class_names: Sequence[str] | None = None) -> None:
-    """Raise DataError when a split cannot be trained or evaluated on; say what is wrong and how to fix it."""
-    if x.ndim not in (2, 4):
+    """Raise DataError when a split cannot be trained or evaluated on; say what is wrong and how to fix it.
+    (ImageFiles were checked as they were first read: streaming.scan_split.)"""
+    if isinstance(x, Tensor) and x.ndim not in (2, 4):
         raise DataError(f"{split} inputs have shape {tuple(x.shape)}; expected (N, D) features or "
                         "(N, C, H, W) images; reshape them (a grayscale image set needs a channel axis)")
     if y.ndim != 1:
@@ -145,11 +158,12 @@ def validate_split(x: Tensor, y: Tensor, num_classes: int, split: str,
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise DataError(f"{split} labels have dtype {y.dtype}; labels must be integer class ids "
                         "(int64 in [0, num_classes)); convert them with .long()")
-    if not x.dtype.is_floating_point:
+    if isinstance(x, Tensor) and not x.dtype.is_floating_point:
         raise DataError(f"{split} inputs have dtype {x.dtype}; expected float32 in [0, 1] "
                         "(for uint8 pixels use x.float() / 255)")
     _check_label_range(y, num_classes, split)
-    _check_finite(x, split)
+    if isinstance(x, Tensor):
+        _check_finite(x, split)
     if split == "train":
         _check_every_class_present(y, num_classes, class_names)
 
@@ -211,39 +225,43 @@ def _stratified_indices(y: Tensor, size: int | float, seed: int, what: str) -> t
     return np.sort(kept), np.sort(held)
 
 
-def _stratified_subsample(x: Tensor, y: Tensor, limit: int, seed: int) -> tuple[Tensor, Tensor]:
+def _stratified_subsample(x: Inputs, y: Tensor, limit: int, seed: int) -> tuple[Inputs, Tensor]:
     if limit >= len(y):
         return x, y
     _, kept = _stratified_indices(  # the held-out part of size `limit` is what we keep
         y, limit, seed, f"subsample (data.train_limit = {limit}; it needs at least 1 example per class, "
                         "so raise it or set it to 0 for all)")
     kept_t = torch.from_numpy(kept)
-    return x[kept_t], y[kept_t]
+    return take(x, kept_t), y[kept_t]
 
 
-def _stratified_val_split(x: Tensor, y: Tensor, fraction: float,
-                          seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _stratified_val_split(x: Inputs, y: Tensor, fraction: float,
+                          seed: int) -> tuple[Inputs, Tensor, Inputs, Tensor]:
     train, val = _stratified_indices(
         y, fraction, seed, f"validation split (data.val_fraction = {fraction}; each class needs at least 2 "
                            "training examples and the hold-out at least one per class, so adjust "
                            "data.val_fraction or data.train_limit)")
     train_t, val_t = torch.from_numpy(train), torch.from_numpy(val)
-    return x[train_t], y[train_t], x[val_t], y[val_t]
+    return take(x, train_t), y[train_t], take(x, val_t), y[val_t]
 
 
-def channel_stats(x: Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+def channel_stats(x: Inputs, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Mean and std (population, clamped to >= 1e-6) per channel of (N, C, H, W) or per feature of (N, D).
 
-    Accumulated in float64 over chunks of examples, so large image sets need no full-size copy.
+    Accumulated in float64 over chunks of examples, so large image sets need no full-size copy
+    (ImageFiles: from each image's sums, measured when the files were first read).
     """
-    reduce_dims = [0] + list(range(2, x.ndim))
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
-    for start in range(0, len(x), chunk):
-        part = x[start:start + chunk].to("cpu", torch.float64)
-        total += part.sum(dim=reduce_dims)
-        total_sq += part.square().sum(dim=reduce_dims)
-    count = x.numel() / x.shape[1]
+    if isinstance(x, ImageFiles):
+        total, total_sq, count = x.channel_sums()
+    else:
+        reduce_dims = [0] + list(range(2, x.ndim))
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+        for start in range(0, len(x), chunk):
+            part = x[start:start + chunk].to("cpu", torch.float64)
+            total += part.sum(dim=reduce_dims)
+            total_sq += part.square().sum(dim=reduce_dims)
+        count = x.numel() / x.shape[1]
     mean = total / count
     var = (total_sq / count - mean.square()).clamp(min=0)
     return mean.tolist(), var.sqrt().clamp(min=1e-6).tolist()
@@ -296,13 +314,6 @@ def apply_augmentation(x: Tensor, flips: Tensor | None, offsets: Tensor | None, 
                      torch.arange(channels, device=x.device).view(1, channels, 1, 1),
                      rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
     return out
-
-
-def make_augment(cfg: DataConfig) -> Callable[[Tensor, torch.Generator], Tensor] | None:
-    """The batched augmentation of `data.flip` / `data.crop_pad` as augment(x, generator), or None when both are off."""
-    if not cfg.flip and cfg.crop_pad == 0:
-        return None
-    return lambda x, gen: augment_batch(x, cfg.flip, cfg.crop_pad, gen)
 
 
 def _check_images(x: Tensor) -> None:

@@ -22,14 +22,17 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .augment import Augmentation, augment_fingerprint, make_augment
 from .config import Config, ConfigError, fingerprint_settings, recipe
-from .data import Splits, draw_augmentation, make_augment
+from .data import Splits, draw_augmentation
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
 from .losses import kd_loss
 from .models import Classifier, build_model, count_params
 from .precision import autocast
-from .train import FitOptions, TrainSet, Views, cross_entropy, fit, load_finished, resolve_device, set_seed
+from .streaming import Inputs, batches
+from .train import (FitOptions, TrainSet, Views, cross_entropy, fit, image_loader, load_finished, resolve_device,
+                    set_seed)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,10 @@ def cached_teacher_logits(compute: Callable[[], torch.Tensor], path: Path, finge
     return logits
 
 
-def student_augment(cfg: Config):
-    """The students' random augmentation: the data's (flip, crop) with `student.transfer = "live"`, else none
+def student_augment(cfg: Config, data: Splits) -> Augmentation | None:
+    """The students' random augmentation: the data's (augment.py) with `student.transfer = "live"`, else none
     ("views" draws its fixed views once, "dataset" uses the plain images)."""
-    return make_augment(cfg.data) if cfg.student.transfer == "live" else None
+    return make_augment(cfg.data, data.input_shape, data.num_classes) if cfg.student.transfer == "live" else None
 
 
 def transfer_views(cfg: Config, n: int) -> Views | None:
@@ -89,7 +92,7 @@ def transfer_views(cfg: Config, n: int) -> Views | None:
 
 
 @torch.no_grad()
-def view_logits(teacher: nn.Module, x: torch.Tensor, views: Views, device: torch.device, precision: str,
+def view_logits(teacher: nn.Module, x: Inputs, views: Views, device: torch.device, precision: str,
                 batch_size: int = 1024) -> torch.Tensor:
     """(count, N, C) float32 on CPU: the teacher's logits on every image of `x` in every view."""
     teacher.to(device).eval()
@@ -97,8 +100,8 @@ def view_logits(teacher: nn.Module, x: torch.Tensor, views: Views, device: torch
     per_view = []
     for view in range(views.count):
         chunks = []
-        for idx in torch.arange(len(x)).split(batch_size):
-            batch, _ = views.batch(x[idx].to(device), view, idx)
+        for images, idx in zip(batches(x, batch_size), torch.arange(len(x)).split(batch_size)):
+            batch, _ = views.batch(images.to(device), view, idx)
             with autocast(precision, device):
                 chunks.append(teacher(batch).float().cpu())
         per_view.append(torch.cat(chunks))
@@ -135,7 +138,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
     `teacher_fingerprint`. `seed` sets the batch order and the live views (default: the run's seed).
     """
     device = resolve_device(cfg.device)
-    augment = student_augment(cfg)
+    augment = student_augment(cfg, data)
     train = TrainSet(data.x_train, data.y_train, views=transfer_views(cfg, len(data.x_train)))
     loss_fn, live_teacher = cross_entropy(cfg.student.train.label_smoothing), None
     if teacher is not None:
@@ -168,7 +171,7 @@ def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
 
 def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
     views = cfg.student.views if cfg.student.transfer == "views" else 0
-    return {"transfer": cfg.student.transfer, "views": views, "flip": cfg.data.flip, "crop_pad": cfg.data.crop_pad}
+    return {"transfer": cfg.student.transfer, "views": views, **augment_fingerprint(cfg.data)}
 
 
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
@@ -185,10 +188,10 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
     """Share of the transfer set on which the ensemble's and the generalist's top-1 answers differ.
 
     The transfer set is what the students are taught on: the training images, through their
-    fixed views ("views"), one seeded augmented pass ("live"), or plain ("dataset"). A student
+    fixed views ("views"), one seeded augmented pass ("live"; not mixed), or plain ("dataset"). A student
     can only learn from the ensemble what differs from the generalist there. Cached teacher
     logits are read from the students' folders of `run_dir` (computed there if missing)."""
-    augment = student_augment(cfg)
+    augment = student_augment(cfg, data)
     if augment is None:
         ours, theirs = (teacher_targets(teacher, data, cfg, Path(run_dir) / kind / artifacts.TEACHER_LOGITS_FILE,
                                         teacher_fingerprint(cfg, data, kind))[0]
@@ -200,10 +203,17 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
     generalist.to(device).eval()
     differ = torch.zeros((), dtype=torch.long, device=device)
     precision = inference_precision(ensemble, cfg.precision, device, batch_size)
-    for chunk in data.x_train.split(batch_size):
-        x = augment(chunk.to(device), generator)
-        with autocast(precision, device):
-            differ += (ensemble(x).argmax(1) != generalist(x).argmax(1)).sum()
+    loader = image_loader(data.x_train, augment, device)  # per-image augmentation, or image files
+    chunks = batches(data.x_train, batch_size) if loader is None else loader.epoch(
+        torch.arange(len(data.x_train)).split(batch_size), cfg.seed)
+    try:
+        for chunk in chunks:
+            x = chunk.to(device) if augment.batch is None else augment.batch(chunk.to(device), generator)
+            with autocast(precision, device):
+                differ += (ensemble(x).argmax(1) != generalist(x).argmax(1)).sum()
+    finally:
+        if loader is not None:
+            loader.close()
     return int(differ) / max(len(data.x_train), 1)
 
 
@@ -214,6 +224,11 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
     Then writes `student/teachers.json`: the transfer method and the teachers' top-1
     disagreement on the transfer set."""
     check_student_size(cfg, data)
+    augmented = augment_fingerprint(cfg.data)
+    unseen = [f"data.{k}" for k in ("random_resized_crop", "auto_augment", "mix") if k in augmented]
+    if unseen and cfg.student.transfer != "live":
+        log.info("student.transfer = %r: the students train without %s (a teacher labels augmented batches only "
+                 "with student.transfer = 'live')", cfg.student.transfer, " and ".join(unseen))
     plans = [(STUDENT, ensemble, cfg.student.alpha), (FROM_GENERALIST, generalist, cfg.student.alpha),
              (HARD_LABELS, None, 1.0)]
     paths = {}

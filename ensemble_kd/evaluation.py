@@ -22,6 +22,7 @@ from .ensemble import EnsembleTeacher, active_specialists
 from .inference import predict_logits
 from .models import count_params
 from .specialists import specialist_dir
+from .streaming import head
 
 
 @torch.no_grad()
@@ -100,13 +101,14 @@ def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.
     Everything runs on the CPU (where the test tensors are; teachers may come back from a
     GPU's student training), so ms_per_image is CPU time for every model."""
     run_dir = Path(run_dir)
-    x, y = data.x_test.cpu(), data.y_test.cpu()
+    x, y = data.x_test.cpu() if isinstance(data.x_test, torch.Tensor) else data.x_test, data.y_test.cpu()
+    timing = head(x, 2048)  # the images ms_per_image times each model on (in memory: read once if streamed)
     generalist = generalist.cpu()
     entries: dict[str, Any] = {}
     generalist_file = run_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE
     g_logits = predict_logits(generalist, x)
     g_pred = g_logits.argmax(1)
-    entries["generalist"] = model_entry(g_pred, y, clusters, count_params(generalist), ms_per_image(generalist, x),
+    entries["generalist"] = model_entry(g_pred, y, clusters, count_params(generalist), ms_per_image(generalist, timing),
                                         _file_size(generalist_file))
     if ensemble is not None:
         ensemble = ensemble.cpu()
@@ -114,7 +116,7 @@ def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.
         active = active_specialists(torch.softmax(g_logits, dim=1), ensemble.membership, ensemble.top_n)
         coverage = coverage_counts(active, ensemble.membership, y)
         files = [generalist_file] + [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(len(clusters))]
-        entries["ensemble"] = model_entry(e_pred, y, clusters, count_params(ensemble), ms_per_image(ensemble, x),
+        entries["ensemble"] = model_entry(e_pred, y, clusters, count_params(ensemble), ms_per_image(ensemble, timing),
                                           _file_size(*files), by_coverage=by_coverage(coverage, e_pred, y, g_pred))
         entries["generalist"]["by_coverage"] = by_coverage(coverage, g_pred, y)
     if with_students:
@@ -124,6 +126,6 @@ def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.
         for name in artifacts.STUDENT_DIRS:
             student = load_student_model(cfg, data, run_dir, name)
             s_pred = predict_logits(student, x).argmax(1)
-            entries[name] = model_entry(s_pred, y, clusters, count_params(student), ms_per_image(student, x),
+            entries[name] = model_entry(s_pred, y, clusters, count_params(student), ms_per_image(student, timing),
                                         _file_size(run_dir / name / artifacts.MODEL_FILE))
     return entries

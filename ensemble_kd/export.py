@@ -36,6 +36,7 @@ from .choices import EXPORT_FORMATS as FORMATS
 from .config import ModelConfig, load_config
 from .errors import EnsembleKDError
 from .models import Classifier, build_model
+from .streaming import head
 
 if TYPE_CHECKING:
     from .config import Config
@@ -55,6 +56,7 @@ LOAD_PREFERENCE = ("state_dict", "torchscript", "onnx", "export")  # what load_s
 STATE_FORMAT = "ensemble-kd-student"
 STATE_VERSION = 1
 ONNX_EXTRA = "pip install 'ensemble-kd[onnx]'"
+STREAMED_CHECK_IMAGES = 1024  # test images an export is checked on when the test set is streamed from disk
 ONNX_HINT = f"ONNX export needs the onnx extra: {ONNX_EXTRA}"
 ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
 
@@ -480,14 +482,15 @@ def _open(path: Path, fmt: str) -> LoadedStudent:
 
 def export_run(cfg: "Config", data: "Splits", run_dir: str | Path, student: Classifier,
                formats: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
-    """Export a run's student, checked against eager PyTorch on the whole test set."""
+    """Export a run's student, checked against eager PyTorch on the whole test set (its first
+    STREAMED_CHECK_IMAGES images when the test set is streamed from disk)."""
     mean, std = normalization(cfg.student.model, data.input_shape[0], data.mean, data.std)
     meta = StudentMeta(class_names=list(data.class_names), input_shape=list(data.input_shape),
                        model_config=dataclasses.asdict(cfg.student.model), mean=mean, std=std,
                        config=dataclasses.asdict(cfg), data_fingerprint=data.fingerprint())
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / EXPORT_DIR
-    return export_student(student, meta, out_dir, list(formats or cfg.export.formats), data.x_test,
-                          cfg.export.parity_atol)
+    check = data.x_test if isinstance(data.x_test, torch.Tensor) else head(data.x_test, STREAMED_CHECK_IMAGES)
+    return export_student(student, meta, out_dir, list(formats or cfg.export.formats), check, cfg.export.parity_atol)
 
 
 def export_from_run_dir(run_dir: str | Path, formats: list[str] | None = None,

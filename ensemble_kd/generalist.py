@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts
+from .augment import augment_fingerprint, make_augment
 from .config import Config, ModelConfig, fingerprint_settings
-from .data import Splits, make_augment
+from .data import Splits
 from .models import Classifier, build_model
 from .train import FitOptions, TrainSet, fit, load_finished, resolve_device, set_seed
 
@@ -22,7 +23,7 @@ def model_fingerprint(model_cfg: ModelConfig, data: Splits, seed: int, **extra: 
 
 def generalist_fingerprint(cfg: Config, data: Splits) -> dict[str, Any]:
     return model_fingerprint(cfg.generalist.model, data, cfg.seed, train=fingerprint_settings(cfg.generalist.train),
-                             flip=cfg.data.flip, crop_pad=cfg.data.crop_pad)
+                             **augment_fingerprint(cfg.data))
 
 
 def new_generalist(cfg: Config, data: Splits, load_weights: bool = True) -> Classifier:
@@ -37,8 +38,8 @@ def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: b
     model = new_generalist(cfg, data)
     fit(model, TrainSet(data.x_train, data.y_train), cfg.generalist.train, stage_dir, FitOptions(
         stage="generalist", seed=cfg.seed, fingerprint=generalist_fingerprint(cfg, data),
-        augment=make_augment(cfg.data), val=TrainSet(data.x_val, data.y_val), device=resolve_device(cfg.device),
-        progress=progress, precision=cfg.precision, compile_model=cfg.compile,
+        augment=make_augment(cfg.data, data.input_shape, data.num_classes), val=TrainSet(data.x_val, data.y_val),
+        device=resolve_device(cfg.device), progress=progress, precision=cfg.precision, compile_model=cfg.compile,
         tensorboard=cfg.log.tensorboard))
     return stage_dir / artifacts.MODEL_FILE
 

@@ -7,6 +7,9 @@ cache folder (a temporary folder renamed into place, so a half-done extraction n
 counts), and the decoded images of each split are cached there as uint8 tensors, keyed by
 the listing (names, sizes, modification times), the classes, the image size and the
 decoder's version. The cache is `ENSEMBLE_KD_CACHE`, default `~/.cache/ensemble-kd`.
+With `data.storage = "stream"` the images are not decoded into memory: streaming.py reads
+them while training, from the listing made here, and caches what its first reading found
+(`cached_split`, under scans/).
 
 `read_image` is how every image is read, in training and in `predict`: upright by its
 EXIF orientation, 16-bit greyscale scaled to 8 bits, alpha dropped, optionally converted
@@ -21,8 +24,9 @@ import os
 import secrets
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,9 +53,39 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def load_imagefolder(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
-    """(x_train uint8 -> float in [0, 1], y_train, x_test, y_test, class names) of `data.root`: a folder
-    with train/<class>/* and test/<class>/*, or a tar archive of them (extracted once into the cache)."""
+@dataclass
+class SplitFiles:
+    """The image files of one split, sorted: paths relative to the image folder and class ids, as arrays (a
+    million paths as Python strings and tuples would take ~150 MB)."""
+
+    paths: np.ndarray  # (N,) bytes (os.fsencode)
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        """(path, class id) of each file."""
+        return ((os.fsdecode(path), int(label)) for path, label in zip(self.paths, self.labels))
+
+    def path(self, index: int) -> str:
+        return os.fsdecode(self.paths[index])
+
+
+@dataclass
+class FolderListing:
+    """The image files of an imagefolder (an archive's once extracted), before any is decoded."""
+
+    cache_dir: Path  # where its decoded tensors (memory) or scans (stream) are cached
+    folder: Path  # the folder holding train/ and test/
+    class_names: list[str]  # the train/ class folders, sorted
+    train: SplitFiles
+    test: SplitFiles
+
+
+def list_imagefolder(cfg: DataConfig) -> FolderListing:
+    """The files of `data.root`: a folder with train/<class>/* and test/<class>/*, or a tar archive of
+    them (extracted once into the cache)."""
     source = Path(cfg.root).expanduser()
     if not source.exists():
         raise DataError(f"data.root = {cfg.root!r} does not exist; point it at a folder with train/ and "
@@ -62,25 +96,36 @@ def load_imagefolder(cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor, l
         cache_dir, folder = cache_root() / f"{source.resolve().name}-{_short_hash(str(source.resolve()))}", source
     folder = _find_split_parent(folder, source)
     class_names = _class_folders(folder / "train")
-    train_files = _list_images(folder / "train", class_names, class_names, "train")
+    train = _list_images(folder / "train", class_names, class_names, "train")
     test_classes = _class_folders(folder / "test")
     unknown = sorted(set(test_classes) - set(class_names))
     if unknown:
         raise DataError(f"class folder test/{unknown[0]} in {folder} has no matching train/{unknown[0]}; "
                         "add training images of it or remove it from test/")
-    test_files = _list_images(folder / "test", test_classes, class_names, "test")
-    x_train, y_train = _decoded_split(train_files, cfg.image_size, cache_dir, "train", class_names, folder)
-    x_test, y_test = _decoded_split(test_files, cfg.image_size, cache_dir, "test", class_names, folder)
+    test = _list_images(folder / "test", test_classes, class_names, "test")
+    return FolderListing(cache_dir, folder, class_names, train, test)
+
+
+def load_imagefolder(listing: FolderListing, image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """(x_train uint8 -> float in [0, 1], y_train, x_test, y_test, class names): every image of `listing`
+    decoded into memory (data.storage = "memory"), from the tensor cache when the files are unchanged."""
+    folder, cache_dir, class_names = listing.folder, listing.cache_dir, listing.class_names
+    x_train, y_train = _decoded_split(listing.train, image_size, cache_dir, "train", class_names, folder)
+    x_test, y_test = _decoded_split(listing.test, image_size, cache_dir, "test", class_names, folder)
     x_train, x_test = _same_channels(x_train, x_test)
-    if x_train.shape[2:] != x_test.shape[2:]:
-        raise DataError(f"train images are {_size_text(x_train.shape[2:])} but test images are "
-                        f"{_size_text(x_test.shape[2:])} (e.g. {train_files[0][0]} and {test_files[0][0]} in "
-                        f"{folder}); set data.image_size (e.g. data.image_size={x_train.shape[-1]}) to resize "
-                        "all images")
+    check_split_sizes(listing, x_train.shape[2:], x_test.shape[2:])
     return x_train.float().div_(255.0), y_train, x_test.float().div_(255.0), y_test, class_names
 
 
-def _size_text(hw: Sequence[int]) -> str:
+def check_split_sizes(listing: FolderListing, train_hw: Sequence[int], test_hw: Sequence[int]) -> None:
+    """DataError when the train and test images differ in size (height, width)."""
+    if tuple(train_hw) != tuple(test_hw):
+        raise DataError(f"train images are {size_text(train_hw)} but test images are {size_text(test_hw)} (e.g. "
+                        f"{listing.train.path(0)} and {listing.test.path(0)} in {listing.folder}); set "
+                        f"data.image_size (e.g. data.image_size={train_hw[-1]}) to resize all images")
+
+
+def size_text(hw: Sequence[int]) -> str:
     return f"{hw[1]}x{hw[0]}"  # width x height, as image viewers say it
 
 
@@ -165,15 +210,15 @@ def _image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def _list_images(split_dir: Path, classes: Sequence[str], all_classes: Sequence[str],
-                 split: str) -> list[tuple[str, int]]:
-    """(path relative to split_dir's parent, class id) of every image under split_dir/<class>/, sorted.
+def _list_images(split_dir: Path, classes: Sequence[str], all_classes: Sequence[str], split: str) -> SplitFiles:
+    """The path (relative to split_dir's parent) and class id of every image under split_dir/<class>/, sorted.
 
-    Class ids index `all_classes`; paths are plain strings (60,000 Path objects cost seconds).
+    Class ids index `all_classes`; paths are plain strings while one class is listed (60,000
+    Path objects cost seconds), then bytes in an array.
     """
     extensions = _image_extensions()
     label_of = {name: i for i, name in enumerate(all_classes)}
-    files: list[tuple[str, int]] = []
+    paths, labels = [], []
     skipped = 0
     for name in classes:
         class_files = []
@@ -187,20 +232,21 @@ def _list_images(split_dir: Path, classes: Sequence[str], all_classes: Sequence[
                 if os.path.splitext(filename)[1].lower() not in extensions:
                     skipped += 1
                     continue
-                class_files.append((os.path.normpath(os.path.join(relative_dir, filename)), label_of[name]))
+                class_files.append(os.fsencode(os.path.normpath(os.path.join(relative_dir, filename))))
         if not class_files:
             raise DataError(f"class folder {split}/{name} ({split_dir / name}) holds no image files; add images "
                             "or remove the folder")
-        files += class_files
+        paths.append(np.array(class_files, dtype=np.bytes_))
+        labels.append(np.full(len(class_files), label_of[name], dtype=np.int64))
     if skipped:
         log.warning("%s: skipped %d files that are not images (by extension)", split_dir, skipped)
-    return files
+    return SplitFiles(np.concatenate(paths), np.concatenate(labels))
 
 
 _DECODER_VERSION = 2  # part of the tensor cache's key: caches of an older decoder are decoded again
 
 
-def _listing_signature(files: Sequence[tuple[str, int]], folder: Path, class_names: Sequence[str],
+def listing_signature(files: SplitFiles, folder: Path, class_names: Sequence[str],
                        image_size: int) -> str:
     """Changes whenever a file is added, removed, replaced or relabelled, or the size, classes or decoder change."""
     digest = hashlib.sha256(json.dumps([list(class_names), image_size, _DECODER_VERSION]).encode())
@@ -210,32 +256,41 @@ def _listing_signature(files: Sequence[tuple[str, int]], folder: Path, class_nam
     return digest.hexdigest()[:12]
 
 
-def _decoded_split(files: Sequence[tuple[str, int]], image_size: int, cache_dir: Path, split: str,
+def _decoded_split(files: SplitFiles, image_size: int, cache_dir: Path, split: str,
                    class_names: Sequence[str], folder: Path) -> tuple[Tensor, Tensor]:
     """uint8 (N, C, H, W) images and int64 labels, from the tensor cache when the files are unchanged.
 
     What decoding changed (alpha dropped, resized, ...) is logged on every load, cached or not."""
-    signature = _listing_signature(files, folder, class_names, image_size)
-    cache_file = cache_dir / "tensors" / f"{split}-size{image_size}-{signature}.pt"
+    def decode() -> dict[str, Any]:
+        log.info("decoding %d %s images from %s", len(files), split, folder)
+        x, notes = _decode_images([path for path, _ in files], image_size, folder)
+        return {"x": x, "y": torch.from_numpy(files.labels.copy()), "notes": notes}
+
+    signature = listing_signature(files, folder, class_names, image_size)
+    decoded = cached_split(cache_dir / "tensors", f"{split}-size{image_size}", signature, decode)
+    log_notes(split, folder, decoded.get("notes", {}))
+    return decoded["x"], decoded["y"]
+
+
+def cached_split(folder: Path, name: str, signature: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`compute()` for one split of an image folder, kept as folder/<name>-<signature>.pt (tensors, strings,
+    numbers) and read from there while the signature (`listing_signature`) is the same; older files of
+    `name` are removed when a new one is written."""
+    cache_file = folder / f"{name}-{signature}.pt"
     if cache_file.is_file():
         try:
-            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
-            _log_notes(split, folder, cached.get("notes", {}))
-            return cached["x"], cached["y"]
-        except Exception as err:  # a torn or foreign file: decode again
-            log.warning("ignoring unreadable tensor cache %s (%s); decoding the images again", cache_file, err)
-    log.info("decoding %d %s images from %s", len(files), split, folder)
-    x, notes = _decode_images([path for path, _ in files], image_size, folder)
-    _log_notes(split, folder, notes)
-    y = torch.tensor([label for _, label in files], dtype=torch.int64)
+            return torch.load(cache_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # a torn or foreign file: compute again
+            log.warning("ignoring unreadable cache file %s (%s); reading the images again", cache_file, err)
+    result = compute()
     try:
-        for stale in cache_file.parent.glob(f"{split}-size{image_size}-*.pt"):
+        for stale in folder.glob(f"{name}-*.pt"):
             stale.unlink(missing_ok=True)
-        save_torch(cache_file, {"x": x, "y": y, "notes": notes})
+        save_torch(cache_file, result)
     except OSError as err:
-        log.warning("could not write the tensor cache %s (%s); the images will be decoded again next time",
+        log.warning("could not write the cache file %s (%s); the images will be read again next time",
                     cache_file, err)
-    return x, y
+    return result
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how PIL opens 16-bit greyscale (PNG, TIFF)
@@ -280,7 +335,7 @@ def read_image(path: str | Path, channels: int | None = None,
             changes["to greyscale" if target == "L" else "to colour"] = image.mode
         image = image.convert(target)
         if size is not None and image.size != size:
-            changes["resized"] = f"{_size_text(image.size[::-1])} -> {_size_text(size[::-1])}"
+            changes["resized"] = f"{size_text(image.size[::-1])} -> {size_text(size[::-1])}"
             image = image.resize(size, Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8), changes
 
@@ -295,19 +350,20 @@ def describe_changes(changes: dict[str, tuple[int, str, str]], total: int) -> tu
     return "; ".join(said[True]), "; ".join(said[False])
 
 
-def _log_notes(split: str, folder: Path, notes: dict[str, Any]) -> None:
+def log_notes(split: str, folder: Path, notes: dict[str, Any]) -> None:
     if notes.get("warning"):
         log.warning("%s images in %s: %s", split, folder, notes["warning"])
     if notes.get("info"):
         log.info("%s images in %s: %s", split, folder, notes["info"])
 
 
-def _decode_image(relative: str, image_size: int, folder: Path) -> tuple[np.ndarray, dict[str, str]]:
-    """(H, W) for grayscale images, (H, W, 3) for everything else, upright and resized to image_size if
-    it is set; with what was changed (`read_image`)."""
+def decode_image(relative: str, image_size: int, folder: str | Path,
+                 channels: int | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """(H, W) for grayscale images, (H, W, 3) for everything else (or as `channels` says), upright and resized
+    to image_size if it is set; with what was changed (`read_image`). DataError naming an unreadable file."""
     try:
         size = (image_size, image_size) if image_size > 0 else None
-        return read_image(os.path.join(folder, relative), size=size)
+        return read_image(os.path.join(folder, relative), channels=channels, size=size)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
         class_name = Path(relative).parts[1]
         raise DataError(f"cannot read image {relative} (class {class_name!r}, in {folder}): {err}; "
@@ -319,35 +375,55 @@ def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> tuple
 
     Small JPEGs decode at ~13k/s on one core; a thread pool only added GIL contention.
     """
-    decoded = [_decode_image(path, image_size, folder) for path in paths]
+    decoded = [decode_image(path, image_size, folder) for path in paths]
     arrays = [array for array, _ in decoded]
-    first_size = arrays[0].shape[:2]
-    for path, array in zip(paths, arrays):
-        if array.shape[:2] != first_size:
-            raise DataError(f"images differ in size: {paths[0]} is {_size_text(first_size)} "
-                            f"but {path} is {_size_text(array.shape[:2])} (in {folder}); set data.image_size "
-                            f"(e.g. data.image_size={first_size[0]}) to resize all images to one square size")
-    all_gray = all(array.ndim == 2 for array in arrays)
-    channels = 1 if all_gray else 3
-    stacked = np.empty((len(arrays), *first_size, channels), dtype=np.uint8)
-    changes: dict[str, tuple[int, str, str]] = {}
-    for i, (path, (array, changed)) in enumerate(zip(paths, decoded)):
+    check_same_size(paths, [array.shape[:2] for array in arrays], folder)
+    gray = [array.ndim == 2 for array in arrays]
+    channels = 1 if all(gray) else 3
+    stacked = np.empty((len(arrays), *arrays[0].shape[:2], channels), dtype=np.uint8)
+    for i, array in enumerate(arrays):
         stacked[i] = array[..., None] if array.ndim == 2 else array  # gray broadcasts to RGB when mixed
-        if array.ndim == 2 and not all_gray:
-            changed = dict(changed, **{"to colour": ""})
-        for change, detail in changed.items():
+    notes = tally_changes(paths, [changed for _, changed in decoded], gray)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), notes
+
+
+def check_same_size(paths: Sequence[str], sizes: Sequence[Sequence[int]], folder: str | Path) -> None:
+    """DataError naming the first image whose (height, width) differs from the first one's."""
+    for path, size in zip(paths, sizes):
+        if tuple(size) != tuple(sizes[0]):
+            raise DataError(f"images differ in size: {paths[0]} is {size_text(sizes[0])} "
+                            f"but {path} is {size_text(size)} (in {folder}); set data.image_size "
+                            f"(e.g. data.image_size={sizes[0][0]}) to resize all images to one square size")
+
+
+def tally_changes(paths: Iterable[str], changed: Iterable[dict[str, str]], gray: Sequence[bool]) -> dict[str, str]:
+    """{"warning": ..., "info": ...}: what decoding the images of one split changed (the i-th of `changed` for
+    the i-th of `paths`; greyscale images among colour ones are said to be made colour), for `log_notes`."""
+    all_gray = all(gray)
+    changes: dict[str, tuple[int, str, str]] = {}
+    for path, image_changes, is_gray in zip(paths, changed, gray):
+        if is_gray and not all_gray:
+            image_changes = dict(image_changes, **{"to colour": ""})
+        for change, detail in image_changes.items():
             count, first, first_detail = changes.get(change, (0, path, detail))
             changes[change] = (count + 1, first, first_detail)
-    warning, info = describe_changes(changes, len(paths))
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), {"warning": warning, "info": info}
+    warning, info = describe_changes(changes, len(gray))
+    return {"warning": warning, "info": info}
 
 
 def _same_channels(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
     """Grayscale stays one channel only when both splits are all grayscale; otherwise repeat it to RGB."""
     if x_train.shape[1] == x_test.shape[1]:
         return x_train, x_test
-    gray, colour = ("train", "test") if x_train.shape[1] == 1 else ("test", "train")
-    log.warning("the %s images are all greyscale but the %s images are in colour: the greyscale ones are "
-                "repeated to 3 channels", gray, colour)
+    common_channels(x_train.shape[1], x_test.shape[1])
     expand = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # noqa: E731
     return expand(x_train), expand(x_test)
+
+
+def common_channels(train: int, test: int) -> int:
+    """The channels of both splits (1 or 3): 3 unless both are greyscale, said in the log when they differ."""
+    if train != test:
+        gray, colour = ("train", "test") if train == 1 else ("test", "train")
+        log.warning("the %s images are all greyscale but the %s images are in colour: the greyscale ones are "
+                    "repeated to 3 channels", gray, colour)
+    return max(train, test)

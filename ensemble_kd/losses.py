@@ -29,7 +29,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     reduction="batchmean")`) so it stays finite for very confident teachers; T^2 keeps
     its gradient on the same scale as the hard term when T changes. The teacher is
     detached: gradients reach the student only. A term whose weight is zero is not
-    computed, so `labels` may be None when alpha == 0.
+    computed, so `labels` may be None when alpha == 0. `labels` are class ids (N,) or class
+    probabilities (N, C), e.g. the mixed labels of MixUp / CutMix.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}; it is the weight of the hard-label term")
@@ -44,8 +45,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
         if labels is None:
             raise ValueError(f"labels are required when alpha > 0 (alpha = {alpha}); "
                              "pass the hard labels or set alpha = 0 for a pure soft-target loss")
-        if labels.shape != student_logits.shape[:1]:
-            raise ValueError(f"labels must be (N,) = ({student_logits.shape[0]},), got {tuple(labels.shape)}")
+        if labels.shape not in (student_logits.shape[:1], student_logits.shape):
+            raise ValueError(f"labels must be class ids (N,) = ({student_logits.shape[0]},) or class probabilities "
+                             f"(N, C) = {tuple(student_logits.shape)}, got {tuple(labels.shape)}")
         loss = loss + alpha * F.cross_entropy(student_logits, labels)
     if alpha < 1:
         log_student = F.log_softmax(student_logits / temperature, dim=1)

@@ -29,17 +29,19 @@ import torch
 from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from . import artifacts
+from .augment import make_augment
 from .backbones import data_config
 from .artifacts import STARTED_FILE, ArtifactError
 from .config import Config, ModelConfig, recipe
 from .confusion import read_clusters
-from .data import Splits, load_data, make_augment
+from .data import Splits, load_data
 from .errors import EnsembleKDError, plural
 from .generalist import generalist_fingerprint, load_generalist
 from .inference import predict_logits
 from .losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
 from .models import Classifier, build_model, replace_head
 from .parallel import effective_jobs, run_jobs, specialist_device, stop_with_parent, worker_parent
+from .streaming import take
 from .train import FitOptions, TrainSet, fit, load_finished, save_model, set_seed
 
 log = logging.getLogger(__name__)
@@ -152,12 +154,12 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     in_subset = torch.isin(data.y_train, subset_t)
     labels = fold_labels(data.y_train, subset_t, data.num_classes)
     val_idx = enriched_indices(torch.isin(data.y_val, subset_t), fraction, torch.Generator().manual_seed(seed))
-    val = TrainSet(data.x_val[val_idx], fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
+    val = TrainSet(take(data.x_val, val_idx), fold_labels(data.y_val[val_idx], subset_t, data.num_classes))
     indices = lambda epoch, gen: enriched_indices(in_subset, fraction, gen)  # noqa: E731
     options = FitOptions(stage=f"specialist {cluster_id} hard", seed=seed, fingerprint=fingerprint,
-                         epoch_indices=indices, augment=make_augment(cfg.data), val=val, device=device,
-                         progress=progress, precision=cfg.precision, compile_model=cfg.compile,
-                         tensorboard=cfg.log.tensorboard)
+                         epoch_indices=indices, augment=make_augment(cfg.data, data.input_shape, len(subset) + 1),
+                         val=val, device=device, progress=progress, precision=cfg.precision,
+                         compile_model=cfg.compile, tensorboard=cfg.log.tensorboard)
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard", options)
     if cfg.specialists.soft_epochs > 0:
         model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir,

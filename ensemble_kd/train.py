@@ -1,11 +1,10 @@
 """One training loop for every stage, `fit()`, with the devices it runs on.
 
-`fit` trains a model on in-memory tensors, appends per-epoch metrics to
-`metrics.jsonl` and `metrics.csv` (and TensorBoard events when asked: curves.py), writes
-an atomic checkpoint after each epoch and resumes from it, and writes `model.pt` when
-done. Each epoch reseeds its own random streams from
-(seed, epoch), so a run resumed at an epoch boundary gives the same weights as one that
-never stopped.
+`fit` trains a model on in-memory tensors (or image files streamed from disk), appends
+per-epoch metrics to `metrics.jsonl` and `metrics.csv` (and TensorBoard events when asked:
+curves.py), writes an atomic checkpoint after each epoch and resumes from it, and writes
+`model.pt` when done. Each epoch reseeds its own random streams from (seed, epoch), so a
+run resumed at an epoch boundary gives the same weights as one that never stopped.
 
 The step loop never waits for the device: the loss sum and the correct count stay on
 the device and are read once per epoch, and the non-finite guard reads its on-device
@@ -25,6 +24,12 @@ benchmarks/README.md) and are returned and saved in the usual contiguous format.
 the training tensors are moved to the GPU once, when they take less than half of its
 free memory.
 
+Batches are gathered from the tensors by index, unless the inputs are image files
+(`streaming.ImageFiles`) or an augmentation works image by image (augment.py): then a
+DataLoader reads them (`streaming.ImageLoader`, with worker processes that stay for the
+whole fit), in the same order. Either way the batch is then flipped and cropped, and mixed
+(MixUp / CutMix: the labels become class probabilities) where the augmentation says so.
+
 Optional early stopping and best-epoch selection on the validation split
 (`train.early_stopping_patience`, `train.keep_best`; stopping.py) survive a resume: their
 state is part of every checkpoint.
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import time
@@ -52,11 +58,13 @@ from tqdm.auto import tqdm
 
 from . import artifacts, curves, inference
 from .artifacts import ArtifactError
+from .augment import Augmentation
 from .config import ConfigError, TrainConfig
 from .data import apply_augmentation
 from .errors import EnsembleKDError
 from .precision import PRECISIONS, autocast_dtype, resolve_precision, training_precision
 from .stopping import BestEpoch
+from .streaming import ImageLoader, Inputs, head, item_seed
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,6 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 # epoch_indices(epoch, generator) -> the example indices of one epoch, in order
 IndexFn = Callable[[int, torch.Generator], torch.Tensor]
-# augment(x, generator) -> augmented batch
-AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 class NonFiniteLossError(EnsembleKDError, FloatingPointError):
@@ -102,9 +108,10 @@ class Views:
 
 @dataclass
 class TrainSet:
-    """Examples held as tensors: inputs, hard labels and optional per-example teacher targets."""
+    """Examples: inputs (tensors, or image files read while training), hard labels and optional per-example
+    teacher targets."""
 
-    x: torch.Tensor
+    x: Inputs
     y: torch.Tensor
     targets: torch.Tensor | None = None  # cached teacher logits, aligned with x
     views: Views | None = None  # fixed augmented views (and a teacher's logits on them), one per epoch in turn
@@ -146,8 +153,9 @@ def _current_cuda_device(device: torch.device) -> contextlib.AbstractContextMana
 
 def keep_on_device(train: TrainSet, device: torch.device, share: float = 0.5) -> TrainSet:
     """`train` moved to a CUDA device once, when its tensors take less than `share` of the free
-    memory there (so batches need no copy from the host); unchanged on CPU or when too large."""
-    if device.type != "cuda":
+    memory there (so batches need no copy from the host); unchanged on CPU, when too large or when the
+    inputs are image files."""
+    if device.type != "cuda" or not isinstance(train.x, torch.Tensor):
         return train
     views = [] if train.views is None else [train.views.flips, train.views.offsets, train.views.logits]
     tensors = [t for t in (train.x, train.y, train.targets, *views) if t is not None]
@@ -336,7 +344,7 @@ class FitOptions:
     loss_fn: LossFn | None = None  # loss_fn(logits, labels, targets); default: cross-entropy (cfg.label_smoothing)
     teacher: nn.Module | None = None  # run on each (augmented) batch for its targets; else train.targets are used
     epoch_indices: IndexFn | None = None  # the examples of each epoch, in order; default: a shuffle of all
-    augment: AugmentFn | None = None  # batched augmentation of every training batch
+    augment: Augmentation | None = None  # random augmentation of every training batch (augment.py)
     val: TrainSet | None = None  # held-out examples whose accuracy is logged after each epoch
     device: str | torch.device = "cpu"  # where the model trains
     progress: bool = True  # a progress bar per epoch on a terminal (never in a log file)
@@ -349,7 +357,8 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     """Train `model` for `cfg.epochs`, resuming from `stage_dir` if a checkpoint is there.
 
     With `options.teacher`, the targets of each batch are the teacher's logits on the
-    (augmented) batch; otherwise `train.targets` (if any) are passed to the loss as they are.
+    (augmented) batch; otherwise `train.targets` (if any) are passed to the loss as they are. With
+    `options.augment.mix`, the labels given to the loss are (N, C) class probabilities.
     `precision` and `compile_model` are not part of the fingerprint, like `device`: a stage
     may resume at another precision (so "auto" may mix bf16 and fp32 epochs when a run
     resumes on another machine); model.pt records the precision used when it is not fp32.
@@ -387,17 +396,20 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     start = _resume(model, optimizer, scheduler, stage_dir, fingerprint, scaler, best)
     if o.teacher is not None:
         o.teacher.eval()
-    if start < cfg.epochs:
+    loader = image_loader(train.x, o.augment, device) if start < cfg.epochs else None
+    if start < cfg.epochs and loader is None:  # a loader's worker processes read from the CPU
         train = keep_on_device(train, device)
     loop = _Loop(model, torch.compile(model) if o.compile_model else model,
                  [p for p in model.parameters() if p.requires_grad], train, cfg, optimizer, scheduler, scaler,
                  loss_fn, o.teacher, epoch_indices, o.augment, o.stage, o.seed, device, precision, memory_format,
-                 o.progress)
+                 o.progress, loader)
     epoch_log = curves.EpochLog(stage_dir, o.tensorboard, start)
     try:
         last = _run_epochs(loop, o, start, best, epoch_log, stage_dir, fingerprint)
     finally:
         epoch_log.close()
+        if loop.loader is not None:
+            loop.loader.close()
     if best.restore(model) and best.epoch != last:
         log.info("%s: keeping epoch %d's weights (best val acc %.4f), not epoch %d's", o.stage, best.epoch,
                  best.accuracy, last)
@@ -437,12 +449,22 @@ def _run_epochs(loop: _Loop, o: FitOptions, start: int, best: BestEpoch, epoch_l
     return last
 
 
+def image_loader(x: Inputs, augment: Augmentation | None, device: torch.device) -> ImageLoader | None:
+    """The loader of training batches of `x` when they are read image by image: from image files, or with
+    a per-image augmentation; None when they are gathered from the tensor by index."""
+    transform = None if augment is None else augment.image
+    if isinstance(x, torch.Tensor) and transform is None:
+        return None
+    workers = augment.workers if isinstance(x, torch.Tensor) else x.workers
+    return ImageLoader(x, transform, workers, pin_memory=device.type == "cuda")
+
+
 def _chosen_precision(precision: str, device: torch.device, model: nn.Module, train: TrainSet, batch_size: int,
                       stage: str) -> str:
     """`precision` resolved for training `model` in batches of `batch_size`, said in the log when it was "auto"."""
     if precision != "auto" or len(train) == 0:
         return resolve_precision(precision, device)
-    chosen = training_precision(precision, device, model, train.x, min(batch_size, len(train)))
+    chosen = training_precision(precision, device, model, head(train.x, 1), min(batch_size, len(train)))
     log.info("%s: precision auto -> %s on %s", stage, chosen, device)
     return chosen
 
@@ -462,13 +484,14 @@ class _Loop:
     loss_fn: LossFn
     teacher: nn.Module | None
     epoch_indices: IndexFn
-    augment: AugmentFn | None
+    augment: Augmentation | None
     stage: str
     seed: int
     device: torch.device
     precision: str  # resolved: fp32 | bf16 | fp16
     memory_format: torch.memory_format  # of image batches: channels-last for conv models
     progress: bool
+    loader: ImageLoader | None  # reads the batches image by image; None: gathered from train.x by index
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = PRECISIONS[self.precision]
@@ -482,7 +505,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     device = loop.device
     generator = torch.Generator().manual_seed(epoch_seed(loop.seed, epoch))
     _seed_global_stream(epoch_seed(loop.seed, epoch), device)  # dropout draws from it
-    order = loop.epoch_indices(epoch, generator).to(loop.train.x.device)  # on a GPU: one copy per epoch
+    order = loop.epoch_indices(epoch, generator).to(loop.train.y.device)  # on a GPU: one copy per epoch
     augment_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(
         epoch_seed(loop.seed, epoch))  # draws where the batch is: no copy from the host per step
     loop.model.train()
@@ -493,11 +516,14 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
                disable=None) if loop.progress else batches  # disable=None: no bar when stderr is not a terminal
     seen, checked = 0, 0
     view = None if loop.train.views is None else (epoch - 1) % loop.train.views.count
-    for step, idx in enumerate(bar, start=1):
-        logits, y, loss = _train_step(loop, idx, augment_generator, view)
+    read = itertools.repeat(None) if loop.loader is None else loop.loader.epoch(batches, epoch_seed(loop.seed, epoch))
+    for step, (idx, x) in enumerate(zip(bar, read), start=1):
+        mix_seed = item_seed(epoch_seed(loop.seed, epoch) + 1, step)
+        logits, y, loss = _train_step(loop, idx, augment_generator, view, x, mix_seed)
         loss_sum.add_(loss.detach(), alpha=len(idx))
-        if y.dtype == torch.int64:
-            correct.add_((logits.detach().argmax(1) == y).sum())
+        if y.dtype == torch.int64 or y.ndim == 2:
+            labels = y if y.ndim == 1 else y.argmax(1)  # mixed labels: the class with the largest share
+            correct.add_((logits.detach().argmax(1) == labels).sum())
         seen += len(idx)
         if step % NONFINITE_CHECK_STEPS == 0 or step == len(batches):
             _check_finite(loss_sum, loop, epoch, checked + 1, step)
@@ -515,17 +541,21 @@ def _seed_global_stream(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def _train_step(loop: _Loop, idx: torch.Tensor, generator: torch.Generator,
-                view: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, clipping and optimizer step on the examples `idx` (seen through the
-    fixed `view` of `train.views` when there are views); (logits, labels, loss)."""
-    train, device, cfg = loop.train, loop.device, loop.cfg
-    x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
+def _train_step(loop: _Loop, idx: torch.Tensor, generator: torch.Generator, view: int | None = None,
+                x: torch.Tensor | None = None, mix_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, clipping and optimizer step on the examples `idx` (their inputs `x` when the
+    loader has read them, else gathered from train.x; seen through the fixed `view` of `train.views` when
+    there are views); (logits, labels, loss)."""
+    train, device, cfg, augment = loop.train, loop.device, loop.cfg, loop.augment
+    x = train.x[idx] if x is None else x
+    x, y = x.to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
     view_targets = None
     if view is not None:
         x, view_targets = train.views.batch(x, view, idx)
-    if loop.augment is not None:
-        x = loop.augment(x, generator)
+    if augment is not None and augment.batch is not None:
+        x = augment.batch(x, generator)
+    if augment is not None and augment.mix is not None:
+        x, y = augment.mix(x, y, mix_seed)
     if x.ndim == 4:
         x = x.contiguous(memory_format=loop.memory_format)
     targets = None

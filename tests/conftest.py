@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from ensemble_kd import artifacts
 from ensemble_kd.config import Config, ModelConfig, load_config
@@ -130,6 +132,26 @@ def write_sideways(path: Path, upright: np.ndarray = UPRIGHT) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
+
+
+def write_digits_folder(root: Path) -> Path:
+    """scikit-learn's 8x8 digits as an image folder of greyscale PNGs, root/{train,test}/<digit>/<n>.png, split
+    as data.name = "digits" splits them (a fixed stratified 25% test set); pixels 0-16 scaled to 0-255."""
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    train, test = train_test_split(np.arange(len(pixels)), test_size=0.25, stratify=digits.target, random_state=0)
+    for split, indices in (("train", train), ("test", test)):
+        for i in indices:
+            folder = root / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[i]).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits as an image folder (`write_digits_folder`), written once per session: read only."""
+    return write_digits_folder(tmp_path_factory.mktemp("digits-folder") / "digits")
 
 
 IMAGE_SHAPE = [1, 8, 8]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from ensemble_kd import choices, confusion, data, export, generalist, models, pipeline, precision
+from ensemble_kd.augment import augment_fingerprint
 from ensemble_kd.cli import main
-from ensemble_kd.config import (NEUTRAL_SETTINGS, Config, ConfigError, ModelConfig, TrainConfig, fingerprint_settings,
-                                load_config, to_toml)
+from ensemble_kd.config import (NEUTRAL_SETTINGS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig,
+                                fingerprint_settings, load_config, to_toml)
 from ensemble_kd.pipeline import start_run
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
@@ -262,3 +263,6 @@ def test_fingerprints_leave_out_settings_at_their_neutral_value_so_older_runs_re
     assert fingerprint_settings(dataclasses.replace(model, arch="torchvision", name="resnet18"))["name"] == "resnet18"
     nested = fingerprint_settings(Config().specialists)
     assert "early_stopping_patience" not in nested["train"] and "pretrained" not in nested["model"]
+    assert augment_fingerprint(DataConfig()) == {"flip": False, "crop_pad": 0}  # what fingerprints held before
+    assert augment_fingerprint(DataConfig(mix="cutmix", mix_alpha=0.2)) == {
+        "flip": False, "crop_pad": 0, "mix": "cutmix", "mix_alpha": 0.2}

@@ -316,7 +316,7 @@ def test_imagefolder_uses_tensor_cache(tmp_path, monkeypatch, private_cache):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(imagefolder, "_decode_image", no_decoding)
+    monkeypatch.setattr(imagefolder, "decode_image", no_decoding)
     again = load_data(_folder_cfg(root), 0)
     assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_test, again.y_test)
     _write_image(root / "train" / "cat" / "new.png", (1, 2, 3))  # a changed folder is decoded again

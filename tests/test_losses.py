@@ -65,6 +65,13 @@ def test_gradients_reach_the_student_only():
     assert t.grad is None
 
 
+def test_class_probabilities_as_labels_give_the_loss_of_their_class_ids_when_one_hot():
+    s, t, y = tensors()
+    one_hot = F.one_hot(y, s.shape[1]).to(s.dtype)  # what MixUp / CutMix give for a weight of 1
+    assert kd_loss(s, t, one_hot, alpha=0.5, temperature=2.0).item() == pytest.approx(
+        kd_loss(s, t, y, alpha=0.5, temperature=2.0).item(), abs=1e-12)
+
+
 def test_kd_loss_rejects_bad_arguments():
     s, t, y = tensors()
     with pytest.raises(ValueError, match="labels are required"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ensemble_kd.artifacts import ArtifactError, read_jsonl
+from ensemble_kd.artifacts import CLUSTERS_FILE, MODEL_FILE, ArtifactError, read_json, read_jsonl
 from ensemble_kd.cli import main
 from ensemble_kd.config import ConfigError, load_config
 from ensemble_kd.confusion import ClusterError, choose_k, read_clusters
@@ -178,6 +178,29 @@ def test_the_same_config_and_seed_give_identical_clusters_specialists_and_studen
     cfg = tiny_config()
     longest_first = dispatch_order(cfg, dict(enumerate(read_clusters(other))), load_data(cfg.data, cfg.seed).y_train)
     assert f"training 2 specialists ({', '.join(map(str, longest_first))}), 2 at a time" in caplog.text
+
+
+DIGITS_RUN = ["threads=1", "data.name=imagefolder", "generalist.model.hidden=[32]", "generalist.train.epochs=2",
+              "data.flip=true", "clusters.k=2", "specialists.train.epochs=1", "specialists.soft_epochs=1"]
+
+
+def test_a_streamed_run_finds_the_clusters_and_trains_the_specialists_of_the_in_memory_run(
+        digits_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digits as an image folder, in memory and streamed from disk with its specialists two at a time, each
+    reading through its own loader with worker processes (after the test above, whose loky workers it reuses)."""
+    monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for storage, jobs, workers in (("memory", 1, 0), ("stream", 2, 2)):
+        cfg = load_config(None, [*DIGITS_RUN, f"data.root={digits_folder}", f"data.storage={storage}",
+                                 f"specialists.n_jobs={jobs}", f"data.workers={workers}"])
+        runs[storage] = start_run(cfg, tmp_path / storage)
+        run_pipeline(cfg, runs[storage], until="specialists", progress=False)
+    memory, stream = runs["memory"], runs["stream"]
+    clusters = read_json(memory / CLUSTERS_FILE)["clusters"]
+    assert len(clusters) == 2 and read_json(stream / CLUSTERS_FILE)["clusters"] == clusters
+    assert list((tmp_path / "cache").glob("digits-*/scans/*.pt"))  # streamed: its files were read, not decoded
+    for model in ("generalist", "specialists/specialist_00", "specialists/specialist_01"):
+        assert_same_weights(memory / model / MODEL_FILE, stream / model / MODEL_FILE)
 
 
 @pytest.mark.parametrize("overrides, message", [

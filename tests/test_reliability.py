@@ -467,6 +467,8 @@ def test_impossible_settings_known_after_loading_the_data_fail_before_the_genera
     ("generalist.train.epochz=3", "unknown config key 'generalist.train.epochz'"),
     ("clusters.k=two", "clusters.k must be of type int"),
     ("specialists.n_jobs=1.5", "specialists.n_jobs must be of type int"),
+    ("data.storage=stream", "data.storage = 'stream' reads image files from disk, and data.name = 'synthetic'"),
+    ("data.mix=cutmix", "data.mix augments images, and the synthetic data are flat features"),
 ])
 def test_unknown_keys_and_wrong_types_fail_before_the_run_directory_exists(
         tmp_path: Path, config_file: Path, override: str, message: str) -> None:

@@ -20,7 +20,8 @@ from torch import nn
 from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import ArtifactError
-from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig
+from ensemble_kd.augment import Augmentation, make_augment
+from ensemble_kd.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
 from ensemble_kd.inference import evaluate
 from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy,
@@ -535,6 +536,30 @@ def test_a_checkpoint_in_contiguous_layout_resumes_correctly_under_channels_last
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)  # conv rounding differs by ~1e-7 only
 
 
+def test_per_image_augmentation_and_mixing_give_the_same_weights_in_any_number_of_workers_and_after_a_resume(
+        tmp_path):
+    data, labels_seen = image_data(), []
+
+    def options(workers: int, crash_at: int | None = None) -> FitOptions:
+        augment = make_augment(DataConfig(random_resized_crop=0.5, auto_augment="randaugment", mix="mixup",
+                                          workers=workers), (1, 8, 8), 3)
+        loss = counting_loss(crash_at)
+
+        def record(logits, labels, targets):
+            labels_seen.append(labels)
+            return loss(logits, labels, targets)
+        return FitOptions(stage=STAGE, seed=0, augment=augment, loss_fn=record, progress=False)
+
+    reference = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "reference", options(workers=0))
+    labels = labels_seen[0]
+    assert labels.shape == (16, 3) and torch.allclose(labels.sum(1), torch.ones(16))  # mixed: class probabilities
+    assert (labels.max(1).values < 1).any()
+    with pytest.raises(Crash):  # in epoch 3, with the images read and augmented by two worker processes
+        fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", options(workers=2, crash_at=2 * 6 + 2))
+    resumed = fit(fresh_cnn(), data, CNN_CFG, tmp_path / "stage", options(workers=2))
+    assert_same_weights(resumed, reference)
+
+
 # ---------------------------------------------------------------- teacher and targets
 
 class Recording(nn.Module):
@@ -570,7 +595,7 @@ def test_loss_fn_gets_the_teachers_logits_on_the_augmented_batch(blobs, tmp_path
         return x + 1.0
 
     fit(student, blobs, TrainConfig(epochs=1, batch_size=32), tmp_path / "s", FitOptions(stage=STAGE, seed=0,
-        loss_fn=loss, teacher=teacher, augment=shift, progress=False))
+        loss_fn=loss, teacher=teacher, augment=Augmentation(batch=shift), progress=False))
     assert sum(seen) == len(blobs) and len(seen) == STEPS
 
 
