@@ -266,7 +266,9 @@ def test_the_imagefolder_config_runs_end_to_end_on_two_classes_with_the_generali
     assert (out / "export" / "student.ts").is_file() and (out / "export" / "student_state.pt").is_file()
 
 
-def test_one_class_and_settings_the_data_cannot_meet_fail_before_the_generalist(tmp_path: Path) -> None:
+def test_one_class_and_settings_the_data_cannot_meet_fail_before_the_generalist(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))  # the folder's decoded tensors, not in ~/.cache
     root = tmp_path / "one"
     for split in ("train", "test"):
         (root / split / "only").mkdir(parents=True)
