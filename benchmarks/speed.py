@@ -28,7 +28,8 @@ in the JSON and the load average before and after each part.
    contiguous, and `precision = "auto"`; images/s and the share of the matching matmul
    peak. `cnn_auto_over_fp32_today` >= 1.8. A CIFAR ResNet-8 checks channels-last there.
 4. distillation vs hard labels: a student epoch on kd_loss with cached teacher logits
-   against a hard-label epoch of the same student. Target <= 1.15.
+   (their log-probabilities at T computed once, as distill does) against a hard-label
+   epoch of the same student. Target <= 1.15.
 5. specialists (CPU): `train_all_specialists` with n_jobs=2 against n_jobs=1 on a run of
    the committed pipelines/configs/<specialists_config>.toml prepared up to the clusters.
    Target <= 0.62. The per-specialist durations give the best ratio that dispatching
@@ -77,7 +78,7 @@ from ensemble_kd.ensemble import build_ensemble
 from ensemble_kd.export import load_student
 from ensemble_kd.generalist import load_generalist
 from ensemble_kd.inference import predict_logits
-from ensemble_kd.losses import kd_loss
+from ensemble_kd.losses import kd_loss_from_log_probs, teacher_log_probs
 from ensemble_kd.models import build_model, count_params
 from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.precision import training_precision
@@ -543,12 +544,13 @@ def distill_vs_hard(cfg: Config, data: Splits, plan: Plan, device: torch.device)
     set_seed(cfg.seed)
     teacher = build_model(cfg.generalist.model, data.input_shape, data.num_classes, data.mean, data.std).to(device)
     started = time.perf_counter()
-    cached = predict_logits(teacher.eval(), data.x_train, device=device)  # paid once per run, outside the epochs
+    alpha, temperature = cfg.student.alpha, cfg.student.temperature
+    logits = predict_logits(teacher.eval(), data.x_train, device=device)  # paid once per run, outside the epochs
+    cached = teacher_log_probs(logits, temperature)  # as distill() does: the teacher's side of the loss, once
     cache_seconds = time.perf_counter() - started
     set_seed(cfg.seed + 1)
     initial = build_model(cfg.student.model, data.input_shape, data.num_classes, data.mean, data.std)
-    alpha, temperature = cfg.student.alpha, cfg.student.temperature
-    kd = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
+    kd = lambda s, y, t: kd_loss_from_log_probs(s, t, y, alpha, temperature)  # noqa: E731
     variants = {
         "hard": lambda: timed_fit(copy.deepcopy(initial), TrainSet(data.x_train, data.y_train), train_cfg, device,
                                   loss_fn=cross_entropy()),

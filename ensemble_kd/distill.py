@@ -27,7 +27,7 @@ from .config import Config, ConfigError, fingerprint_settings, recipe
 from .data import Splits, draw_augmentation
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
-from .losses import kd_loss
+from .losses import kd_loss, kd_loss_from_log_probs, teacher_log_probs
 from .models import Classifier, build_model, count_params
 from .precision import autocast
 from .streaming import Inputs, batches
@@ -116,9 +116,9 @@ def teacher_targets(teacher: nn.Module, data: Splits, cfg: Config, path: Path,
     device = resolve_device(cfg.device)
     views = transfer_views(cfg, len(data.x_train))
     if views is not None:
-        views.logits = cached_teacher_logits(
+        views.targets = cached_teacher_logits(
             lambda: view_logits(teacher, data.x_train, views, device, cfg.precision), path, fingerprint)
-        return views.logits, views
+        return views.targets, views
     logits = cached_teacher_logits(lambda: predict_logits(teacher.to(device).eval(), data.x_train, device=device,
                                                           precision=cfg.precision), path, fingerprint)
     return logits, None
@@ -143,12 +143,16 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
     loss_fn, live_teacher = cross_entropy(cfg.student.train.label_smoothing), None
     if teacher is not None:
         temperature = cfg.student.temperature
-        loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
-        if augment is None:
+        if augment is None:  # cached logits: their log-probabilities at T once, not in every step
             cache = teacher_cache or stage_dir / artifacts.TEACHER_LOGITS_FILE
             logits, views = teacher_targets(teacher, data, cfg, cache, teacher_fingerprint or fingerprint)
-            train.views, train.targets = views, None if views is not None else logits
+            log_probs = teacher_log_probs(logits, temperature)
+            if views is not None:
+                views.targets = log_probs
+            train.views, train.targets = views, None if views is not None else log_probs
+            loss_fn = lambda s, y, t: kd_loss_from_log_probs(s, t, y, alpha, temperature)  # noqa: E731
         else:
+            loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
             live_teacher = teacher.to(device).eval()
     return fit(student, train, cfg.student.train, stage_dir, FitOptions(
         stage=stage_dir.name, seed=cfg.seed if seed is None else seed, fingerprint=fingerprint, loss_fn=loss_fn,

@@ -1,7 +1,8 @@
 """Distillation losses and the specialist "dustbin" helpers, as pure functions.
 
 - `kd_loss`: Hinton's distillation loss, hard-label cross-entropy plus the T^2-scaled
-  KL divergence between temperature-softened teacher and student distributions.
+  KL divergence between temperature-softened teacher and student distributions;
+  `kd_loss_from_log_probs` takes the teacher's side precomputed (`teacher_log_probs`).
 - `fold_probs` / `fold_labels`: map a C-class distribution or class ids onto a
   specialist's |S| + 1 outputs (its classes in the order of `subset`, then the dustbin).
 - `dustbin_log_correction`: the prior correction of a specialist's dustbin logit after
@@ -32,13 +33,29 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     computed, so `labels` may be None when alpha == 0. `labels` are class ids (N,) or class
     probabilities (N, C), e.g. the mixed labels of MixUp / CutMix.
     """
+    _check_temperature(temperature)
+    return kd_loss_from_log_probs(student_logits, teacher_log_probs(teacher_logits, temperature), labels, alpha,
+                                  temperature)
+
+
+def teacher_log_probs(teacher_logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(t / T) over the last dimension, detached: the teacher's side of `kd_loss`.
+
+    Row by row, so computing it once over cached logits of any shape gives exactly the values
+    `kd_loss` computes batch by batch (a distillation step then skips two of its ops)."""
+    _check_temperature(temperature)
+    return F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+
+
+def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,
+                           alpha: float, temperature: float) -> Tensor:
+    """`kd_loss` with the teacher given as `teacher_log_probs(t, temperature)`; the same value, bit for bit."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}; it is the weight of the hard-label term")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; 1 means no softening, Hinton used 2-20")
-    if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
+    _check_temperature(temperature)
+    if student_logits.ndim != 2 or student_logits.shape != teacher_log_probs.shape:
         raise ValueError(f"student and teacher logits must both be (N, C) with the same shape, got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_log_probs.shape)}; "
                          "check that the teacher and student predict the same classes")
     loss = student_logits.new_zeros(())
     if alpha > 0:
@@ -51,10 +68,14 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
         loss = loss + alpha * F.cross_entropy(student_logits, labels)
     if alpha < 1:
         log_student = F.log_softmax(student_logits / temperature, dim=1)
-        log_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-        soft = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+        soft = F.kl_div(log_student, teacher_log_probs.detach(), log_target=True, reduction="batchmean")
         loss = loss + (1.0 - alpha) * temperature**2 * soft
     return loss
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; 1 means no softening, Hinton used 2-20")
 
 
 def _as_subset(subset: Tensor | Sequence[int], num_classes: int, device: torch.device) -> Tensor:

@@ -81,29 +81,29 @@ class NonFiniteLossError(EnsembleKDError, FloatingPointError):
 @dataclass
 class Views:
     """Fixed augmented views of a training set: epoch e trains on view (e - 1) % count, each image
-    flipped and cropped as recorded here, with a teacher's logits on exactly that view as targets
+    flipped and cropped as recorded here, with a teacher's targets on exactly that view
     (`student.transfer = "views"`). The teacher runs once per view, not once per epoch and student."""
 
     flips: torch.Tensor | None  # (count, N) bool: image flipped in that view (None: no flips)
     offsets: torch.Tensor | None  # (count, N, 2) crop offsets into the image padded by crop_pad (None: no crops)
     crop_pad: int  # padding of the crops
-    logits: torch.Tensor | None = None  # (count, N, C) the teacher's logits on each view; None for hard labels
+    targets: torch.Tensor | None = None  # (count, N, C) the teacher's targets on each view (what loss_fn takes); None for hard labels
 
     @property
     def count(self) -> int:
-        parts = [t for t in (self.flips, self.offsets, self.logits) if t is not None]
+        parts = [t for t in (self.flips, self.offsets, self.targets) if t is not None]
         return len(parts[0]) if parts else 1
 
     def to(self, device: torch.device) -> "Views":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Views(move(self.flips), move(self.offsets), self.crop_pad, move(self.logits))
+        return Views(move(self.flips), move(self.offsets), self.crop_pad, move(self.targets))
 
     def batch(self, x: torch.Tensor, view: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Examples `idx` (already gathered as `x`) seen through `view`, and the teacher's logits there."""
+        """Examples `idx` (already gathered as `x`) seen through `view`, and the teacher's targets there."""
         flips = None if self.flips is None else self.flips[view][idx]
         offsets = None if self.offsets is None else self.offsets[view][idx]
-        logits = None if self.logits is None else self.logits[view][idx]
-        return apply_augmentation(x, flips, offsets, self.crop_pad), logits
+        targets = None if self.targets is None else self.targets[view][idx]
+        return apply_augmentation(x, flips, offsets, self.crop_pad), targets
 
 
 @dataclass
@@ -113,7 +113,7 @@ class TrainSet:
 
     x: Inputs
     y: torch.Tensor
-    targets: torch.Tensor | None = None  # cached teacher logits, aligned with x
+    targets: torch.Tensor | None = None  # cached teacher targets (what loss_fn takes), aligned with x
     views: Views | None = None  # fixed augmented views (and a teacher's logits on them), one per epoch in turn
 
     def __len__(self) -> int:
@@ -157,7 +157,7 @@ def keep_on_device(train: TrainSet, device: torch.device, share: float = 0.5) ->
     inputs are image files."""
     if device.type != "cuda" or not isinstance(train.x, torch.Tensor):
         return train
-    views = [] if train.views is None else [train.views.flips, train.views.offsets, train.views.logits]
+    views = [] if train.views is None else [train.views.flips, train.views.offsets, train.views.targets]
     tensors = [t for t in (train.x, train.y, train.targets, *views) if t is not None]
     size = sum(t.element_size() * t.nelement() for t in tensors)
     free, _ = torch.cuda.mem_get_info(device)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd.losses import dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss
+from ensemble_kd.losses import (dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss,
+                                kd_loss_from_log_probs, teacher_log_probs)
 
 # 2 examples, 3 classes.
 STUDENT = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]
@@ -137,3 +138,18 @@ def test_fit_dustbin_shift_matches_the_log_odds_worked_out_by_hand() -> None:
 def test_fit_dustbin_shift_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="logits must be"):
         fit_dustbin_shift(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
+
+
+def test_teacher_log_probs_computed_once_over_cached_views_give_kd_loss_and_its_gradient_bit_for_bit():
+    torch.manual_seed(0)
+    cached = torch.randn(3, 40, 5) * 4  # (views, N, C) teacher logits, as distill caches them
+    once = teacher_log_probs(cached, temperature=2.0)
+    idx, labels = torch.tensor([7, 3, 31, 12]), torch.tensor([0, 4, 2, 2])
+    student = torch.randn(4, 5, requires_grad=True)
+    ours = kd_loss_from_log_probs(student, once[1][idx], labels, alpha=0.5, temperature=2.0)
+    (grad_ours,) = torch.autograd.grad(ours, student)
+    theirs = kd_loss(student, cached[1][idx], labels, alpha=0.5, temperature=2.0)
+    (grad_theirs,) = torch.autograd.grad(theirs, student)
+    assert torch.equal(ours, theirs) and torch.equal(grad_ours, grad_theirs)
+    with pytest.raises(ValueError, match="temperature"):
+        teacher_log_probs(cached, temperature=0.0)
