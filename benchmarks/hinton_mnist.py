@@ -47,6 +47,7 @@ import torch
 
 import common
 from ensemble_kd import artifacts
+from ensemble_kd.augment import Augmentation
 from ensemble_kd.config import DataConfig, ModelConfig, TrainConfig
 from ensemble_kd.data import Splits, augment_batch, load_data
 from ensemble_kd.losses import kd_loss
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace, budget: Budget, workdir: Path) -> dict[str, An
     log.info("teacher 784-1200-1200-10, dropout %.2f, jitter +/-%d px, %d epochs", args.teacher_dropout,
              args.jitter, budget.teacher_epochs)
     teacher = new_mlp([1200, 1200], args.teacher_dropout, data, args.seed)
-    jitter = (lambda x, gen: augment_batch(x, False, args.jitter, gen)) if args.jitter > 0 else None
+    jitter = Augmentation(batch=lambda x, gen: augment_batch(x, False, args.jitter, gen)) if args.jitter > 0 else None
     base = {"train_limit": budget.train_limit, "val_fraction": args.val_fraction}
     teacher_settings = {**base, "hidden": [1200, 1200], "dropout": args.teacher_dropout, "jitter": args.jitter}
     runs["teacher"] = train_net("teacher", teacher, train, teacher_cfg, workdir, args.seed, data, teacher_settings,

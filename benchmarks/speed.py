@@ -70,6 +70,7 @@ import common
 from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import read_json, read_jsonl
+from ensemble_kd.augment import Augmentation, BatchFn
 from ensemble_kd.config import Config, ModelConfig, TrainConfig, load_config
 from ensemble_kd.confusion import read_clusters
 from ensemble_kd.data import Splits, augment_batch, load_data
@@ -229,14 +230,14 @@ def raw_seconds(runs: dict[str, list[Run]]) -> dict[str, dict[str, list[float]]]
 
 
 def timed_fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, device: torch.device, progress: bool = False,
-              precision: str = "fp32", loss_fn: Callable | None = None, augment: Callable | None = None,
+              precision: str = "fp32", loss_fn: Callable | None = None, augment: BatchFn | None = None,
               compile_model: bool = False) -> dict[str, Any]:
     """Wall seconds of a whole fit() call (with its checkpoints), of its epochs alone and of each epoch, and the
-    CPU seconds of its epochs."""
+    CPU seconds of its epochs. `augment` is a batched augmentation (flips, padded crops)."""
     with tempfile.TemporaryDirectory(prefix="speed_fit_") as stage_dir, epoch_cpu_seconds() as epoch_cpu:
         started = time.perf_counter()
         fit(model, train, cfg, stage_dir, FitOptions(stage="bench", seed=0, progress=progress, precision=precision,
-                                                     loss_fn=loss_fn, augment=augment, device=device,
+                                                     loss_fn=loss_fn, augment=augment and Augmentation(batch=augment), device=device,
                                                      compile_model=compile_model))
         synchronize(device)
         wall = time.perf_counter() - started
