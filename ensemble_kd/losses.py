@@ -33,7 +33,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     computed, so `labels` may be None when alpha == 0. `labels` are class ids (N,) or class
     probabilities (N, C), e.g. the mixed labels of MixUp / CutMix.
     """
-    _check_temperature(temperature)
     return kd_loss_from_log_probs(student_logits, teacher_log_probs(teacher_logits, temperature), labels, alpha,
                                   temperature)
 
