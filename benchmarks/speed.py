@@ -234,10 +234,11 @@ def timed_fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, device: torch
               compile_model: bool = False) -> dict[str, Any]:
     """Wall seconds of a whole fit() call (with its checkpoints), of its epochs alone and of each epoch, and the
     CPU seconds of its epochs. `augment` is a batched augmentation (flips, padded crops)."""
+    augmentation = None if augment is None else Augmentation(batch=augment)
     with tempfile.TemporaryDirectory(prefix="speed_fit_") as stage_dir, epoch_cpu_seconds() as epoch_cpu:
         started = time.perf_counter()
         fit(model, train, cfg, stage_dir, FitOptions(stage="bench", seed=0, progress=progress, precision=precision,
-                                                     loss_fn=loss_fn, augment=augment and Augmentation(batch=augment), device=device,
+                                                     loss_fn=loss_fn, augment=augmentation, device=device,
                                                      compile_model=compile_model))
         synchronize(device)
         wall = time.perf_counter() - started
