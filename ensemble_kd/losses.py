@@ -2,7 +2,9 @@
 
 - `kd_loss`: Hinton's distillation loss, hard-label cross-entropy plus the T^2-scaled
   KL divergence between temperature-softened teacher and student distributions;
-  `kd_loss_from_log_probs` takes the teacher's side precomputed (`teacher_log_probs`).
+  `kd_loss_from_log_probs` takes the teacher's side precomputed (`teacher_log_probs`). Both
+  compute the loss and its gradient in one autograd node (`_KDLoss`), so that a distillation
+  step costs little more than a hard-label one.
 - `fold_probs` / `fold_labels`: map a C-class distribution or class ids onto a
   specialist's |S| + 1 outputs (its classes in the order of `subset`, then the dustbin).
 - `dustbin_log_correction`: the prior correction of a specialist's dustbin logit after
@@ -56,7 +58,6 @@ def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, la
         raise ValueError(f"student and teacher logits must both be (N, C) with the same shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_log_probs.shape)}; "
                          "check that the teacher and student predict the same classes")
-    loss = student_logits.new_zeros(())
     if alpha > 0:
         if labels is None:
             raise ValueError(f"labels are required when alpha > 0 (alpha = {alpha}); "
@@ -64,12 +65,45 @@ def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, la
         if labels.shape not in (student_logits.shape[:1], student_logits.shape):
             raise ValueError(f"labels must be class ids (N,) = ({student_logits.shape[0]},) or class probabilities "
                              f"(N, C) = {tuple(student_logits.shape)}, got {tuple(labels.shape)}")
-        loss = loss + alpha * F.cross_entropy(student_logits, labels)
-    if alpha < 1:
-        log_student = F.log_softmax(student_logits / temperature, dim=1)
-        soft = F.kl_div(log_student, teacher_log_probs.detach(), log_target=True, reduction="batchmean")
-        loss = loss + (1.0 - alpha) * temperature**2 * soft
-    return loss
+    if alpha == 1:
+        return F.cross_entropy(student_logits, labels)
+    return _KDLoss.apply(student_logits, teacher_log_probs.detach(), labels, alpha, temperature)
+
+
+class _KDLoss(torch.autograd.Function):
+    """`kd_loss` and its gradient as one autograd node. As a chain of tensor ops (cross-entropy,
+    log-softmax, KL, three scalar products) the loss cost a small student's step three times what
+    cross-entropy does, most of it autograd bookkeeping; here the gradient is written out, computed
+    in the forward pass and only scaled in the backward one:
+
+        d loss / d s = [alpha (softmax(s) - y) + (1 - alpha) T (softmax(s / T) - softmax(t / T))] / N
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,  # type: ignore[override]
+                alpha: float, temperature: float) -> Tensor:
+        n, t = student_logits.shape[0], temperature
+        soft_weight = (1 - alpha) * t / n  # of the soft term's gradient; its loss weighs T times more (T^2 / n)
+        log_q = torch.log_softmax(student_logits / t, dim=1)  # the student, softened
+        p_teacher = teacher_log_probs.exp()
+        loss = (p_teacher * (teacher_log_probs - log_q)).sum().mul_(soft_weight * t)  # KL, summed over the batch
+        grad = log_q.exp_().sub_(p_teacher).mul_(soft_weight)
+        if alpha > 0:
+            log_p = torch.log_softmax(student_logits, dim=1)
+            if labels.ndim == 1:  # class ids
+                ids = labels.unsqueeze(1)
+                loss.sub_(log_p.gather(1, ids).sum(), alpha=alpha / n)
+                grad.scatter_add_(1, ids, grad.new_full(ids.shape, -alpha / n))
+            else:  # class probabilities (MixUp / CutMix)
+                loss.sub_((labels * log_p).sum(), alpha=alpha / n)
+                grad.sub_(labels, alpha=alpha / n)
+            grad.add_(log_p.exp_(), alpha=alpha / n)
+        ctx.grad = grad  # d loss / d student_logits, computed here: the backward pass only scales it
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return ctx.grad * grad_loss, None, None, None, None
 
 
 def _check_temperature(temperature: float) -> None:

@@ -66,6 +66,17 @@ def test_gradients_reach_the_student_only():
     assert t.grad is None
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("label_kind", ["class ids", "class probabilities"])
+def test_the_written_out_gradient_matches_finite_differences(alpha, label_kind):
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 4, dtype=torch.float64, requires_grad=True), torch.randn(6, 4, dtype=torch.float64)
+    mixed = torch.softmax(torch.randn(6, 4, dtype=torch.float64), 1)  # what MixUp / CutMix give
+    y = torch.randint(0, 4, (6,)) if label_kind == "class ids" else mixed
+    labels = None if alpha == 0 else y
+    assert torch.autograd.gradcheck(lambda z: kd_loss(z, t, labels, alpha=alpha, temperature=3.0), (s,))
+
+
 def test_class_probabilities_as_labels_give_the_loss_of_their_class_ids_when_one_hot():
     s, t, y = tensors()
     one_hot = F.one_hot(y, s.shape[1]).to(s.dtype)  # what MixUp / CutMix give for a weight of 1
