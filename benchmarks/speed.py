@@ -587,9 +587,6 @@ def specialists_parallel(plan: Plan, data_root: Path, workdir: Path) -> dict[str
     data = load_data(cfg.data, cfg.seed)
     clusters = read_clusters(run_dir)
     order = dispatch_order(cfg, dict(enumerate(clusters)), data.y_train)
-    seconds: dict[int, list[float]] = {1: [], 2: []}
-    durations: dict[int, list[float]] = {}
-    first_start: dict[int, float] = {}
     timings: list[dict[str, Any]] = []
     for n_jobs in [1, 2] if plan.specialists_repeats == 1 else [1, 2, 2, 1]:
         shutil.rmtree(run_dir / artifacts.SPECIALISTS_DIR, ignore_errors=True)
@@ -598,30 +595,29 @@ def specialists_parallel(plan: Plan, data_root: Path, workdir: Path) -> dict[str
         get_reusable_executor().shutdown(wait=True)  # each timing starts its workers, as a pipeline run does
         began = time.time()
         elapsed, _ = common.timed(lambda: train_all_specialists(run_cfg, run_dir, data))
-        seconds[n_jobs].append(elapsed)
         # STARTED is written when a specialist starts (after its data and generalist are loaded), model.pt at its end
         starts = [(specialist_dir(run_dir, k) / "STARTED").stat().st_mtime for k in range(len(clusters))]
-        durations[n_jobs] = [(specialist_dir(run_dir, k) / artifacts.MODEL_FILE).stat().st_mtime - t
-                             for k, t in enumerate(starts)]
-        first_start[n_jobs] = min(starts) - began
-        timings.append({"n_jobs": n_jobs, "seconds": round(elapsed, 2), "to_first_start": round(first_start[n_jobs], 2),
-                        "specialist_seconds": [round(d, 2) for d in durations[n_jobs]]})
+        each = [(specialist_dir(run_dir, k) / artifacts.MODEL_FILE).stat().st_mtime - t for k, t in enumerate(starts)]
+        timings.append({"n_jobs": n_jobs, "seconds": round(elapsed, 2), "to_first_start": round(min(starts) - began, 2),
+                        "specialist_seconds": [round(d, 2) for d in each]})
         common.log_to_stderr(f"  specialists n_jobs={n_jobs}: {elapsed:.1f}s (first start after "
-                             f"{first_start[n_jobs]:.1f}s; each {', '.join(f'{d:.1f}' for d in durations[n_jobs])}s)")
+                             f"{min(starts) - began:.1f}s; each {', '.join(f'{d:.1f}' for d in each)}s)")
+    seconds = {n: [t["seconds"] for t in timings if t["n_jobs"] == n] for n in (1, 2)}
+    last = {t["n_jobs"]: t for t in timings}  # the last timing of each n_jobs
     ratio = common.median(seconds[2]) / common.median(seconds[1])
-    alone = durations[1]
+    alone, beside = last[1]["specialist_seconds"], last[2]["specialist_seconds"]
     return {"config": plan.specialists_config, "overrides": plan.specialists_overrides,
             "config_file": str((CONFIGS / f"{plan.specialists_config}.toml").relative_to(common.REPO)),
             "generalist_arch": cfg.generalist.model.arch, "clusters": clusters, "dispatch_order": order,
             "train_examples": len(data.y_train), "threads_per_specialist": specialist_threads(cfg, len(clusters)),
             "prepare_seconds": round(prepare_seconds, 1),
-            "seconds_n_jobs_1": [round(v, 2) for v in seconds[1]],
-            "seconds_n_jobs_2": [round(v, 2) for v in seconds[2]],
-            "specialist_seconds_n_jobs_1": [round(d, 2) for d in alone],
-            "specialist_seconds_n_jobs_2": [round(d, 2) for d in durations[2]],
-            "seconds_to_first_start": {n: round(v, 2) for n, v in first_start.items()},
+            "seconds_n_jobs_1": seconds[1],
+            "seconds_n_jobs_2": seconds[2],
+            "specialist_seconds_n_jobs_1": alone,
+            "specialist_seconds_n_jobs_2": beside,
+            "seconds_to_first_start": {n: t["to_first_start"] for n, t in last.items()},
             "best_possible_ratio_longest_first": round(makespan([alone[k] for k in order], 2) / sum(alone), 3),
-            "slowdown_beside_another": [round(b / a, 3) for a, b in zip(alone, durations[2])],
+            "slowdown_beside_another": [round(b / a, 3) for a, b in zip(alone, beside)],
             "best_possible_ratio_cluster_order": round(makespan(alone, 2) / sum(alone), 3),
             "specialists_2_over_1": round(ratio, 3), "target": TARGETS["specialists_2_over_1"],
             "met": ratio <= TARGETS["specialists_2_over_1"],
