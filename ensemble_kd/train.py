@@ -87,7 +87,8 @@ class Views:
     flips: torch.Tensor | None  # (count, N) bool: image flipped in that view (None: no flips)
     offsets: torch.Tensor | None  # (count, N, 2) crop offsets into the image padded by crop_pad (None: no crops)
     crop_pad: int  # padding of the crops
-    targets: torch.Tensor | None = None  # (count, N, C) the teacher's targets on each view (what loss_fn takes); None for hard labels
+    targets: torch.Tensor | None = None  # (count, N, C) the teacher's targets on each view (what loss_fn takes);
+    # None for hard labels
 
     @property
     def count(self) -> int:
@@ -114,7 +115,7 @@ class TrainSet:
     x: Inputs
     y: torch.Tensor
     targets: torch.Tensor | None = None  # cached teacher targets (what loss_fn takes), aligned with x
-    views: Views | None = None  # fixed augmented views (and a teacher's logits on them), one per epoch in turn
+    views: Views | None = None  # fixed augmented views (and a teacher's targets on them), one per epoch in turn
 
     def __len__(self) -> int:
         return len(self.y)
