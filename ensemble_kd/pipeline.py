@@ -36,6 +36,7 @@ from .specialists import specialist_model_config, train_all_specialists
 from .train import resolve_device
 
 log = logging.getLogger(__name__)
+_KEPT_STAGES = ("generalist", "specialists", "student")  # their models are kept, and reloaded on a resumed run
 
 
 def _announce(stage: str, until: str) -> None:
@@ -44,10 +45,15 @@ def _announce(stage: str, until: str) -> None:
 
 
 def _timed(run_dir: Path, stage: str, until: str, work: Callable[[], Any]) -> Any:
+    """Run a stage's `work` and record its seconds in manifest.json. A trained stage that had
+    already finished only loads its models on a resumed run, so it keeps the seconds of the
+    run that trained it."""
     _announce(stage, until)
+    already_trained = stage in _KEPT_STAGES and stage in artifacts.finished_stages(run_dir)
     started = time.perf_counter()
     result = work()
-    artifacts.mark_stage(run_dir, stage, time.perf_counter() - started)
+    if not already_trained:
+        artifacts.mark_stage(run_dir, stage, time.perf_counter() - started)
     return result
 
 

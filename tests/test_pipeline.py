@@ -158,10 +158,14 @@ def test_resuming_a_finished_run_retrains_nothing(tiny_run: tuple[Path, dict], t
     run_dir = Path(shutil.copytree(tiny_run[0], tmp_path / "run"))
     models, metrics = _files(run_dir, "model.pt"), _files(run_dir, "metrics.jsonl")
     assert len(models) == 10  # generalist, 2 specialists x (hard, soft, final), 3 students
+    stages = read_json(run_dir / "manifest.json")["stages"]
     cfg = tiny_config()
     report = run_pipeline(cfg, start_run(cfg, run_dir, resume=True), progress=False)
     assert _files(run_dir, "model.pt") == models
     assert _files(run_dir, "metrics.jsonl") == metrics  # no epoch was trained again
+    resumed = read_json(run_dir / "manifest.json")["stages"]
+    for stage in ("generalist", "specialists", "student"):  # the time it took to train, not to reload
+        assert resumed[stage] == stages[stage], stage
     first = _strict_json(tiny_run[0] / "report.json")
     assert {m: report[m]["test_accuracy"] for m in MODELS} == {m: first[m]["test_accuracy"] for m in MODELS}
 
