@@ -7,10 +7,12 @@
 Each row is one full `ensemble-kd` run of pipelines/configs/<data>.toml with the row's
 overrides, in benchmarks/cache/ablation/<data>-<row>-seed<k>; the recipe row is the run of
 benchmarks/specialists.py for that seed (benchmarks/cache/runs/<data>-seed<k>), shared
-with it. Rows that keep the recipe's generalist start from a copy of the recipe run's
-generalist (its fingerprint is checked when it is loaded), so only what the lever changes
-is trained again. Every run resumes where it stopped, so the script can be stopped and
-restarted at any time. `--jobs N` runs N rows side by side once the recipe's generalist
+with it. A row starts from copies of the recipe run's work that its lever leaves the same
+(`borrowed_folders`): the generalist, the specialists when only the students change, and the
+students taught by the generalist or by hard labels when only the clusters or the specialists
+change (each copy's fingerprint is checked when it is loaded). So only what the lever changes
+is trained again, and the borrowed stages' recorded seconds are the recipe run's. Every run
+resumes where it stopped, so the script can be stopped and restarted at any time. `--jobs N` runs N rows side by side once the recipe's generalist
 is there (on one GPU, small models leave room for several).
 
 For each row: the test accuracy of the generalist, the ensemble and the three students
@@ -32,13 +34,16 @@ import common
 from joblib import Parallel, delayed
 
 from ensemble_kd import artifacts
+from ensemble_kd.choices import STAGES
 from ensemble_kd.config import Config, load_config
 from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT
 from ensemble_kd.pipeline import run_pipeline, start_run
+from ensemble_kd.resume import changed_settings, stage_of
 from ensemble_kd.train import resolve_device
 
 STUDENTS = (STUDENT, FROM_GENERALIST, HARD_LABELS)
 CACHE = common.REPO / "benchmarks" / "cache" / "ablation"
+BORROWED_FILE = "borrowed.json"  # in a row's run folder: the folders it copied from the recipe's run
 
 # row -> (what it changes, overrides of the committed recipe, config file or None for the recipe's)
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
@@ -74,25 +79,53 @@ def row_dir(data: str, row: str, seed: int, quick: bool = False) -> Path:
     return CACHE / f"{data}-{row}-seed{seed}"
 
 
-def same_generalist(a: Config, b: Config) -> bool:
-    return (a.seed, a.data, a.generalist) == (b.seed, b.data, b.generalist)
+def borrowed_folders(cfg: Config, recipe_cfg: Config) -> list[str]:
+    """Folders of the recipe's run whose work a run of `cfg` would repeat exactly: those of every
+    stage before the first one that `cfg` changes, and the students that neither the clusters,
+    the specialists nor the ensemble teach when `cfg` changes only those."""
+    changed = {stage_of(key) for key in changed_settings(recipe_cfg, cfg)} - {None}
+    first = min((STAGES.index(stage) for stage in changed), default=len(STAGES))
+    kept = lambda stage: first > STAGES.index(stage)  # noqa: E731
+    folders = [folder for stage, folder in (("generalist", artifacts.GENERALIST_DIR),
+                                            ("specialists", artifacts.SPECIALISTS_DIR), ("student", STUDENT))
+               if kept(stage)]
+    if kept("generalist") and "student" not in changed:
+        folders += [folder for folder in (FROM_GENERALIST, HARD_LABELS) if folder not in folders]
+    return folders
 
 
-def run_row(cfg: Config, out: Path, donor: Path | None) -> dict[str, Any]:
-    """One full run (resumed if started); a fresh run borrows `donor`'s finished generalist."""
+def run_row(cfg: Config, out: Path, donor: Path | None, borrowable: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """One full run (resumed if started), and the folders it borrowed: a fresh run starts from
+    copies of those of `borrowable` that `donor` has finished."""
     fresh = not (out / artifacts.CONFIG_FILE).exists()
     run_dir = start_run(cfg, out, resume=not fresh)
-    if fresh and donor is not None and (donor / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
-        shutil.copytree(donor / artifacts.GENERALIST_DIR, run_dir / artifacts.GENERALIST_DIR)
-        seconds = artifacts.read_json(donor / artifacts.MANIFEST_FILE)["stages"]["generalist"]["seconds"]
-        artifacts.mark_stage(run_dir, "generalist", seconds, borrowed_from=donor.name)
-    return run_pipeline(cfg, run_dir, progress=False)
+    if fresh:
+        artifacts.write_json(run_dir / BORROWED_FILE, borrow(donor, run_dir, borrowable) if donor else [])
+    borrowed = artifacts.read_json(run_dir / BORROWED_FILE) if (run_dir / BORROWED_FILE).is_file() else []
+    return run_pipeline(cfg, run_dir, progress=False), borrowed
 
 
-def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: list[int]) -> dict[str, Any]:
+def borrow(donor: Path, run_dir: Path, folders: list[str]) -> list[str]:
+    """Copy those of `folders` that the run `donor` has finished into `run_dir` (a whole stage copied
+    keeps its seconds); returns them."""
+    donor_stages = artifacts.finished_stages(donor)
+    whole_stages = {artifacts.GENERALIST_DIR: "generalist", artifacts.SPECIALISTS_DIR: "specialists"}
+    done = [f for f in folders if (f in whole_stages and whole_stages[f] in donor_stages)
+            or (f not in whole_stages and (donor / f / artifacts.MODEL_FILE).is_file())]
+    for folder in done:
+        shutil.copytree(donor / folder, run_dir / folder)
+        if folder in whole_stages:
+            artifacts.mark_stage(run_dir, whole_stages[folder], donor_stages[whole_stages[folder]]["seconds"],
+                                 borrowed_from=donor.name)
+    return done
+
+
+def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: list[int], donor: Path | None,
+               borrowed: list[str]) -> dict[str, Any]:
     stages = artifacts.read_json(run_dir / artifacts.MANIFEST_FILE)["stages"]
     result: dict[str, Any] = {"row": row, "changes": ROWS[row][0], "overrides": ROWS[row][1],
                               "run": str(run_dir.relative_to(common.REPO)), "clusters": report["clusters"],
+                              "borrowed_from_recipe": borrowed,
                               "generalist": report["generalist"]["test_accuracy"],
                               "ensemble": report["ensemble"]["test_accuracy"],
                               "teachers_top1_disagreement": report.get("teachers", {}).get("top1_disagreement"),
@@ -102,7 +135,8 @@ def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: l
     result["ensemble_relative_error_cut"] = (g_err - e_err) / g_err
     for kind in STUDENTS:
         accuracies = [report[kind]["test_accuracy"]]
-        accuracies += [common.train_extra_student(run_dir, kind, s, CACHE / "students") for s in student_seeds]
+        teacher_run = donor if donor is not None and kind in borrowed else run_dir  # borrowed: the recipe's students
+        accuracies += [common.train_extra_student(teacher_run, kind, s) for s in student_seeds]
         result[kind] = {"accuracies": accuracies, "mean": statistics.fmean(accuracies)}
     differences = [a - b for a, b in zip(result[STUDENT]["accuracies"], result[FROM_GENERALIST]["accuracies"])]
     result["student_minus_from_generalist"] = statistics.fmean(differences)
@@ -112,11 +146,11 @@ def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: l
 
 
 def run_and_measure(data: str, row: str, seed: int, quick: bool, extra: list[str], donor: Path | None,
-                    student_seeds: list[int]) -> dict[str, Any]:
+                    borrowable: list[str], student_seeds: list[int]) -> dict[str, Any]:
     common.log_to_stderr(f"{row}: {ROWS[row][0]} ...")
     out = row_dir(data, row, seed, quick)
-    report = run_row(row_config(data, row, seed, quick, extra), out, donor)
-    return row_result(row, out, report, student_seeds)
+    report, borrowed = run_row(row_config(data, row, seed, quick, extra), out, donor, borrowable)
+    return row_result(row, out, report, student_seeds, donor, borrowed)
 
 
 def main() -> None:
@@ -143,8 +177,10 @@ def main() -> None:
     tasks = []
     for row in rows:
         cfg = row_config(data, row, args.seed, args.quick, extra)
-        donor = recipe_dir if row != "recipe" and same_generalist(cfg, recipe_cfg) else None
-        tasks.append(delayed(run_and_measure)(data, row, args.seed, args.quick, extra, donor, args.student_seeds))
+        borrowable = borrowed_folders(cfg, recipe_cfg) if row != "recipe" else []
+        donor = recipe_dir if borrowable else None
+        tasks.append(delayed(run_and_measure)(data, row, args.seed, args.quick, extra, donor, borrowable,
+                                              args.student_seeds))
     name = "ablation_quick" if args.quick else f"ablation_{data}"
     results: list[dict[str, Any]] = []
     for result in Parallel(n_jobs=args.jobs, return_as="generator_unordered")(tasks):

@@ -28,6 +28,7 @@ from ensemble_kd.inference import evaluate
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"  # real MNIST / Fashion-MNIST copies on these machines
+EXTRA_STUDENTS = REPO / "benchmarks" / "cache" / "students"  # more students of finished runs (teachers.py, ablation.py)
 
 
 def cpu_model() -> str:
@@ -152,7 +153,7 @@ def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path) -> float:
+def train_extra_student(run: Path, kind: str, student_seed: int) -> float:
     """Test accuracy of one more student of a finished run, differing from the run's own only in its seed.
 
     `kind` is a student folder of the run (student, student_from_generalist,
@@ -160,7 +161,8 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     student gets the run's architecture, alpha, temperature, training and transfer method
     (`student.transfer`); `student_seed` sets its initial weights and batch order (and the
     live views); cached teacher logits (views, dataset) are the run's own, computed once.
-    Trained in `out_root/<run>/<kind>-seed<k>` and reused from there when finished."""
+    Trained in `EXTRA_STUDENTS/<run>/<kind>-seed<k>` and reused from there when finished, by
+    whichever script asks for it again."""
     cfg = load_config(run / artifacts.CONFIG_FILE)
     data = load_data(cfg.data, cfg.seed)
     generalist = load_generalist(cfg, data, run) if kind != HARD_LABELS else None
@@ -169,7 +171,7 @@ def train_extra_student(run: Path, kind: str, student_seed: int, out_root: Path)
     alpha = 1.0 if kind == HARD_LABELS else cfg.student.alpha
     fingerprint = dict(student_fingerprint(cfg, data, kind), student_seed=student_seed)
     student = distill(new_student(cfg, data, seed=student_seed), teacher, data, cfg,
-                      out_root / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
+                      EXTRA_STUDENTS / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
                       seed=student_seed,
                       teacher_cache=run / kind / artifacts.TEACHER_LOGITS_FILE,  # the run's, where cached
                       teacher_fingerprint=teacher_fingerprint(cfg, data, kind))

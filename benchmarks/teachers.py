@@ -17,8 +17,8 @@ The run's own pair (the pipeline's `student` and `student_from_generalist`) is i
 
 Prints every pair and the mean paired difference (ensemble minus generalist) with its 95%
 confidence interval, and writes benchmarks/results/teachers_<data>.json. Students are
-trained in benchmarks/cache/teachers/ and reused, so the script can be stopped and
-restarted. Each student trains with cores / `--jobs` torch threads.
+trained in benchmarks/cache/students/ (shared with benchmarks/ablation.py) and reused, so the
+script can be stopped and restarted. Each student trains with cores / `--jobs` torch threads.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def run_dir(data: str, seed: int) -> Path:
 def train_student(run: Path, folder: str, student_seed: int, threads: int) -> float:
     """Test accuracy of a student taught by the teacher of `run/folder`, seeded by `student_seed`."""
     torch.set_num_threads(threads)
-    return common.train_extra_student(run, folder, student_seed, CACHE / "teachers")
+    return common.train_extra_student(run, folder, student_seed)
 
 
 def paired_rows(data: str, runs: list[int], student_seeds: list[int], jobs: int) -> list[dict[str, Any]]:
