@@ -14,6 +14,8 @@ generalist alone. The architecture, alpha, temperature, training and transfer me
 on the plain training images) come from the run's config; the student seed sets the initial
 weights, the batch order and the augmented views, the same for both students of a pair.
 The run's own pair (the pipeline's `student` and `student_from_generalist`) is included.
+Each pair also gets a hard-label student of the same seed (no teacher), so that each run's
+mean student from the ensemble can be set against its mean hard-label student.
 
 Prints every pair and the mean paired difference (ensemble minus generalist) with its 95%
 confidence interval, and writes benchmarks/results/teachers_<data>.json. Students are
@@ -34,9 +36,9 @@ from joblib import Parallel, delayed
 from scipy import stats
 
 from ensemble_kd import artifacts
-from ensemble_kd.distill import FROM_GENERALIST, STUDENT
+from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT
 
-TEACHERS = {STUDENT: "ensemble", FROM_GENERALIST: "generalist"}  # run folder -> teacher
+TEACHERS = {STUDENT: "ensemble", FROM_GENERALIST: "generalist", HARD_LABELS: "none"}  # run folder -> teacher
 CACHE = common.REPO / "benchmarks" / "cache"
 
 
@@ -64,11 +66,19 @@ def paired_rows(data: str, runs: list[int], student_seeds: list[int], jobs: int)
     for r in runs:
         run = run_dir(data, r)
         report = artifacts.read_json(run / "report.json")
-        pairs = [("pipeline", report[STUDENT]["test_accuracy"], report[FROM_GENERALIST]["test_accuracy"])]
-        pairs += [(s, by_task[run.name, STUDENT, s], by_task[run.name, FROM_GENERALIST, s]) for s in student_seeds]
+        pairs = [("pipeline", *(report[kind]["test_accuracy"] for kind in TEACHERS))]
+        pairs += [(s, *(by_task[run.name, kind, s] for kind in TEACHERS)) for s in student_seeds]
         rows += [{"run_seed": r, "student_seed": s, "from_ensemble": ens, "from_generalist": gen,
-                  "difference": ens - gen} for s, ens, gen in pairs]
+                  "hard_labels": hard, "difference": ens - gen} for s, ens, gen, hard in pairs]
     return rows
+
+
+def by_run(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's mean student from the ensemble, from the generalist and on hard labels."""
+    runs = sorted({r["run_seed"] for r in rows})
+    means = [{"run_seed": run, **{key: statistics.fmean(r[key] for r in rows if r["run_seed"] == run)
+                                  for key in ("from_ensemble", "from_generalist", "hard_labels")}} for run in runs]
+    return [dict(m, ensemble_minus_hard_labels=m["from_ensemble"] - m["hard_labels"]) for m in means]
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,7 +92,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "from_generalist_mean": statistics.fmean(r["from_generalist"] for r in rows),
             "difference_mean": mean, "difference_sd": sd, "difference_ci95": [low, high],
             "ensemble_wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
-            "generalist_wins": sum(d < 0 for d in diffs), "verdict": verdict}
+            "generalist_wins": sum(d < 0 for d in diffs), "verdict": verdict,
+            "hard_labels_mean": statistics.fmean(r["hard_labels"] for r in rows),
+            "ensemble_beats_hard_labels_in_every_run": all(m["ensemble_minus_hard_labels"] > 0 for m in by_run(rows))}
 
 
 def main() -> None:
@@ -96,16 +108,22 @@ def main() -> None:
     data, runs, seeds = ("digits", [0, 1], [11, 12]) if args.quick else (args.data, args.runs, args.student_seeds)
     rows = paired_rows(data, runs, seeds, args.jobs)
     table = [[r["run_seed"], r["student_seed"], f"{100 * r['from_ensemble']:.2f}%",
-              f"{100 * r['from_generalist']:.2f}%", f"{100 * r['difference']:+.2f}"] for r in rows]
-    print(common.format_table(["run", "student seed", "from ensemble", "from generalist", "difference"], table))
+              f"{100 * r['from_generalist']:.2f}%", f"{100 * r['difference']:+.2f}", f"{100 * r['hard_labels']:.2f}%"]
+             for r in rows]
+    print(common.format_table(["run", "student seed", "from ensemble", "from generalist", "difference",
+                               "hard labels"], table))
     result = summary(rows)
     low, high = result["difference_ci95"]
     print(f"\nmean difference {100 * result['difference_mean']:+.3f} points, 95% CI [{100 * low:+.3f}, "
           f"{100 * high:+.3f}] over {result['pairs']} pairs; ensemble wins {result['ensemble_wins']}, "
           f"generalist wins {result['generalist_wins']}: {result['verdict']}")
+    runs_table = by_run(rows)
+    print("per run, the mean student from the ensemble minus the mean hard-label student: " + ", ".join(
+        f"run {m['run_seed']} {100 * m['ensemble_minus_hard_labels']:+.2f}" for m in runs_table))
     name = "teachers_quick" if args.quick else f"teachers_{data}"
     path = common.write_result(name, {"machine": common.machine_info(), "data": data, "runs": runs,
-                                      "student_seeds": seeds, "pairs": rows, "summary": result})
+                                      "student_seeds": seeds, "pairs": rows, "by_run": runs_table,
+                                      "summary": result})
     print(f"wrote {path}")
 
 
