@@ -44,6 +44,7 @@ from ensemble_kd.train import resolve_device
 STUDENTS = (STUDENT, FROM_GENERALIST, HARD_LABELS)
 CACHE = common.REPO / "benchmarks" / "cache" / "ablation"
 BORROWED_FILE = "borrowed.json"  # in a row's run folder: the folders it copied from the recipe's run
+WHOLE_STAGES = {artifacts.GENERALIST_DIR: "generalist", artifacts.SPECIALISTS_DIR: "specialists"}  # folder -> stage
 
 # row -> (what it changes, overrides of the committed recipe, config file or None for the recipe's)
 ROWS: dict[str, tuple[str, list[str], str | None]] = {
@@ -86,11 +87,9 @@ def borrowed_folders(cfg: Config, recipe_cfg: Config) -> list[str]:
     changed = {stage_of(key) for key in changed_settings(recipe_cfg, cfg)} - {None}
     first = min((STAGES.index(stage) for stage in changed), default=len(STAGES))
     kept = lambda stage: first > STAGES.index(stage)  # noqa: E731
-    folders = [folder for stage, folder in (("generalist", artifacts.GENERALIST_DIR),
-                                            ("specialists", artifacts.SPECIALISTS_DIR), ("student", STUDENT))
-               if kept(stage)]
+    folders = [folder for folder, stage in WHOLE_STAGES.items() if kept(stage)]
     if kept("generalist") and "student" not in changed:
-        folders += [folder for folder in (FROM_GENERALIST, HARD_LABELS) if folder not in folders]
+        folders += [kind for kind in STUDENTS if kind != STUDENT or kept("student")]
     return folders
 
 
@@ -109,13 +108,12 @@ def borrow(donor: Path, run_dir: Path, folders: list[str]) -> list[str]:
     """Copy those of `folders` that the run `donor` has finished into `run_dir` (a whole stage copied
     keeps its seconds); returns them."""
     donor_stages = artifacts.finished_stages(donor)
-    whole_stages = {artifacts.GENERALIST_DIR: "generalist", artifacts.SPECIALISTS_DIR: "specialists"}
-    done = [f for f in folders if (f in whole_stages and whole_stages[f] in donor_stages)
-            or (f not in whole_stages and (donor / f / artifacts.MODEL_FILE).is_file())]
+    done = [folder for folder in folders if (WHOLE_STAGES[folder] in donor_stages if folder in WHOLE_STAGES
+                                             else (donor / folder / artifacts.MODEL_FILE).is_file())]
     for folder in done:
         shutil.copytree(donor / folder, run_dir / folder)
-        if folder in whole_stages:
-            artifacts.mark_stage(run_dir, whole_stages[folder], donor_stages[whole_stages[folder]]["seconds"],
+        if folder in WHOLE_STAGES:
+            artifacts.mark_stage(run_dir, WHOLE_STAGES[folder], donor_stages[WHOLE_STAGES[folder]]["seconds"],
                                  borrowed_from=donor.name)
     return done
 
