@@ -12,8 +12,9 @@ with it. A row starts from copies of the recipe run's work that its lever leaves
 students taught by the generalist or by hard labels when only the clusters or the specialists
 change (each copy's fingerprint is checked when it is loaded). So only what the lever changes
 is trained again, and the borrowed stages' recorded seconds are the recipe run's. Every run
-resumes where it stopped, so the script can be stopped and restarted at any time. `--jobs N` runs N rows side by side once the recipe's generalist
-is there (on one GPU, small models leave room for several).
+resumes where it stopped, so the script can be stopped and restarted at any time. `--jobs N`
+runs N rows side by side once the recipe's generalist is there (on one GPU, small models
+leave room for several).
 
 For each row: the test accuracy of the generalist, the ensemble and the three students
 (the pipeline's students and `--student-seeds` more of each, averaged), the ensemble's

@@ -8,14 +8,15 @@ One student differs from the next by a few tenths of a point on Fashion-MNIST ju
 its initial weights and batch order, about as much as the two teachers differ, so one
 pipeline run cannot say which teacher is better. This script takes the finished runs of
 benchmarks/specialists.py (benchmarks/cache/runs/<data>-seed<k>), and for each student
-seed trains two students that differ only in their teacher: the run's ensemble and its
-generalist alone. The architecture, alpha, temperature, training and transfer method
-(`student.transfer`: the teacher run live on the student's augmented views, or its logits
-on the plain training images) come from the run's config; the student seed sets the initial
-weights, the batch order and the augmented views, the same for both students of a pair.
-The run's own pair (the pipeline's `student` and `student_from_generalist`) is included.
-Each pair also gets a hard-label student of the same seed (no teacher), so that each run's
-mean student from the ensemble can be set against its mean hard-label student.
+seed trains a pair of students that differ only in their teacher: the run's ensemble and
+its generalist alone. The architecture, alpha, temperature, training and transfer method
+(`student.transfer`: fixed views, the teacher run live on the student's augmented batches,
+or its logits on the plain training images) come from the run's config; the student seed
+sets the initial weights, the batch order and the augmented views, the same for both
+students of a pair. The run's own pair (the pipeline's `student` and
+`student_from_generalist`) is included. Each pair also gets a hard-label student of the
+same seed (no teacher), so that each run's mean student from the ensemble can be set
+against its mean hard-label student.
 
 Prints every pair and the mean paired difference (ensemble minus generalist) with its 95%
 confidence interval, and writes benchmarks/results/teachers_<data>.json. Students are
