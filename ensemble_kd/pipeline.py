@@ -31,12 +31,11 @@ from .models import build_model
 from .parallel import DASK_EXTRA
 from .precision import autocast_dtype
 from .report import write_heatmap, write_report
-from .resume import check_resume
+from .resume import STAGE_FOLDERS, check_resume
 from .specialists import specialist_model_config, train_all_specialists
 from .train import resolve_device
 
 log = logging.getLogger(__name__)
-_KEPT_STAGES = ("generalist", "specialists", "student")  # their models are kept, and reloaded on a resumed run
 
 
 def _announce(stage: str, until: str) -> None:
@@ -49,7 +48,7 @@ def _timed(run_dir: Path, stage: str, until: str, work: Callable[[], Any]) -> An
     already finished only loads its models on a resumed run, so it keeps the seconds of the
     run that trained it."""
     _announce(stage, until)
-    already_trained = stage in _KEPT_STAGES and stage in artifacts.finished_stages(run_dir)
+    already_trained = stage in STAGE_FOLDERS and stage in artifacts.finished_stages(run_dir)
     started = time.perf_counter()
     result = work()
     if not already_trained:

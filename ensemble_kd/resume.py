@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 _STAGE_OF_SECTION = {"clusters": "clusters", "specialists": "specialists", "ensemble": "ensemble",
                      "student": "student"}  # seed, data.* and generalist.* belong to the generalist
 _WORK_FILES = (artifacts.MODEL_FILE, artifacts.CHECKPOINT_FILE)
-_STAGE_FOLDERS = {"generalist": [artifacts.GENERALIST_DIR], "specialists": [artifacts.SPECIALISTS_DIR],
-                  "student": list(artifacts.STUDENT_DIRS)}
+# the stages that train models, and the folders that keep them (a resumed run reloads them)
+STAGE_FOLDERS = {"generalist": [artifacts.GENERALIST_DIR], "specialists": [artifacts.SPECIALISTS_DIR],
+                 "student": list(artifacts.STUDENT_DIRS)}
 
 
 def stage_of(key: str) -> str | None:
@@ -45,7 +46,7 @@ def stage_of(key: str) -> str | None:
 def stages_with_work(run_dir: str | Path) -> dict[str, Path]:
     """Stages of the run that hold a model.pt or checkpoint.pt: stage -> one such file."""
     found = {}
-    for stage, folders in _STAGE_FOLDERS.items():
+    for stage, folders in STAGE_FOLDERS.items():
         for folder in folders:
             files = [p for p in sorted((Path(run_dir) / folder).rglob("*.pt")) if p.name in _WORK_FILES]
             if files:
