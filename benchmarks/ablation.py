@@ -20,7 +20,8 @@ For each row: the test accuracy of the generalist, the ensemble and the three st
 (the pipeline's students and `--student-seeds` more of each, averaged), the ensemble's
 relative error cut, the student from the ensemble minus the student from the generalist
 (paired by student seed), the teachers' top-1 disagreement on the transfer set, and the
-time of each stage. Writes benchmarks/results/ablation_<data>.json.
+time of each stage. Writes benchmarks/results/ablation_<data>.json, keeping the rows of an earlier run
+with the same settings that this one does not run again (so rows can be run a few at a time).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +101,13 @@ def run_row(cfg: Config, out: Path, donor: Path | None, borrowable: list[str]) -
     copies of those of `borrowable` that `donor` has finished."""
     fresh = not (out / artifacts.CONFIG_FILE).exists()
     run_dir = start_run(cfg, out, resume=not fresh)
-    if fresh:
-        artifacts.write_json(run_dir / BORROWED_FILE, borrow(donor, run_dir, borrowable) if donor else [])
-    borrowed = artifacts.read_json(run_dir / BORROWED_FILE) if (run_dir / BORROWED_FILE).is_file() else []
-    return run_pipeline(cfg, run_dir, progress=False), borrowed
+    try:
+        if fresh:
+            artifacts.write_json(run_dir / BORROWED_FILE, borrow(donor, run_dir, borrowable) if donor else [])
+        borrowed = artifacts.read_json(run_dir / BORROWED_FILE) if (run_dir / BORROWED_FILE).is_file() else []
+        return run_pipeline(cfg, run_dir, progress=False), borrowed
+    finally:  # the next rows of this process run elsewhere: let another process open this one meanwhile
+        artifacts.unlock_run_dir(run_dir)
 
 
 def borrow(donor: Path, run_dir: Path, folders: list[str]) -> list[str]:
@@ -166,6 +171,9 @@ def main() -> None:
     args = parser.parse_args()
     data = "digits" if args.quick else args.data
     rows = args.rows or (list(QUICK_ROWS) if args.quick else list(ROWS))
+    name = "ablation_quick" if args.quick else f"ablation_{data}"
+    settings = {"data": data, "seed": args.seed, "student_seeds": args.student_seeds, "overrides": args.overrides}
+    kept = kept_rows(common.RESULTS / f"{name}.json", settings, rows)  # before any training: it may refuse
     recipe_cfg = row_config(data, "recipe", args.seed, args.quick, args.overrides)
     recipe_dir = row_dir(data, "recipe", args.seed, args.quick)
     if not (recipe_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
@@ -180,16 +188,30 @@ def main() -> None:
         donor = recipe_dir if borrowable else None
         tasks.append(delayed(run_and_measure)(data, row, args.seed, args.quick, extra, donor, borrowable,
                                               args.student_seeds))
-    name = "ablation_quick" if args.quick else f"ablation_{data}"
-    results: list[dict[str, Any]] = []
+    results = kept  # the table: the kept rows, and each row of this run as it finishes
     for result in Parallel(n_jobs=args.jobs, return_as="generator_unordered")(tasks):
         results.append(result)
         results.sort(key=lambda r: list(ROWS).index(r["row"]))
-        path = common.write_result(name, {"machine": common.machine_info(_device(recipe_cfg)), "data": data,
-                                          "seed": args.seed, "student_seeds": args.student_seeds,
-                                          "overrides": args.overrides, "rows": results})
+        path = common.write_result(name, {"machine": common.machine_info(_device(recipe_cfg)), **settings,
+                                          "rows": results})
     print(format_rows(results))
     print(f"wrote {path.relative_to(common.REPO)}")
+
+
+def kept_rows(path: Path, settings: dict[str, Any], rows: list[str]) -> list[dict[str, Any]]:
+    """The rows of the results file at `path` that this run keeps: those it does not run again, when the
+    file was made with the same `settings` (data, seed, student seeds, overrides). A file made with other
+    settings stops the script, so that rows of two settings never share a table and none is lost."""
+    if not path.is_file():
+        return []
+    previous = artifacts.read_json(path)
+    differing = [f"{key} {previous.get(key)!r} there, {value!r} here" for key, value in settings.items()
+                 if previous.get(key) != value]
+    if differing:
+        print(f"{common.relative(path)} holds rows made with other settings ({'; '.join(differing)}); rerun with "
+              "those settings, or move the file away to start a new table", file=sys.stderr)
+        raise SystemExit(2)
+    return [row for row in previous.get("rows", []) if row["row"] in ROWS and row["row"] not in rows]
 
 
 def format_rows(results: list[dict[str, Any]]) -> str:
