@@ -128,6 +128,7 @@ class StudentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # how it is trained
     transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) | views: fixed augmented views it labels once | dataset: its logits on the plain training images
     views: int = 8  # transfer = views: how many fixed augmented views of the training set; epoch e uses view (e - 1) % views
+    plain_epochs: int = 0  # transfer = views: the last plain_epochs epochs train on the plain training images instead (the teacher's logits on them), so the student ends on the images it is tested on
     alpha: float = 0.1  # weight of the hard-label term; 1 - alpha goes to the distillation term
     temperature: float = 4.0  # distillation temperature T
     max_params_ratio: float = 1.0  # the student may have at most this fraction of the generalist's parameters
@@ -384,7 +385,8 @@ RULES: dict[type, dict[str, Rule]] = {
         "scheduler": ((lambda v: v == "" or bool(_SCHEDULER_ADDRESS.match(v))),
                       "empty or the address of a Dask scheduler, e.g. tcp://host:8786")},
     EnsembleConfig: {"top_n": _at_least(1), "iterations": _at_least(1), "tolerance": _at_least(0)},
-    StudentConfig: {"transfer": _one_of(*choices.TRANSFERS), "views": _at_least(1), "alpha": _between(0, 1),
+    StudentConfig: {"transfer": _one_of(*choices.TRANSFERS), "views": _at_least(1), "plain_epochs": _at_least(0),
+                    "alpha": _between(0, 1),
                     "temperature": _above(0), "max_params_ratio": _above(0)},
     ExportConfig: {"formats": ((lambda v: len(v) > 0 and all(f in choices.EXPORT_FORMATS for f in v)),
                                "a list of one or more of " + ", ".join(choices.EXPORT_FORMATS)),
@@ -437,6 +439,23 @@ def _image_augmentations(data: DataConfig) -> list[str]:
     return [name for name, used in on.items() if used]
 
 
+def _plain_epochs_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """student.plain_epochs against the transfer method, the augmentation and the epochs it ends."""
+    s = cfg.student
+    if s.plain_epochs == 0:
+        return []
+    return [
+        (s.transfer == "views", f"student.plain_epochs = {s.plain_epochs} ends training on the plain images after the "
+                                f"fixed views, and student.transfer = {s.transfer!r} has none; set "
+                                "student.transfer = 'views', or student.plain_epochs = 0"),
+        (cfg.data.flip or cfg.data.crop_pad > 0, "student.plain_epochs needs augmented views to end, and data.flip and "
+                                                 "data.crop_pad are off (every epoch is on the plain images already); "
+                                                 "set student.plain_epochs = 0"),
+        (s.plain_epochs < s.train.epochs, f"student.plain_epochs = {s.plain_epochs} leaves none of the "
+                                          f"student.train.epochs = {s.train.epochs} for the views; make it smaller"),
+    ]
+
+
 def validate_config(cfg: Config) -> None:
     """Reject values no run could use, before any work starts; each message names the field."""
     _check_fields(cfg, "")
@@ -461,6 +480,7 @@ def validate_config(cfg: Config) -> None:
          "(a specialist initialised from the generalist has the generalist's architecture)"),
         (cfg.specialists.backend != "dask" or cfg.specialists.scheduler,
          "specialists.backend = 'dask' needs specialists.scheduler = 'tcp://host:port'"),
+        *_plain_epochs_checks(cfg),
         (cfg.precision != "fp16" or cfg.device != "cpu",
          "precision = 'fp16' needs a CUDA GPU (device = 'cuda' or 'auto'); on CPU use precision = 'bf16' or 'fp32'"),
     ]

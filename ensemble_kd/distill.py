@@ -4,7 +4,8 @@ loss = alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T
 The teacher is frozen and in eval mode. How the student sees its targets is
 `student.transfer`, the same for every student of a run: "live" runs the teacher on each
 augmented batch; "views" labels fixed augmented views of the training set once (the
-teacher's logits kept in teacher_logits.pt as (views, N, C)); "dataset", or no
+teacher's logits kept in teacher_logits.pt as (views, N, C); with `student.plain_epochs` the
+plain images are one more view, taught last); "dataset", or no
 augmentation configured, labels the plain training images once ((N, C)).
 
 Three students of the same architecture and initialisation are trained, so the report
@@ -81,14 +82,17 @@ def student_augment(cfg: Config, data: Splits) -> Augmentation | None:
 
 def transfer_views(cfg: Config, n: int) -> Views | None:
     """The fixed augmented views of `student.transfer = "views"` for n training images, drawn from the
-    run seed (the same for every student of the run); None for other methods or without augmentation."""
+    run seed (the same for every student of the run), then the plain images as one more view when
+    `student.plain_epochs` > 0; None for other methods or without augmentation."""
     if cfg.student.transfer != "views" or (not cfg.data.flip and cfg.data.crop_pad == 0):
         return None
     generator = torch.Generator().manual_seed(cfg.seed * 7_919 + 17)  # not the stream of any training epoch
     draws = [draw_augmentation(n, cfg.data.flip, cfg.data.crop_pad, generator) for _ in range(cfg.student.views)]
+    if cfg.student.plain_epochs:  # no flip, and the crop at offset crop_pad: the image itself
+        draws.append((torch.zeros(n, dtype=torch.bool), torch.full((n, 2), cfg.data.crop_pad, dtype=torch.long)))
     flips = torch.stack([f for f, _ in draws]) if cfg.data.flip else None
     offsets = torch.stack([o for _, o in draws]).to(torch.int16) if cfg.data.crop_pad > 0 else None
-    return Views(flips, offsets, cfg.data.crop_pad)
+    return Views(flips, offsets, cfg.data.crop_pad, plain_epochs=cfg.student.plain_epochs)
 
 
 @torch.no_grad()
@@ -132,7 +136,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
     Every student of a run gets the same transfer method (`student.transfer`), so a
     comparison of teachers is fair: "live" runs the teacher on each augmented batch the
     student sees; "views" trains epoch e on the fixed augmented view (e - 1) % student.views
-    with the teacher's logits on it, computed once; "dataset" (or no augmentation
+    with the teacher's logits on it, computed once (and the last `student.plain_epochs` epochs on
+    the plain images, one more view); "dataset" (or no augmentation
     configured) uses the teacher's logits on the plain training images. Cached logits are
     kept at `teacher_cache` (default `stage_dir/teacher_logits.pt`), checked against
     `teacher_fingerprint`. `seed` sets the batch order and the live views (default: the run's seed).
@@ -175,7 +180,8 @@ def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
 
 def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
     views = cfg.student.views if cfg.student.transfer == "views" else 0
-    return {"transfer": cfg.student.transfer, "views": views, **augment_fingerprint(cfg.data)}
+    plain = {"plain_epochs": cfg.student.plain_epochs} if cfg.student.plain_epochs else {}  # absent when 0: older runs match
+    return {"transfer": cfg.student.transfer, "views": views, **plain, **augment_fingerprint(cfg.data)}
 
 
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:

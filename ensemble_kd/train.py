@@ -89,6 +89,7 @@ class Views:
     crop_pad: int  # padding of the crops
     targets: torch.Tensor | None = None  # (count, N, C) the teacher's targets on each view (what loss_fn takes);
     # None for hard labels
+    plain_epochs: int = 0  # > 0: the last view is the plain images (no flip, centred), taught in the last plain_epochs epochs
 
     @property
     def count(self) -> int:
@@ -97,7 +98,14 @@ class Views:
 
     def to(self, device: torch.device) -> "Views":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Views(move(self.flips), move(self.offsets), self.crop_pad, move(self.targets))
+        return Views(move(self.flips), move(self.offsets), self.crop_pad, move(self.targets), self.plain_epochs)
+
+    def of_epoch(self, epoch: int, epochs: int) -> int:
+        """The view epoch `epoch` (1-based) of `epochs` trains on: the plain one in the last plain_epochs
+        epochs, else the augmented ones in turn."""
+        if self.plain_epochs and epoch > epochs - self.plain_epochs:
+            return self.count - 1
+        return (epoch - 1) % (self.count - (1 if self.plain_epochs else 0))
 
     def batch(self, x: torch.Tensor, view: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Examples `idx` (already gathered as `x`) seen through `view`, and the teacher's targets there."""
@@ -516,7 +524,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     bar = tqdm(batches, desc=f"{loop.stage} {epoch}/{loop.cfg.epochs}", leave=False, unit="batch",
                disable=None) if loop.progress else batches  # disable=None: no bar when stderr is not a terminal
     seen, checked = 0, 0
-    view = None if loop.train.views is None else (epoch - 1) % loop.train.views.count
+    view = None if loop.train.views is None else loop.train.views.of_epoch(epoch, loop.cfg.epochs)
     read = itertools.repeat(None) if loop.loader is None else loop.loader.epoch(batches, epoch_seed(loop.seed, epoch))
     for step, (idx, x) in enumerate(zip(bar, read), start=1):
         mix_seed = item_seed(epoch_seed(loop.seed, epoch) + 1, step)

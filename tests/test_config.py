@@ -133,6 +133,11 @@ def test_values_outside_the_choices_are_rejected(override, pattern):
     (["student.train.lr=0"], r"student.train.lr must be > 0"),
     (["specialists.backend=dask"], r"specialists.backend = 'dask' needs specialists.scheduler"),
     (["clusters.min_size=3", "clusters.max_size=2"], r"clusters.max_size must be 0"),
+    (["student.plain_epochs=-1"], r"student.plain_epochs must be >= 0"),
+    (["data.flip=true", "student.transfer=live", "student.plain_epochs=2"], r"student.transfer = 'views'"),
+    (["student.transfer=views", "student.plain_epochs=2"], r"data.flip and data.crop_pad are off"),
+    (["data.crop_pad=2", "student.transfer=views", "student.train.epochs=3", "student.plain_epochs=3"],
+     r"leaves none of the student.train.epochs = 3"),
 ])
 def test_impossible_values_are_rejected(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

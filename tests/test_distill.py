@@ -117,6 +117,37 @@ def test_distill_with_fixed_views_runs_the_teacher_once_per_view_for_every_stude
     assert transfer_views(student_config("student.transfer=views"), N_TRAIN) is None  # no augmentation: plain
 
 
+def test_views_of_epoch_cycle_the_augmented_views_then_end_on_the_plain_one() -> None:
+    cfg = student_config("data.flip=true", "data.crop_pad=1", "student.transfer=views", "student.views=3",
+                         "student.train.epochs=10", "student.plain_epochs=2")
+    views = transfer_views(cfg, N_TRAIN)
+    assert views.count == 4  # three augmented views and the plain images
+    assert [views.of_epoch(e, 10) for e in range(1, 11)] == [0, 1, 2, 0, 1, 2, 0, 1, 3, 3]
+    without = transfer_views(student_config("data.flip=true", "student.transfer=views", "student.views=3"), N_TRAIN)
+    assert [without.of_epoch(e, 5) for e in range(1, 6)] == [0, 1, 2, 0, 1]
+
+
+def test_plain_epochs_teach_the_last_epochs_on_the_plain_images_with_the_teachers_logits_on_them(
+        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = CountingTeacher()
+    cfg = student_config("data.flip=true", "data.crop_pad=1", "student.transfer=views", "student.views=1",
+                         "student.plain_epochs=1")  # epochs 1 and 2 on the one augmented view, epoch 3 plain
+    data = image_splits()
+    student = new_student(cfg, data)
+    seen: list[torch.Tensor] = []  # the inputs of each training step, in order
+    student.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()) if module.training else None)
+    distill.distill(student, teacher, data, cfg, tmp_path / "student", {"test": 1}, alpha=0.5, progress=False)
+    assert teacher.rows == 2 * N_TRAIN  # the augmented view and the plain images, each labelled once
+    saved = artifacts.load_torch(tmp_path / "student" / "teacher_logits.pt")["logits"]
+    with torch.no_grad():
+        assert torch.allclose(saved[-1], teacher(data.x_train))  # the last view is the images themselves
+    plain_rows = {tuple(row.flatten().tolist()) for row in data.x_train}
+    is_plain = lambda batches: all(tuple(r.flatten().tolist()) in plain_rows for b in batches for r in b)  # noqa: E731
+    assert is_plain(seen[-BATCHES_PER_EPOCH:])  # the last epoch: plain images only
+    assert not is_plain(seen[:-BATCHES_PER_EPOCH])  # the epochs before: flipped and shifted views
+
+
 def test_check_student_size_against_the_generalist() -> None:
     data = image_splits()
     # flat 16 inputs, 4 classes: student 16*8+8 + 8*4+4 = 172 parameters, generalist 16*16+16 + 16*4+4 = 340
