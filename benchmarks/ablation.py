@@ -61,6 +61,8 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
                          ["student.transfer=dataset"], None),
     "transfer_live": ("the teachers run live on every augmented batch instead of fixed views",
                       ["student.transfer=live"], None),
+    "plain_epochs": ("students end with 6 of their 20 epochs on the plain images (the teachers' logits on them)",
+                     ["student.plain_epochs=6"], None),
     "mlp": ("the earlier MLP recipe (MLP generalist, fine-tuned specialists, MLP student)", [],
             "fashion-mnist-mlp"),
 }
