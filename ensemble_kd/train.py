@@ -80,9 +80,10 @@ class NonFiniteLossError(EnsembleKDError, FloatingPointError):
 
 @dataclass
 class Views:
-    """Fixed augmented views of a training set: epoch e trains on view (e - 1) % count, each image
-    flipped and cropped as recorded here, with a teacher's targets on exactly that view
-    (`student.transfer = "views"`). The teacher runs once per view, not once per epoch and student."""
+    """Fixed augmented views of a training set: epoch e trains on view (e - 1) % count (`of_epoch`; the
+    last epochs on a final plain view when `plain_epochs` > 0), each image flipped and cropped as
+    recorded here, with a teacher's targets on exactly that view (`student.transfer = "views"`). The
+    teacher runs once per view, not once per epoch and student."""
 
     flips: torch.Tensor | None  # (count, N) bool: image flipped in that view (None: no flips)
     offsets: torch.Tensor | None  # (count, N, 2) crop offsets into the image padded by crop_pad (None: no crops)
