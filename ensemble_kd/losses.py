@@ -67,7 +67,7 @@ def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, la
                              f"(N, C) = {tuple(student_logits.shape)}, got {tuple(labels.shape)}")
     if alpha == 1:
         return F.cross_entropy(student_logits, labels)
-    return _KDLoss.apply(student_logits, teacher_log_probs.detach(), labels, alpha, temperature)
+    return _KDLoss.apply(student_logits, teacher_log_probs, labels, alpha, temperature)  # no gradient reaches it
 
 
 class _KDLoss(torch.autograd.Function):
@@ -77,6 +77,9 @@ class _KDLoss(torch.autograd.Function):
     in the forward pass and only scaled in the backward one:
 
         d loss / d s = [alpha (softmax(s) - y) + (1 - alpha) T (softmax(s / T) - softmax(t / T))] / N
+
+    The softmaxes run over the transposed (C, N) views: over a short last dimension (C classes) torch's
+    CPU softmax pays per row, and the step of a small student, which has few classes, noticed it.
     """
 
     @staticmethod
@@ -84,22 +87,27 @@ class _KDLoss(torch.autograd.Function):
                 alpha: float, temperature: float) -> Tensor:
         n, t = student_logits.shape[0], temperature
         soft_weight = (1 - alpha) * t / n  # of the soft term's gradient; its loss weighs T times more (T^2 / n)
-        log_q = torch.log_softmax(student_logits / t, dim=1)  # the student, softened
-        p_teacher = teacher_log_probs.exp()
-        loss = (p_teacher * (teacher_log_probs - log_q)).sum().mul_(soft_weight * t)  # KL, summed over the batch
+        hard_weight = alpha / n
+        logits = student_logits.t()  # a (C, N) view; the softmaxes below return (C, N) contiguous tensors
+        teacher = teacher_log_probs.t().contiguous()  # the same layout: elementwise ops on mixed layouts cost more
+        log_q = torch.log_softmax(logits * (1 / t), dim=0)  # the student, softened
+        p_teacher = teacher.exp()
+        loss = torch.sub(teacher, log_q).mul_(p_teacher).sum()  # KL, summed over the batch
         grad = log_q.exp_().sub_(p_teacher).mul_(soft_weight)
         if alpha > 0:
-            log_p = torch.log_softmax(student_logits, dim=1)
+            log_p = torch.log_softmax(logits, dim=0)
             if labels.ndim == 1:  # class ids
-                ids = labels.unsqueeze(1)
-                loss.sub_(log_p.gather(1, ids).sum(), alpha=alpha / n)
-                grad.scatter_add_(1, ids, grad.new_full(ids.shape, -alpha / n))
+                ids = labels.unsqueeze(0)
+                log_likelihood = log_p.gather(0, ids).sum()
+                grad.scatter_(0, ids, -hard_weight, reduce="add")
             else:  # class probabilities (MixUp / CutMix)
-                loss.sub_((labels * log_p).sum(), alpha=alpha / n)
-                grad.sub_(labels, alpha=alpha / n)
-            grad.add_(log_p.exp_(), alpha=alpha / n)
-        ctx.grad = grad  # d loss / d student_logits, computed here: the backward pass only scales it
-        return loss
+                mixed = labels.t()
+                log_likelihood = torch.mul(mixed, log_p).sum()
+                grad.sub_(mixed, alpha=hard_weight)
+            loss.sub_(log_likelihood, alpha=hard_weight / (soft_weight * t))  # the hard term, before the last scaling
+            grad.add_(log_p.exp_(), alpha=hard_weight)
+        ctx.grad = grad.t()  # d loss / d student_logits, computed here: the backward pass only scales it
+        return loss.mul_(soft_weight * t)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
