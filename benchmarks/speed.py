@@ -83,7 +83,7 @@ from ensemble_kd.ensemble import build_ensemble
 from ensemble_kd.export import load_student
 from ensemble_kd.generalist import load_generalist
 from ensemble_kd.inference import predict_logits
-from ensemble_kd.losses import kd_loss_from_log_probs, teacher_log_probs
+from ensemble_kd.losses import KDLoss, teacher_log_probs
 from ensemble_kd.models import build_model, count_params
 from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.precision import training_precision
@@ -558,7 +558,7 @@ def distill_vs_hard(cfg: Config, data: Splits, plan: Plan, device: torch.device)
     cache_seconds = time.perf_counter() - started
     set_seed(cfg.seed + 1)
     initial = build_model(cfg.student.model, data.input_shape, data.num_classes, data.mean, data.std)
-    kd = lambda s, y, t: kd_loss_from_log_probs(s, t, y, alpha, temperature)  # noqa: E731
+    kd = KDLoss(alpha, temperature)  # distill()'s loss_fn
     variants = {
         "hard": lambda: timed_fit(copy.deepcopy(initial), TrainSet(data.x_train, data.y_train), train_cfg, device,
                                   loss_fn=cross_entropy()),

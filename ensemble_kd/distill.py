@@ -28,7 +28,7 @@ from .config import Config, ConfigError, fingerprint_settings, recipe
 from .data import Splits, draw_augmentation
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
-from .losses import kd_loss, kd_loss_from_log_probs, teacher_log_probs
+from .losses import KDLoss, kd_loss, teacher_log_probs
 from .models import Classifier, build_model, count_params
 from .precision import autocast
 from .streaming import Inputs, batches
@@ -155,7 +155,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
             if views is not None:
                 views.targets = log_probs
             train.views, train.targets = views, None if views is not None else log_probs
-            loss_fn = lambda s, y, t: kd_loss_from_log_probs(s, t, y, alpha, temperature)  # noqa: E731
+            loss_fn = KDLoss(alpha, temperature)
         else:
             loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
             live_teacher = teacher.to(device).eval()

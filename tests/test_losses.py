@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd.losses import (dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss,
+from ensemble_kd.losses import (KDLoss, dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss,
                                 kd_loss_from_log_probs, teacher_log_probs)
 
 # 2 examples, 3 classes.
@@ -94,6 +94,27 @@ def test_kd_loss_rejects_bad_arguments():
         kd_loss(s, t, y, alpha=0.5, temperature=0.0)
     with pytest.raises(ValueError, match="same shape"):
         kd_loss(s, t[:, :2], y, alpha=0.5, temperature=2.0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("label_kind", ["class ids", "class probabilities"])
+def test_kd_loss_object_gives_kd_loss_from_log_probs_value_and_gradient(alpha, label_kind):
+    torch.manual_seed(1)
+    student = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    teacher = teacher_log_probs(torch.randn(7, 5, dtype=torch.float64), 3.0)
+    y = torch.randint(0, 5, (7,)) if label_kind == "class ids" else torch.softmax(torch.randn(7, 5), 1).double()
+    ours = KDLoss(alpha, 3.0)(student, y, teacher)  # fit's argument order: logits, labels, targets
+    reference = kd_loss_from_log_probs(student, teacher, y, alpha, 3.0)
+    (ours_grad,), (reference_grad,) = (torch.autograd.grad(v, student) for v in (ours, reference))
+    assert ours.item() == reference.item()
+    assert torch.equal(ours_grad, reference_grad)
+
+
+def test_kd_loss_object_checks_its_settings_when_made():
+    with pytest.raises(ValueError, match="alpha"):
+        KDLoss(-0.1, 2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(0.5, 0.0)
 
 
 def test_fold_probs_keeps_subset_order_and_sums_the_rest():
