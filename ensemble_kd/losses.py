@@ -76,9 +76,9 @@ class KDLoss:
     """`kd_loss_from_log_probs` as fit's `loss_fn(student_logits, labels, teacher_log_probs)`, called at every step.
 
     alpha and T are checked once, when it is made; a call goes straight to the loss's autograd node.
-    It leaves out the per-call checks of shapes and labels: on the digits student they cost a tenth of
-    the distillation step's extra time over a hard-label step. `distill` builds the teacher's targets and
-    the student for the same classes and always passes labels.
+    It leaves out the per-call checks of shapes and labels (3.5 of the 50 µs a call took on the digits
+    student's 64 x 10 logits): `distill` builds the teacher's targets and the student for the same
+    classes, and fit always passes labels.
     """
 
     alpha: float  # weight of the hard-label cross-entropy; the soft term gets 1 - alpha
