@@ -53,8 +53,7 @@ def teacher_log_probs(teacher_logits: Tensor, temperature: float) -> Tensor:
 def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,
                            alpha: float, temperature: float) -> Tensor:
     """`kd_loss` with the teacher given as `teacher_log_probs(t, temperature)`; the same value, bit for bit."""
-    _check_alpha(alpha)
-    _check_temperature(temperature)
+    loss = KDLoss(alpha, temperature)  # checks alpha and T
     if student_logits.ndim != 2 or student_logits.shape != teacher_log_probs.shape:
         raise ValueError(f"student and teacher logits must both be (N, C) with the same shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_log_probs.shape)}; "
@@ -66,9 +65,7 @@ def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, la
         if labels.shape not in (student_logits.shape[:1], student_logits.shape):
             raise ValueError(f"labels must be class ids (N,) = ({student_logits.shape[0]},) or class probabilities "
                              f"(N, C) = {tuple(student_logits.shape)}, got {tuple(labels.shape)}")
-    if alpha == 1:
-        return F.cross_entropy(student_logits, labels)
-    return _KDLoss.apply(student_logits, teacher_log_probs, labels, alpha, temperature)  # no gradient reaches it
+    return loss(student_logits, labels, teacher_log_probs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +88,7 @@ class KDLoss:
     def __call__(self, student_logits: Tensor, labels: Tensor | None, teacher_log_probs: Tensor) -> Tensor:
         if self.alpha == 1:
             return F.cross_entropy(student_logits, labels)
-        return _KDLoss.apply(student_logits, teacher_log_probs, labels, self.alpha, self.temperature)
+        return _KDLoss.apply(student_logits, teacher_log_probs, labels, self.alpha, self.temperature)  # student only
 
 
 class _KDLoss(torch.autograd.Function):
