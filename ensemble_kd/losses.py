@@ -3,9 +3,10 @@
 - `kd_loss`: Hinton's distillation loss, hard-label cross-entropy plus the T^2-scaled
   KL divergence between temperature-softened teacher and student distributions;
   `kd_loss_from_log_probs` takes the teacher's side precomputed (`teacher_log_probs`). Both
-  compute the loss and its gradient in one autograd node (`_KDLoss`), so that a distillation
-  step costs little more than a hard-label one. `KDLoss(alpha, temperature)` is the latter as the
-  per-step `loss_fn` of fit, its settings checked once.
+  compute the loss and its gradient in one autograd node (`_KDLoss`, the gradient written out by
+  `kd_value_and_grad`), so that a distillation step costs little more than a hard-label one.
+  `KDLoss(alpha, temperature)` is the latter as the per-step `loss_fn` of fit, its settings
+  checked once; fit trains through its `value_and_grad`, with no loss node at all.
 - `fold_probs` / `fold_labels`: map a C-class distribution or class ids onto a
   specialist's |S| + 1 outputs (its classes in the order of `subset`, then the dustbin).
 - `dustbin_log_correction`: the prior correction of a specialist's dustbin logit after
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -72,7 +74,9 @@ def kd_loss_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor, la
 class KDLoss:
     """`kd_loss_from_log_probs` as fit's `loss_fn(student_logits, labels, teacher_log_probs)`, called at every step.
 
-    alpha and T are checked once, when it is made; a call goes straight to the loss's autograd node.
+    alpha and T are checked once, when it is made; a call goes straight to the loss's autograd node, and
+    `value_and_grad` gives the loss and its gradient without one (fit uses that: the Python node's forward
+    and backward calls cost a small student's step about 30 µs).
     It leaves out the per-call checks of shapes and labels (3.5 of the 50 µs a call took on the digits
     student's 64 x 10 logits): `distill` builds the teacher's targets and the student for the same
     classes, and fit always passes labels.
@@ -90,45 +94,87 @@ class KDLoss:
             return F.cross_entropy(student_logits, labels)
         return _KDLoss.apply(student_logits, teacher_log_probs, labels, self.alpha, self.temperature)  # student only
 
+    def value_and_grad(self, student_logits: Tensor, labels: Tensor, teacher_log_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss (no autograd history) and its gradient with respect to `student_logits`: fit then runs
+        `student_logits.backward(grad)`, and no loss node runs in the backward pass."""
+        logits = student_logits.detach()  # the ops below record no autograd history
+        if self.alpha == 1:
+            return hard_value_and_grad(logits, labels)
+        return kd_value_and_grad(logits, teacher_log_probs, labels, self.alpha, self.temperature)
+
+
+@functools.lru_cache(maxsize=64)
+def _kd_factors(alpha: float, temperature: float, n: int) -> tuple[Tensor, Tensor, float, Tensor]:
+    """The constant factors of `kd_value_and_grad` for a batch of n: 1 / T, the soft term's gradient weight,
+    hard / soft weight, and the loss's last scale. Those that multiply a tensor are 0-d tensors, made once:
+    a Python number there is wrapped in a new tensor at every call (1.5 µs each, a tenth of a small step's loss)."""
+    soft_weight = (1 - alpha) * temperature / n  # of the soft term's gradient; its loss weighs T times more (T^2 / n)
+    hard_over_soft = alpha / n / soft_weight
+    return (torch.tensor(1 / temperature), torch.tensor(soft_weight), hard_over_soft,
+            torch.tensor(soft_weight * temperature))
+
+
+def kd_value_and_grad(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None, alpha: float,
+                      temperature: float) -> tuple[Tensor, Tensor]:
+    """`kd_loss_from_log_probs` (alpha < 1) and its gradient with respect to `student_logits`, both computed
+    outside autograd, the gradient written out:
+
+        d loss / d s = [alpha (softmax(s) - y) + (1 - alpha) T (softmax(s / T) - softmax(t / T))] / N
+
+    The softmaxes run over contiguous (C, N) copies: over a short last dimension (C classes) torch's CPU
+    softmax pays per row, and the step of a small student, which has few classes, noticed it.
+    """
+    inv_t, soft_weight, hard_over_soft, loss_scale = _kd_factors(alpha, temperature, student_logits.shape[0])
+    logits = student_logits.t().contiguous()  # (C, N); so are the softmaxes below
+    teacher = teacher_log_probs.t().contiguous()  # the same layout: elementwise ops on mixed layouts cost more
+    log_q = torch.log_softmax(logits * inv_t, dim=0)  # the student, softened
+    p_teacher = teacher.exp()
+    loss = torch.sub(teacher, log_q).mul_(p_teacher).sum()  # KL, summed over the batch
+    grad = log_q.exp_().sub_(p_teacher)  # the gradient / soft_weight, until the last line
+    if alpha > 0:
+        log_p = torch.log_softmax(logits, dim=0)
+        if labels.ndim == 1:  # class ids
+            ids = labels.unsqueeze(0)
+            log_likelihood = log_p.gather(0, ids).sum()
+            grad.scatter_(0, ids, -hard_over_soft, reduce="add")
+        else:  # class probabilities (MixUp / CutMix)
+            mixed = labels.t()
+            log_likelihood = torch.mul(mixed, log_p).sum()
+            grad.sub_(mixed, alpha=hard_over_soft)
+        loss.sub_(log_likelihood, alpha=hard_over_soft / temperature)  # the hard term, before the last scaling
+        grad.add_(log_p.exp_(), alpha=hard_over_soft)
+    return loss.mul_(loss_scale), grad.mul_(soft_weight).t()
+
+
+def hard_value_and_grad(student_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy on class ids or class probabilities, and its gradient with respect to `student_logits`,
+    outside autograd: (softmax(s) - y) / N."""
+    n = student_logits.shape[0]
+    log_p = torch.log_softmax(student_logits.t().contiguous(), dim=0)  # (C, N), as in kd_value_and_grad
+    if labels.ndim == 1:
+        ids = labels.unsqueeze(0)
+        loss = log_p.gather(0, ids).sum().mul_(-1 / n)
+        grad = log_p.exp_().scatter_(0, ids, -1.0, reduce="add").mul_(1 / n)
+    else:
+        mixed = labels.t()
+        loss = torch.mul(mixed, log_p).sum().mul_(-1 / n)
+        grad = log_p.exp_().sub_(mixed).mul_(1 / n)
+    return loss, grad.t()
+
 
 class _KDLoss(torch.autograd.Function):
     """`kd_loss` and its gradient as one autograd node. As a chain of tensor ops (cross-entropy,
     log-softmax, KL, three scalar products) the loss cost a small student's step three times what
-    cross-entropy does, most of it autograd bookkeeping; here the gradient is written out, computed
-    in the forward pass and only scaled in the backward one:
-
-        d loss / d s = [alpha (softmax(s) - y) + (1 - alpha) T (softmax(s / T) - softmax(t / T))] / N
-
-    The softmaxes run over the transposed (C, N) views: over a short last dimension (C classes) torch's
-    CPU softmax pays per row, and the step of a small student, which has few classes, noticed it.
+    cross-entropy does, most of it autograd bookkeeping; here `kd_value_and_grad` computes the gradient in
+    the forward pass, and the backward pass only scales it.
     """
 
     @staticmethod
     def forward(ctx, student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None,  # type: ignore[override]
                 alpha: float, temperature: float) -> Tensor:
-        n, t = student_logits.shape[0], temperature
-        soft_weight = (1 - alpha) * t / n  # of the soft term's gradient; its loss weighs T times more (T^2 / n)
-        hard_weight = alpha / n
-        logits = student_logits.t()  # a (C, N) view; the softmaxes below return (C, N) contiguous tensors
-        teacher = teacher_log_probs.t().contiguous()  # the same layout: elementwise ops on mixed layouts cost more
-        log_q = torch.log_softmax(logits * (1 / t), dim=0)  # the student, softened
-        p_teacher = teacher.exp()
-        loss = torch.sub(teacher, log_q).mul_(p_teacher).sum()  # KL, summed over the batch
-        grad = log_q.exp_().sub_(p_teacher).mul_(soft_weight)
-        if alpha > 0:
-            log_p = torch.log_softmax(logits, dim=0)
-            if labels.ndim == 1:  # class ids
-                ids = labels.unsqueeze(0)
-                log_likelihood = log_p.gather(0, ids).sum()
-                grad.scatter_(0, ids, -hard_weight, reduce="add")
-            else:  # class probabilities (MixUp / CutMix)
-                mixed = labels.t()
-                log_likelihood = torch.mul(mixed, log_p).sum()
-                grad.sub_(mixed, alpha=hard_weight)
-            loss.sub_(log_likelihood, alpha=hard_weight / (soft_weight * t))  # the hard term, before the last scaling
-            grad.add_(log_p.exp_(), alpha=hard_weight)
-        ctx.grad = grad.t()  # d loss / d student_logits, computed here: the backward pass only scales it
-        return loss.mul_(soft_weight * t)
+        loss, grad = kd_value_and_grad(student_logits, teacher_log_probs, labels, alpha, temperature)
+        ctx.grad = grad  # d loss / d student_logits, computed here: the backward pass only scales it
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

@@ -110,6 +110,29 @@ def test_kd_loss_object_gives_kd_loss_from_log_probs_value_and_gradient(alpha, l
     assert torch.equal(ours_grad, reference_grad)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("label_kind", ["class ids", "class probabilities"])
+def test_kd_loss_value_and_grad_give_kd_losss_value_and_autograd_gradient(alpha, label_kind):
+    torch.manual_seed(2)
+    student = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    teacher = teacher_log_probs(torch.randn(9, 4, dtype=torch.float64), 2.5)
+    y = torch.randint(0, 4, (9,)) if label_kind == "class ids" else torch.softmax(torch.randn(9, 4).double(), 1)
+    value, grad = KDLoss(alpha, 2.5).value_and_grad(student, y, teacher)
+    reference = kd_loss_from_log_probs(student, teacher, y, alpha, 2.5)
+    (reference_grad,) = torch.autograd.grad(reference, student)
+    assert not value.requires_grad and not grad.requires_grad  # fit backpropagates grad from the logits
+    assert value.item() == pytest.approx(reference.item(), rel=1e-12)
+    assert torch.allclose(grad, reference_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_kd_loss_value_and_grad_leave_their_inputs_as_they_were():
+    teacher = teacher_log_probs(torch.randn(1, 3), 2.0)  # one row: its (C, N) view is already contiguous
+    student, kept = torch.randn(1, 3), teacher.clone()
+    before = student.clone()
+    KDLoss(0.5, 2.0).value_and_grad(student, torch.tensor([1]), teacher)
+    assert torch.equal(teacher, kept) and torch.equal(student, before)
+
+
 def test_kd_loss_object_checks_its_settings_when_made():
     with pytest.raises(ValueError, match="alpha"):
         KDLoss(-0.1, 2.0)

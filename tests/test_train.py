@@ -24,6 +24,7 @@ from ensemble_kd.augment import Augmentation, make_augment
 from ensemble_kd.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ensemble_kd.models import build_model
 from ensemble_kd.inference import evaluate
+from ensemble_kd.losses import KDLoss, teacher_log_probs
 from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy,
                                fit, load_finished, lr_factor, save_model, set_seed)
 
@@ -613,6 +614,18 @@ def test_loss_fn_gets_the_cached_targets_of_the_batch_without_a_teacher(blobs, t
     fit(student, data, TrainConfig(epochs=1, batch_size=32), tmp_path / "s",
         FitOptions(stage=STAGE, seed=0, loss_fn=loss, progress=False))
     assert len(calls) == STEPS
+
+
+def test_a_loss_with_value_and_grad_trains_exactly_as_through_its_autograd_node(blobs, tmp_path):
+    kd = KDLoss(0.3, 2.0)  # has value_and_grad: fit backpropagates its gradient from the logits
+    torch.manual_seed(3)
+    data = TrainSet(blobs.x, blobs.y, targets=teacher_log_probs(torch.randn(len(blobs.y), 3), 2.0))
+    via_gradient = train(fresh_model(), data, tmp_path / "gradient", loss_fn=kd)
+    via_node = train(fresh_model(), data, tmp_path / "node", loss_fn=lambda s, y, t: kd(s, y, t))  # autograd
+    assert_same_weights(via_gradient, via_node)
+    logged = [[r["loss"] for r in artifacts.read_jsonl(tmp_path / run / artifacts.METRICS_FILE)]
+              for run in ("gradient", "node")]
+    assert logged[0] == logged[1] and all(math.isfinite(v) for v in logged[0])
 
 
 # ---------------------------------------------------------------- learning-rate schedule
