@@ -15,7 +15,7 @@ Optimizers use torch's fused kernels where it has them for the device (CUDA; CPU
 torch 2.4), and gradient clipping (`clip_grad_norm`) costs a few small ops per step. A
 loss that writes out its own gradient (`value_and_grad`, as the distillation loss
 `losses.KDLoss` does) has it backpropagated from the logits: the backward pass runs no
-loss node, which on a small student saves a third of what distillation adds to a step.
+loss node (30-36 µs a step saved on the digits student; benchmarks/README.md).
 
 Mixed precision (`precision` = bf16 | fp16; precision.py) runs the forward pass and the
 teacher under `torch.autocast`; the loss, the weights and the optimizer stay in float32,
@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 # also has `value_and_grad(logits, labels, targets)` -> (loss, d loss / d logits), such as losses.KDLoss, is
 # trained through that outside fp16: fit backpropagates the gradient from the logits, with no loss node
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+ValueAndGrad = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 # epoch_indices(epoch, generator) -> the example indices of one epoch, in order
 IndexFn = Callable[[int, torch.Generator], torch.Tensor]
 
@@ -507,7 +508,7 @@ class _Loop:
     memory_format: torch.memory_format  # of image batches: channels-last for conv models
     progress: bool
     loader: ImageLoader | None  # reads the batches image by image; None: gathered from train.x by index
-    value_and_grad: Any = None  # loss_fn.value_and_grad (the loss and d loss / d logits) when it has one, outside fp16
+    value_and_grad: ValueAndGrad | None = None  # loss_fn.value_and_grad where it has one, outside fp16
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = PRECISIONS[self.precision]
