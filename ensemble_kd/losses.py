@@ -109,14 +109,15 @@ class KDLoss:
 
 
 @functools.lru_cache(maxsize=64)
-def _kd_factors(alpha: float, temperature: float, n: int) -> tuple[Tensor, Tensor, float, Tensor]:
+def _kd_factors(alpha: float, temperature: float, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, float, Tensor]:
     """The constant factors of `kd_value_and_grad` for a batch of n: 1 / T, the soft term's gradient weight,
     hard / soft weight, and the loss's last scale. Those that multiply a tensor are 0-d tensors, made once:
-    a Python number there is wrapped in a new tensor at every call (about 1.5 µs each in a tight loop)."""
+    a Python number there is wrapped in a new tensor at every call (about 1.5 µs each in a tight loop).
+    They have the logits' dtype: float32 factors would round float64 losses at 1e-8."""
     soft_weight = (1 - alpha) * temperature / n  # of the soft term's gradient; its loss weighs T times more (T^2 / n)
     hard_over_soft = alpha / n / soft_weight
-    return (torch.tensor(1 / temperature), torch.tensor(soft_weight), hard_over_soft,
-            torch.tensor(soft_weight * temperature))
+    return (torch.tensor(1 / temperature, dtype=dtype), torch.tensor(soft_weight, dtype=dtype), hard_over_soft,
+            torch.tensor(soft_weight * temperature, dtype=dtype))
 
 
 def kd_value_and_grad(student_logits: Tensor, teacher_log_probs: Tensor, labels: Tensor | None, alpha: float,
@@ -129,7 +130,8 @@ def kd_value_and_grad(student_logits: Tensor, teacher_log_probs: Tensor, labels:
     The softmaxes run over contiguous (C, N) copies: over a short last dimension (C classes) torch's CPU
     softmax pays per row, and the step of a small student, which has few classes, noticed it.
     """
-    inv_t, soft_weight, hard_over_soft, loss_scale = _kd_factors(alpha, temperature, student_logits.shape[0])
+    inv_t, soft_weight, hard_over_soft, loss_scale = _kd_factors(alpha, temperature, student_logits.shape[0],
+                                                                 student_logits.dtype)
     logits = student_logits.t().contiguous()  # (C, N); so are the softmaxes below
     teacher = teacher_log_probs.t().contiguous()  # the same layout: elementwise ops on mixed layouts cost more
     log_q = torch.log_softmax(logits * inv_t, dim=0)  # the student, softened

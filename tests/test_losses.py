@@ -77,6 +77,19 @@ def test_the_written_out_gradient_matches_finite_differences(alpha, label_kind):
     assert torch.autograd.gradcheck(lambda z: kd_loss(z, t, labels, alpha=alpha, temperature=3.0), (s,))
 
 
+@pytest.mark.parametrize("temperature", [2.0, 3.0])
+def test_kd_loss_in_float64_is_the_chain_of_torch_ops_to_float64_precision(temperature):
+    torch.manual_seed(4)
+    s = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    t, y, alpha = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 5, (16,)), 0.3
+    chain = alpha * F.cross_entropy(s, y) + (1 - alpha) * temperature ** 2 * F.kl_div(
+        F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True, reduction="batchmean")
+    ours = kd_loss(s, t, y, alpha, temperature)
+    (chain_grad,), (ours_grad,) = (torch.autograd.grad(v, s) for v in (chain, ours))
+    assert ours.item() == pytest.approx(chain.item(), rel=1e-13)
+    assert torch.allclose(ours_grad, chain_grad, rtol=1e-12, atol=1e-16)
+
+
 def test_class_probabilities_as_labels_give_the_loss_of_their_class_ids_when_one_hot():
     s, t, y = tensors()
     one_hot = F.one_hot(y, s.shape[1]).to(s.dtype)  # what MixUp / CutMix give for a weight of 1
