@@ -5,6 +5,9 @@ flushed, fsynced, then `os.replace`d), so a crash leaves either the old file or 
 one, never half; except the per-epoch metrics logs (`metrics.jsonl`), which are appended
 to one line per epoch (a line torn by a crash is dropped when read, and a resumed stage
 cuts the log back to its checkpoint), and the lock file `.lock`.
+
+A run directory carries a marker, `.ensemble-kd-run`, from its creation: --overwrite deletes
+only a folder that has it, and in it only the names a run writes (`RUN_ENTRIES`).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -57,11 +61,50 @@ METRICS_FILE = "metrics.jsonl"  # one JSON object per finished epoch
 METRICS_CSV = "metrics.csv"  # the same metrics as a table: a header, then one row per finished epoch
 LEARNING_CURVES_FILE = "learning_curves.png"  # every stage's loss and validation accuracy per epoch (report.md)
 LOCK_FILE = ".lock"  # locked (flock) by the process running in the directory; holds its pid
+ACCURACY_VS_SIZE_FILE = "accuracy_vs_size.png"  # report.md's plot of test accuracy against parameter count
+NONFINITE_FILE = "nonfinite.json"  # in a stage's training folder: its loss became NaN or infinite (train.fit)
+RUN_MARKER_FILE = ".ensemble-kd-run"  # written when ensemble-kd creates a run directory: --overwrite needs it
+RUN_MARKER_TEXT = ("ensemble-kd run directory\n"
+                   "ensemble-kd wrote this file when it created this folder for a run. `ensemble-kd run --overwrite`\n"
+                   "deletes a folder's contents only when this file is here, and only the files ensemble-kd writes.\n")
+# every name ensemble-kd writes at the top of a run directory (and their temporary files); --overwrite deletes
+# these and nothing else
+RUN_ENTRIES = frozenset({
+    CONFIG_FILE, MANIFEST_FILE, GENERALIST_DIR, CONFUSION_DIR, CLUSTERS_FILE, HEATMAP_FILE, SPECIALISTS_DIR,
+    *STUDENT_DIRS, EXPORT_DIR, REPORT_JSON, REPORT_MD, LEARNING_CURVES_FILE, ACCURACY_VS_SIZE_FILE, LOCK_FILE,
+    RUN_MARKER_FILE})
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # what new_temp_file names a file being written
+
+
+# ---------------------------------------------------------------- a worker whose run is gone writes nothing
+
+class WritesStopped(BaseException):
+    """Raised by a write check: this process must write nothing more (the run it works for is gone).
+    A BaseException, so that no `except Exception` on the way turns it into an ordinary error."""
+
+
+_write_checks: list[Callable[[], None]] = []  # called before every write (parallel.stop_with_parent adds one)
+
+
+def add_write_check(check: Callable[[], None]) -> None:
+    """Call `check()` before each file this process writes; it raises WritesStopped to stop the write.
+
+    A specialist worker adds one that raises once the run that started it has died, so
+    nothing is written into the run directory after the run is gone (parallel.py)."""
+    if check not in _write_checks:
+        _write_checks.append(check)
+
+
+def check_may_write() -> None:
+    """Run the checks `add_write_check` added (none in the run's own process); fit also calls it every step."""
+    for check in _write_checks:
+        check()
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Call `write(f)` on a temp file next to `path`, then move it into place."""
     path = Path(path)
+    check_may_write()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = new_temp_file(path)
     try:
@@ -69,6 +112,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        check_may_write()  # again: a worker whose run died while it wrote leaves the old file in place
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -117,13 +161,14 @@ def read_json(path: str | Path) -> Any:
         raise ArtifactError(f"{path} is not valid JSON ({err}); delete it and rerun with --resume") from err
 
 
-def load_torch(path: str | Path) -> Any:
-    """torch.load that names the file and the fix when it is missing or corrupt."""
+def load_torch(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load that names the file and the fix when it is missing or corrupt; with `mmap` the tensors
+    are mapped from the file, not read (cheap when only the other entries are wanted)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist; run the stage that writes it first")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many kinds on a truncated or foreign file
         raise ArtifactError(f"{path} is corrupt or not a checkpoint ({type(err).__name__}: {err}); "
                             "delete it and rerun with --resume to recreate it") from err
@@ -131,6 +176,7 @@ def load_torch(path: str | Path) -> Any:
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one line (metrics logs are append-only; a torn last line is dropped on read)."""
+    check_may_write()
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -143,6 +189,7 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
 def append_csv(path: str | Path, record: dict[str, Any]) -> None:
     """Append one row (csv module) with the record's keys as columns; the header first when the file is new."""
     path = Path(path)
+    check_may_write()
     new = not path.is_file() or path.stat().st_size == 0
     with open(path, "a", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(record))
@@ -177,20 +224,21 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def prepare_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Create and lock the run directory, refusing to reuse one that holds work without --resume or --overwrite.
 
-    A directory holding only config.toml (a run that stopped on an error before any stage
-    began) holds no work and is reused as if it were empty. A non-empty directory that
-    does not look like a run (no config.toml or manifest.json) is never resumed into or
-    deleted. The lock (`lock_run_dir`) keeps a second run out while this process lives."""
+    A new or empty directory gets the run marker (`RUN_MARKER_FILE`). A marked directory
+    holding only config.toml (a run that stopped on an error before any stage began) holds
+    no work and is reused as if it were empty. --overwrite deletes only a marked run's own
+    entries (`RUN_ENTRIES`) and refuses anything else (`check_run_dir`). The lock
+    (`lock_run_dir`) keeps a second run out while this process lives; the checks are made
+    again once it is held."""
     run_dir = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     newly_locked = lock_run_dir(run_dir)
     try:
-        if _holds_work(run_dir):
-            if overwrite:
-                _delete_contents(run_dir, keep=LOCK_FILE)
-            elif not resume:
-                raise ArtifactError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
-                                    "--overwrite to replace it, or --out to start a new one")
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # what changed before the lock was taken
+        if overwrite:
+            _delete_run_entries(run_dir)
+        if not _entries(run_dir):  # new, empty, or emptied by --overwrite: a folder this tool made
+            write_text(run_dir / RUN_MARKER_FILE, RUN_MARKER_TEXT)
     except BaseException:
         if newly_locked:
             unlock_run_dir(run_dir)
@@ -200,33 +248,111 @@ def prepare_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool =
 
 def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """The checks of `prepare_run_dir` that touch nothing: flags that contradict, a file, a folder that is
-    not a run, or nothing to resume."""
+    not a run, a run without --resume or --overwrite, what --overwrite may not delete, or nothing to resume."""
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise ArtifactError("--resume and --overwrite contradict each other; choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise ArtifactError(f"{run_dir} exists and is not a directory; choose another --out")
+    if overwrite:
+        _check_overwrite(run_dir)
+        return run_dir
     if _holds_work(run_dir) and not _looks_like_run(run_dir):
         raise ArtifactError(f"{run_dir} is not empty and does not look like an ensemble-kd run (no "
                             f"{CONFIG_FILE} or {MANIFEST_FILE}); not writing into it or deleting it: "
                             "choose another --out")
-    if resume and not _holds_work(run_dir) and not (run_dir / CONFIG_FILE).is_file():
-        raise ArtifactError(f"--resume given but {run_dir} holds no run to resume; drop --resume to start one")
+    if resume:
+        if not _holds_work(run_dir) and not (run_dir / CONFIG_FILE).is_file():
+            raise ArtifactError(f"--resume given but {run_dir} holds no run to resume; drop --resume to start one")
+        return run_dir
+    if _holds_work(run_dir):
+        raise ArtifactError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                            "--overwrite to replace it, or --out to start a new one")
+    if _entries(run_dir) and not is_marked_run(run_dir):  # config.toml alone, but not one this tool wrote
+        raise ArtifactError(f"{run_dir} holds a {CONFIG_FILE} that ensemble-kd did not write there (no "
+                            f"{RUN_MARKER_FILE}), so it does not look like an ensemble-kd run; not writing into "
+                            "it: choose another --out (or, if it is a run that stopped before any stage, "
+                            "continue it with --resume)")
     return run_dir
 
 
+def is_marked_run(run_dir: str | Path) -> bool:
+    """True when `run_dir` holds the marker ensemble-kd writes into every run directory it creates."""
+    marker = Path(run_dir) / RUN_MARKER_FILE
+    try:
+        return not marker.is_symlink() and marker.is_file() and marker.read_bytes() == RUN_MARKER_TEXT.encode()
+    except OSError:
+        return False
+
+
+def foreign_entries(run_dir: str | Path) -> list[str]:
+    """The names at the top of `run_dir` that ensemble-kd does not write (sorted)."""
+    return sorted(name for name in _entries(Path(run_dir)) if not _is_run_entry(name))
+
+
+def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files (`new_temp_file`'s `.NAME.xxxxxxxx.tmp`) a killed process left anywhere in
+    `run_dir`; returns them. Call it only while holding the run's lock: then no live process writes them."""
+    removed = []
+    for folder, dirs, files in os.walk(run_dir):  # does not follow links into other folders
+        for name in files:
+            if _TEMP_NAME.match(name):
+                path = Path(folder) / name
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    if removed:
+        log.info("removed %d temporary file%s left by a process that was killed while writing (e.g. %s)",
+                 len(removed), "" if len(removed) == 1 else "s", removed[0])
+    return removed
+
+
+def _entries(run_dir: Path) -> list[str]:
+    """The names in `run_dir` other than the lock file (none when it does not exist)."""
+    return [p.name for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.is_dir() else []
+
+
+def _is_run_entry(name: str) -> bool:
+    """A name ensemble-kd writes at the top of a run directory, or the temporary file of one."""
+    temp = _TEMP_NAME.match(name)
+    return name in RUN_ENTRIES or (temp is not None and temp.group("name") in RUN_ENTRIES)
+
+
+def _check_overwrite(run_dir: Path) -> None:
+    """ArtifactError unless --overwrite may delete what `run_dir` holds: nothing, or a marked run's own entries."""
+    entries = _entries(run_dir)
+    if not entries:
+        return
+    if not is_marked_run(run_dir):
+        if not _looks_like_run(run_dir):
+            raise ArtifactError(f"{run_dir} is not empty and does not look like an ensemble-kd run (no "
+                                f"{CONFIG_FILE} or {MANIFEST_FILE}); not writing into it or deleting it: "
+                                "choose another --out")
+        raise ArtifactError(
+            f"--overwrite deletes only folders ensemble-kd made, and {run_dir} has no {RUN_MARKER_FILE} (the file "
+            "it writes into every run directory it creates; runs made by older versions lack it), so it does not "
+            "look like an ensemble-kd run and nothing was deleted: if it is a run you no longer need, delete it "
+            "yourself; otherwise choose another --out")
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ArtifactError(f"--overwrite deletes only the files ensemble-kd writes, and {run_dir} also holds "
+                            f"{shown}; nothing was deleted: move {'it' if len(foreign) == 1 else 'them'} out of "
+                            "the folder and rerun, or choose another --out")
+
+
 def _holds_work(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name not in (CONFIG_FILE, LOCK_FILE) for p in run_dir.iterdir())
+    return any(name not in (CONFIG_FILE, RUN_MARKER_FILE) for name in _entries(run_dir))
 
 
 def _looks_like_run(run_dir: Path) -> bool:
     return (run_dir / CONFIG_FILE).is_file() or (run_dir / MANIFEST_FILE).is_file()
 
 
-def _delete_contents(folder: Path, keep: str) -> None:
-    """Delete everything in `folder` but the entry named `keep` (the lock this process holds)."""
+def _delete_run_entries(folder: Path) -> None:
+    """Delete a run's own entries in `folder` (`_check_overwrite` has found no other), but the lock this
+    process holds and the marker. A link is removed, never followed."""
     for entry in folder.iterdir():
-        if entry.name == keep:
+        if entry.name in (LOCK_FILE, RUN_MARKER_FILE) or not _is_run_entry(entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -266,6 +392,11 @@ def lock_run_dir(run_dir: str | Path) -> bool:
     os.write(fd, f"{os.getpid()}\n".encode())
     _locks[key] = fd
     return True
+
+
+def holds_lock(run_dir: str | Path) -> bool:
+    """True while this process holds `run_dir`'s lock (`lock_run_dir`)."""
+    return Path(run_dir).resolve() in _locks
 
 
 def unlock_run_dir(run_dir: str | Path) -> None:

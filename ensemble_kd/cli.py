@@ -31,7 +31,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run directory to write (default: artifacts/<data.name>-seed<seed>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out with its own config.toml, reusing finished work")
-    parser.add_argument("--overwrite", action="store_true", help="delete what --out holds and start again")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run in --out and start again (only a folder ensemble-kd made, holding "
+                             "nothing but the files it writes)")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1],
                         help="stop after this stage (default: export, the last); e.g. clusters, to inspect "
                              "them before the specialists train")
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", type=Path, nargs="+", help="image files (PNG, JPEG, ...) or .npy batches")
     predict.add_argument("--top-k", type=int, default=3, help="how many classes to show per input (default: 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    predict.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                         help="refuse images of more pixels than this (default: Pillow's limit against "
+                              "decompression bombs, 178956970); raise it for huge images you trust")
     report = _command(commands, "report", "Print a run's table of models and rewrite its report.md.",
                       "Reads RUN_DIR/report.json (written when `ensemble-kd run` ends) and rewrites\n"
                       "report.md and accuracy_vs_size.png from it.")
@@ -146,13 +151,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .export import InputError
-    from .predict import format_predictions, predict_files
+    from .export import InputError, load_student
+    from .imagefolder import DEFAULT_MAX_IMAGE_PIXELS
+    from .predict import iter_predictions, write_predictions
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    results = predict_files(args.model, args.files, top_k=args.top_k)
-    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels
+    if max_pixels < 1:
+        raise InputError(f"--max-image-pixels must be at least 1, got {max_pixels}")
+    student = load_student(args.model)
+    write_predictions(iter_predictions(student, args.files, args.top_k, max_pixels), sys.stdout, args.json)
     return 0
 
 

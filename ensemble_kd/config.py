@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -42,6 +44,7 @@ class DataConfig:
     storage: str = "auto"  # imagefolder: memory = decode every image once into tensors | stream = read the files batch by batch while training | auto = memory when it fits data.memory_budget_mb
     memory_budget_mb: int = 4096  # storage = auto: stream when the decoded images of all splits (float32) would take more than this
     workers: int = 2  # loader processes that read (storage = stream) and augment (random_resized_crop, auto_augment) images one at a time; 0 = in the training process
+    max_image_pixels: int = 178_956_970  # imagefolder: an image of more pixels (width x height) is refused as a possible decompression bomb (Pillow's limit); raise it for huge images you trust
     random_resized_crop: float = 0.0  # crop a random part of at least this share of each image's area (aspect 3/4 to 4/3) and resize it back; 0 = off (torchvision's default is 0.08)
     auto_augment: str = "none"  # none | randaugment | trivialaugment: torchvision's per-image augmentation policy (RandAugment: 2 ops of magnitude 9)
     mix: str = "none"  # none | mixup | cutmix | mixup_cutmix (either, at random): mixes the images and labels of each training batch
@@ -234,15 +237,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the TOML file at `path`, then each `section.key=value` override."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing .toml (see pipelines/configs/)")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
-        _merge(cfg, values, "")
+        _merge(cfg, _read_toml(Path(path)), "")
     return apply_overrides(cfg, overrides)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at `path` as a dict; ConfigError naming the file when it is missing, a folder,
+    unreadable, not UTF-8 (as TOML must be) or not TOML."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; pass a TOML config file (e.g. pipelines/configs/digits.toml)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing .toml (see pipelines/configs/)")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}), and TOML files must be; save it as UTF-8") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
@@ -274,8 +288,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # settings that change where and how fast work runs, never what it makes: a resumed run may change them,
 # and no fingerprint holds them (each model.pt's fingerprint also leaves out device, precision and threads)
 RUNTIME_SETTINGS = ("device", "precision", "threads", "data.root", "data.download", "data.storage",
-                    "data.memory_budget_mb", "data.workers", "specialists.n_jobs", "specialists.backend",
-                    "specialists.scheduler", "log.tensorboard")
+                    "data.max_image_pixels", "data.memory_budget_mb", "data.workers", "specialists.n_jobs",
+                    "specialists.backend", "specialists.scheduler", "log.tensorboard")
 
 
 # settings added after runs were first fingerprinted, at the value that trains exactly as before they
@@ -307,6 +321,8 @@ def to_toml(cfg: Config) -> str:
 # ---------------------------------------------------------------- validation
 
 Rule = tuple[Callable[[Any], bool], str]  # (is the value allowed?, what it must be)
+MAX_SEED = 2**32 - 1  # the largest seed numpy's and scikit-learn's random states accept
+THREADS_PER_CORE = 4  # `threads` may be at most this many times the cores this process may use (check_machine)
 
 
 def _one_of(*choices: str) -> Rule:
@@ -337,6 +353,8 @@ def _resnet_depth(depth: int) -> bool:
     return depth >= 8 and (depth - 2) % 6 == 0
 
 
+_SEED = ((lambda v: 0 <= v <= MAX_SEED), f"between 0 and {MAX_SEED} (2**32 - 1, the largest seed numpy and "
+                                        "scikit-learn accept)")
 _SCHEDULER_ADDRESS = re.compile(r"^([a-z][a-z0-9+.-]*://)?(\[[0-9a-fA-F:.]+\]|[\w.-]+)(:\d{1,5})?/?$")
 _TRAIN = {
     "epochs": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of(*choices.OPTIMIZERS), "lr": _above(0),
@@ -357,14 +375,14 @@ _MODEL = {
 # tests/test_config.py sets a bad value for each field through the CLI, so a new field
 # without a rule here fails that test.
 RULES: dict[type, dict[str, Rule]] = {
-    Config: {"seed": _at_least(0), "device": _one_of(*choices.DEVICES), "precision": _one_of(*choices.PRECISIONS),
+    Config: {"seed": _SEED, "device": _one_of(*choices.DEVICES), "precision": _one_of(*choices.PRECISIONS),
              "threads": _at_least(0)},
     DataConfig: {
         "name": _one_of(*choices.DATA_SETS),
         "root": ((lambda v: bool(v.strip())), "a path (a folder, or an archive for imagefolder)"),
         "val_fraction": _between(0, 1, False, False), "train_limit": _at_least(0), "crop_pad": _at_least(0),
         "image_size": _at_least(0), "storage": _one_of(*choices.STORAGES), "memory_budget_mb": _at_least(1),
-        "workers": _at_least(0), "random_resized_crop": _between(0, 1),
+        "workers": _at_least(0), "max_image_pixels": _at_least(1), "random_resized_crop": _between(0, 1),
         "auto_augment": _one_of(*choices.AUTO_AUGMENTS), "mix": _one_of(*choices.MIXES), "mix_alpha": _above(0),
         "synthetic_classes": _at_least(2), "synthetic_groups": _at_least(1),
         "synthetic_per_class": _at_least(2), "synthetic_dim": _at_least(1)},
@@ -415,6 +433,8 @@ def _check_fields(section: Any, prefix: str) -> None:
             if text.startswith("one of "):
                 raise ConfigError(f"{prefix}{f.name} = {value!r} is not {text}")
             raise ConfigError(f"{prefix}{f.name} must be {text}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # every float setting, whatever its rule
+            raise ConfigError(f"{prefix}{f.name} must be a finite number ({text}), got {value!r}")
 
 
 def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
@@ -429,6 +449,9 @@ def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
                                          f"'timm' ({m.arch!r} has no pretrained weights); set it to false"),
         (named or m.normalize != "weights", f"{key}.normalize = 'weights' needs {key}.arch = 'torchvision' or "
                                             f"'timm'; use 'auto' or 'data'"),
+        (m.arch != "cnn" or len(m.channels) > 0, f"{key}.channels = [] gives the cnn no convolution blocks (only a "
+                                                 f"linear head on the pooled input); give at least one, e.g. "
+                                                 f"{key}.channels = [32, 64]"),
     ]
 
 
@@ -454,6 +477,26 @@ def _plain_epochs_checks(cfg: Config) -> list[tuple[bool, str]]:
         (s.plain_epochs < s.train.epochs, f"student.plain_epochs = {s.plain_epochs} leaves none of the "
                                           f"student.train.epochs = {s.train.epochs} for the views; make it smaller"),
     ]
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_machine(cfg: Config) -> None:
+    """ConfigError for settings this machine cannot run, whatever the data: more torch threads than
+    THREADS_PER_CORE per usable core (torch and OpenMP crash or fail far above that). Not part of
+    `validate_config`, so that a run saved on a larger machine still loads here and may be resumed with
+    --set threads=..."""
+    most = THREADS_PER_CORE * usable_cores()
+    if cfg.threads > most:
+        raise ConfigError(f"threads = {cfg.threads} is more than this machine can run: at most {most} "
+                          f"({THREADS_PER_CORE} per core, {usable_cores()} cores); set threads = 0 (torch's default) "
+                          "or a number up to the cores")
 
 
 def validate_config(cfg: Config) -> None:

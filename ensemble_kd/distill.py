@@ -162,7 +162,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
     return fit(student, train, cfg.student.train, stage_dir, FitOptions(
         stage=stage_dir.name, seed=cfg.seed if seed is None else seed, fingerprint=fingerprint, loss_fn=loss_fn,
         teacher=live_teacher, augment=augment, val=TrainSet(data.x_val, data.y_val), device=device,
-        progress=progress, precision=cfg.precision, compile_model=cfg.compile, tensorboard=cfg.log.tensorboard))
+        progress=progress, precision=cfg.precision, compile_model=cfg.compile, tensorboard=cfg.log.tensorboard,
+        lr_setting="student.train.lr", clip_setting="student.train.grad_clip"))
 
 
 def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:

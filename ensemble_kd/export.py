@@ -10,6 +10,13 @@ its own inputs, so every format takes float32 pixels in [0, 1] of shape
 (N, *input_shape) and returns (N, C) logits.
 
 `load_student` opens any of these files (or the export directory) as a `LoadedStudent`.
+Opening a file never unpickles arbitrary objects: a state dict is read with
+`weights_only=True`, TorchScript by torch's own unpickler (which knows no Python
+functions), and a `.pt2` is never handed to `torch.export.load`, which unpickles with
+`weights_only=False` when a safe load fails, evaluates the program's symbolic shapes as
+Python expressions and may load compiled code. Instead the student is rebuilt from the
+file's metadata and raw weights (`_load_export`), and a `.pt2` holding anything but raw
+weights, JSON and pickles that `weights_only=True` accepts is refused.
 """
 from __future__ import annotations
 
@@ -21,7 +28,10 @@ import io
 import json
 import logging
 import os
+import re
+import sys
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -289,7 +299,11 @@ def _export_checked(fmt: str, student: Classifier, batch: torch.Tensor, expected
                     path: Path, atol: float) -> dict[str, Any]:
     """Write `fmt` to `path`, load it back and compare it with the eager outputs `expected`."""
     _export_one(fmt, student, _example(batch), meta_json, path)
-    max_abs_diff, top1_agreement = parity(_open(path, fmt), batch, expected)
+    loaded = [_open(path, fmt)]
+    if fmt == "export":  # the program others run with torch.export.load, and what load_student rebuilds
+        loaded.append(LoadedStudent(loaded[0].meta, fmt, path, _export_program(path)))
+    checks = [parity(each, batch, expected) for each in loaded]
+    max_abs_diff, top1_agreement = max(c[0] for c in checks), min(c[1] for c in checks)
     if not max_abs_diff <= atol:
         raise ExportError(f"{fmt} export differs from eager PyTorch by {max_abs_diff:.3g} > atol {atol:g} "
                           f"(top-1 agreement {top1_agreement:.3f}); the previous export is kept. Raise "
@@ -358,14 +372,25 @@ def _load_torchscript(path: Path) -> tuple[Runner, dict | None]:
     return module.eval(), _parse_embedded(extra[META_KEY], path)
 
 
-def _load_export(path: Path) -> tuple[Runner, dict | None]:
-    extra = {META_KEY: ""}
+def _export_program(path: Path) -> Runner:
+    """The program of a .pt2 this process just wrote, run by torch (never for a file from elsewhere: see
+    `_load_export`). Read from memory, so torch does not warn about a temporary name not ending in .pt2."""
     try:
-        program = torch.export.load(str(path), extra_files=extra)
-        module = program.module()
+        return torch.export.load(io.BytesIO(path.read_bytes())).module()
     except Exception as err:
         raise _corrupt(path, err, "a torch.export student") from err
-    return module, _parse_embedded(extra[META_KEY], path)
+
+
+def _load_export(path: Path) -> tuple[Runner, dict | None]:
+    """A .pt2 student rebuilt from its metadata and raw weights, without running anything the file holds: the
+    file is read as data (`_Pt2`), and refused if it holds anything torch.export.load would run."""
+    archive = _Pt2(path)
+    _vet_pt2(archive)
+    embedded = archive.embedded_meta()
+    meta = StudentMeta.from_dict(embedded if embedded is not None else _meta_beside(path))
+    model = _student_model(meta, path)
+    _check_payload_sizes(archive, model)
+    return _with_weights(model, _pt2_weights(archive), path), meta.to_dict()
 
 
 def _load_onnx(path: Path) -> tuple[Runner, dict | None]:
@@ -390,7 +415,7 @@ def _load_state_dict(path: Path) -> tuple[Runner, dict | None]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise _corrupt(path, err, "a state-dict student") from err
+        raise _refused_pickle(path, "a pickle", err) or _corrupt(path, err, "a state-dict student") from err
     if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT:
         raise ExportError(f"{path} is not an ensemble-kd student export (no format={STATE_FORMAT!r} marker); "
                           "give the student_state.pt written by `ensemble-kd export`")
@@ -398,14 +423,171 @@ def _load_state_dict(path: Path) -> tuple[Runner, dict | None]:
         raise ExportError(f"{path} has student format version {blob.get('version')!r}, this ensemble-kd reads "
                           f"version {STATE_VERSION}; re-export the student with this version")
     meta = StudentMeta.from_dict(blob.get("meta"))
+    return _with_weights(_student_model(meta, path), blob["state_dict"], path), meta.to_dict()
+
+
+def _student_model(meta: StudentMeta, path: Path) -> Classifier:
+    """The student architecture `meta` describes, with fresh weights (every weight comes from the file)."""
     try:
-        model = build_model(ModelConfig(**meta.model_config), meta.input_shape, len(meta.class_names),
-                            meta.mean, meta.std, load_weights=False)  # every weight comes from the file
-        model.load_state_dict(blob["state_dict"], strict=True)
+        return build_model(ModelConfig(**meta.model_config), meta.input_shape, len(meta.class_names),
+                           meta.mean, meta.std, load_weights=False)
+    except Exception as err:
+        raise ExportError(f"{path}: its metadata describes no model this ensemble-kd builds "
+                          f"({type(err).__name__}: {str(err)[:300]}); re-export the student") from err
+
+
+def _with_weights(model: Classifier, state: Any, path: Path) -> Classifier:
+    """`model` in eval mode holding the weights `state` (every one, nothing else)."""
+    try:
+        model.load_state_dict(state, strict=True)
     except Exception as err:
         raise ExportError(f"{path}: the weights do not fit the model its metadata describes "
                           f"({type(err).__name__}: {str(err)[:300]}); re-export the student") from err
-    return model.eval(), meta.to_dict()
+    return model.eval()
+
+
+# ---------------------------------------------------------------- a .pt2 read as data
+
+# torch.export's dtype codes (torch._export.serde.schema.ScalarType) of the weights a student may hold
+PT2_DTYPES = {1: torch.uint8, 2: torch.int8, 3: torch.int16, 4: torch.int32, 5: torch.int64, 6: torch.float16,
+              7: torch.float32, 8: torch.float64, 12: torch.bool, 13: torch.bfloat16}
+PT2_STRIDED = 7  # torch.export's code of the strided (dense) layout
+# every member a .pt2 of torch.export.save may hold for a program without custom objects or compiled code
+_PT2_MEMBERS = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                          r"|models/\w+\.json|data/(weights|constants)/\w+(\.json|\.pt)?|data/sample_inputs/\w+\.pt"
+                          r"|extra/[^/]+)")
+_PT2_WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+_PT2_CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
+
+
+def _refused(path: Path, what: str) -> ExportError:
+    return ExportError(f"{path} holds {what}, which could run code when loaded; refusing to open it. Open another "
+                       "format of the same export, or re-export the student from its run directory yourself")
+
+
+def _refused_pickle(path: Path, what: str, err: Exception) -> ExportError | None:
+    """The refusal of a pickle that `torch.load(weights_only=True)` refused (naming the global it wanted), or
+    None when `err` is another failure (a truncated or foreign file)."""
+    if "weights only load failed" not in str(err).lower():
+        return None
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return _refused(path, f"{what} that is not plain tensors{f' (it names {named.group(1)})' if named else ''}")
+
+
+class _Pt2:
+    """The members of a .pt2 archive (a zip of one top folder), read from memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
+            self.names = self.zip.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            raise _corrupt(path, err, "a torch.export student") from err
+        tops = {name.split("/", 1)[0] for name in self.names}
+        if len(tops) != 1 or f"{next(iter(tops))}/archive_format" not in self.names:
+            raise _corrupt(path, ValueError("no single top folder holding archive_format"), "a torch.export student")
+        self.top = next(iter(tops))
+
+    def members(self) -> list[str]:
+        """Every member's name within the top folder."""
+        return [name.split("/", 1)[1] if "/" in name else "" for name in self.names]
+
+    def size(self, name: str) -> int:
+        return self.zip.getinfo(f"{self.top}/{name}").file_size
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.zip.read(f"{self.top}/{name}")
+        except (KeyError, zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+            raise _corrupt(self.path, err, "a torch.export student") from err
+
+    def embedded_meta(self) -> dict | None:
+        """The metadata export_student embeds (extra/meta.json), None when there is none."""
+        name = f"extra/{META_KEY}"
+        return _parse_embedded(self.read(name), self.path) if name in self.members() else None
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _corrupt(self.path, err, "a torch.export student") from err
+
+
+def _pt2_weights(archive: _Pt2) -> dict[str, torch.Tensor]:
+    """The weights of a vetted .pt2 by name, from their raw payloads (never its program or pickles)."""
+    if archive.read("byteorder").decode("ascii", "replace").strip() != sys.byteorder:
+        raise ExportError(f"{archive.path} was written on a machine of another byte order; re-export the student "
+                          "on this one")
+    config = archive.json(_PT2_WEIGHTS_CONFIG)["config"]
+    return {name: _pt2_tensor(archive, name, entry) for name, entry in config.items()}
+
+
+def _check_payload_sizes(archive: _Pt2, model: Classifier) -> None:
+    """ExportError when the weight payloads of `archive` would take more memory than `model`'s weights (a zip
+    bomb, or the weights of another model), checked before any is read."""
+    config = archive.json(_PT2_WEIGHTS_CONFIG)["config"]
+    payloads = {f"data/weights/{entry.get('path_name')}" for entry in config.values()}
+    unknown = sorted(p for p in payloads if p not in archive.members())
+    if unknown:
+        raise _corrupt(archive.path, KeyError(unknown[0]), "a torch.export student")
+    held = sum(archive.size(p) for p in payloads)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if held > needed:
+        raise ExportError(f"{archive.path}: its weights take {held} bytes, more than the {needed} of the model its "
+                          "metadata describes; re-export the student")
+
+
+def _vet_pt2(archive: _Pt2) -> None:
+    """ExportError for a member or config entry of `archive` that torch.export.load would unpickle unsafely
+    or load as code: unknown members (compiled code), pickled weights or constants, custom objects."""
+    for name in archive.members():
+        if not _PT2_MEMBERS.fullmatch(name):
+            raise _refused(archive.path, f"{name!r}, a member no torch.export program of ensemble-kd has")
+        if name.endswith(".pt"):
+            _vet_pickle(archive, name)
+    for config_name in (_PT2_WEIGHTS_CONFIG, _PT2_CONSTANTS_CONFIG):
+        if config_name not in archive.members():
+            raise _corrupt(archive.path, KeyError(config_name), "a torch.export student")
+        config = archive.json(config_name)
+        entries = config.get("config", {}) if isinstance(config, dict) else None
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise _corrupt(archive.path, ValueError(f"{config_name} is not a payload config"), "a torch.export student")
+        for name, entry in entries.items():
+            if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")):
+                raise _refused(archive.path, f"a pickled object {name!r} ({config_name})")
+
+
+def _vet_pickle(archive: _Pt2, name: str) -> None:
+    """ExportError unless the pickle `name` loads with weights_only=True (torch.export.load would otherwise
+    retry it with weights_only=False)."""
+    try:
+        torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+    except ExportError:
+        raise
+    except Exception as err:
+        raise (_refused_pickle(archive.path, f"a pickle {name!r}", err)
+               or _corrupt(archive.path, err, "a torch.export student")) from err
+
+
+def _pt2_tensor(archive: _Pt2, name: str, entry: dict) -> torch.Tensor:
+    """Weight `name` of a .pt2: the raw bytes of its payload file, viewed as its config says, copied."""
+    meta = entry.get("tensor_meta") or {}
+    try:
+        dtype = PT2_DTYPES[meta["dtype"]]
+        if meta.get("layout", PT2_STRIDED) != PT2_STRIDED:
+            raise ValueError(f"layout {meta.get('layout')} is not strided")
+        sizes = [int(s["as_int"]) for s in meta["sizes"]]
+        strides = [int(s["as_int"]) for s in meta["strides"]]
+        offset = int(meta["storage_offset"]["as_int"])
+        raw = bytearray(archive.read(f"data/weights/{entry['path_name']}"))
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return torch.as_strided(flat, sizes, strides, offset).clone()
+    except ExportError:
+        raise
+    except Exception as err:  # a missing key, an unknown dtype, a view outside its payload, ...
+        raise _corrupt(archive.path, ValueError(f"weight {name!r}: {type(err).__name__}: {err}"),
+                       "a torch.export student") from err
 
 
 LOADERS: dict[str, Callable[[Path], tuple[Runner, dict | None]]] = {
@@ -447,6 +629,9 @@ def _exported_in(folder: Path) -> tuple[Path, str] | None:
 
 
 def _resolve(path: Path) -> tuple[Path, str]:
+    if not path.exists():
+        raise ExportError(f"{path} does not exist; give an exported student file (.ts, .pt2, .onnx or "
+                          "student_state.pt), its export folder or a run directory, or run `ensemble-kd export` first")
     if path.is_dir():
         found = _exported_in(path) or _exported_in(path / EXPORT_DIR)  # a run directory keeps them in export/
         if found:
@@ -462,7 +647,7 @@ def _resolve(path: Path) -> tuple[Path, str]:
         raise ExportError(f"{path}: unknown model file type {path.suffix!r}; give a .ts, .pt2, .onnx or "
                           "student_state.pt file, or the export directory")
     if not path.is_file():
-        raise ExportError(f"{path} does not exist; run `ensemble-kd export` first or check the path")
+        raise ExportError(f"{path} is not a regular file; give an exported student file or its export folder")
     return path, fmt
 
 

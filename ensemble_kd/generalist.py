@@ -40,7 +40,7 @@ def train_generalist(cfg: Config, data: Splits, run_dir: str | Path, progress: b
         stage="generalist", seed=cfg.seed, fingerprint=generalist_fingerprint(cfg, data),
         augment=make_augment(cfg.data, data.input_shape, data.num_classes), val=TrainSet(data.x_val, data.y_val),
         device=resolve_device(cfg.device), progress=progress, precision=cfg.precision, compile_model=cfg.compile,
-        tensorboard=cfg.log.tensorboard))
+        tensorboard=cfg.log.tensorboard, lr_setting="generalist.train.lr", clip_setting="generalist.train.grad_clip"))
     return stage_dir / artifacts.MODEL_FILE
 
 

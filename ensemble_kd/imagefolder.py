@@ -7,23 +7,34 @@ cache folder (a temporary folder renamed into place, so a half-done extraction n
 counts), and the decoded images of each split are cached there as uint8 tensors, keyed by
 the listing (names, sizes, modification times), the classes, the image size and the
 decoder's version. The cache is `ENSEMBLE_KD_CACHE`, default `~/.cache/ensemble-kd`.
+An extraction holds an OS lock (flock) on a file beside its temporary folder while it runs;
+a temporary folder whose lock is free was left by a killed extraction and is removed on
+the next use of an archive (one without a lock file, made by an older version or where
+flock is missing, once it is a day old).
 With `data.storage = "stream"` the images are not decoded into memory: streaming.py reads
 them while training, from the listing made here, and caches what its first reading found
 (`cached_split`, under scans/).
 
 `read_image` is how every image is read, in training and in `predict`: upright by its
 EXIF orientation, 16-bit greyscale scaled to 8 bits, alpha dropped, optionally converted
-and resized; what it changed is said in the log, once per split.
+and resized; what it changed is said in the log, once per split. An image of more pixels
+than `data.max_image_pixels` (predict: `--max-image-pixels`; by default Pillow's own limit
+against decompression bombs) is refused with an error naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tarfile
+import threading
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -35,13 +46,21 @@ from torch import Tensor
 
 from .artifacts import save_torch
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, plural
+
+try:
+    import fcntl  # the lock of a running extraction (flock); POSIX only
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 _LAYOUT_HINT = "an imagefolder needs train/<class>/<image> and test/<class>/<image> files"
+_STAGING_PREFIX = ".extracting-"  # an archive's temporary extraction folder in its cache folder
+_UNLOCKED_STAGING_AGE_S = 24 * 3600  # a temporary folder without a lock file is removed once this old
+DEFAULT_MAX_IMAGE_PIXELS: int = DataConfig.max_image_pixels  # Pillow's limit: 2 * Image.MAX_IMAGE_PIXELS
 
 
 def cache_root() -> Path:
@@ -81,12 +100,15 @@ class FolderListing:
     class_names: list[str]  # the train/ class folders, sorted
     train: SplitFiles
     test: SplitFiles
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # data.max_image_pixels: larger images are refused
 
 
 def list_imagefolder(cfg: DataConfig) -> FolderListing:
     """The files of `data.root`: a folder with train/<class>/* and test/<class>/*, or a tar archive of
     them (extracted once into the cache)."""
     source = Path(cfg.root).expanduser()
+    if not cfg.max_image_pixels >= 1:
+        raise DataError(f"data.max_image_pixels = {cfg.max_image_pixels!r}; give a number of pixels of at least 1")
     if not source.exists():
         raise DataError(f"data.root = {cfg.root!r} does not exist; point it at a folder with train/ and "
                         "test/ (or a .tar.gz of them)")
@@ -103,15 +125,32 @@ def list_imagefolder(cfg: DataConfig) -> FolderListing:
         raise DataError(f"class folder test/{unknown[0]} in {folder} has no matching train/{unknown[0]}; "
                         "add training images of it or remove it from test/")
     test = _list_images(folder / "test", test_classes, class_names, "test")
-    return FolderListing(cache_dir, folder, class_names, train, test)
+    _warn_untested_classes(folder, sorted(set(class_names) - set(test_classes)))
+    return FolderListing(cache_dir, folder, class_names, train, test, cfg.max_image_pixels)
+
+
+_WARNED_UNTESTED: set[tuple[str, tuple[str, ...]]] = set()  # said once per process
+
+
+def _warn_untested_classes(folder: Path, untested: list[str]) -> None:
+    """One warning line naming the classes of train/ that test/ lacks (once per folder and process)."""
+    if not untested or (str(folder), tuple(untested)) in _WARNED_UNTESTED:
+        return
+    _WARNED_UNTESTED.add((str(folder), tuple(untested)))
+    names = ", ".join(untested[:5]) + (f" and {len(untested) - 5} more" if len(untested) > 5 else "")
+    log.warning("%s in %s: train/ holds %s that test/ lacks (%s), so the test accuracy says nothing about "
+                "them; add test/<class> images of them, or remove them from train/", plural(len(untested), "class"),
+                folder, "them" if len(untested) > 1 else "it", names)
 
 
 def load_imagefolder(listing: FolderListing, image_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     """(x_train uint8 -> float in [0, 1], y_train, x_test, y_test, class names): every image of `listing`
     decoded into memory (data.storage = "memory"), from the tensor cache when the files are unchanged."""
     folder, cache_dir, class_names = listing.folder, listing.cache_dir, listing.class_names
-    x_train, y_train = _decoded_split(listing.train, image_size, cache_dir, "train", class_names, folder)
-    x_test, y_test = _decoded_split(listing.test, image_size, cache_dir, "test", class_names, folder)
+    x_train, y_train = _decoded_split(listing.train, image_size, cache_dir, "train", class_names, folder,
+                                      listing.max_pixels)
+    x_test, y_test = _decoded_split(listing.test, image_size, cache_dir, "test", class_names, folder,
+                                    listing.max_pixels)
     x_train, x_test = _same_channels(x_train, x_test)
     check_split_sizes(listing, x_train.shape[2:], x_test.shape[2:])
     return x_train.float().div_(255.0), y_train, x_test.float().div_(255.0), y_test, class_names
@@ -146,31 +185,111 @@ def _extract_archive(archive: Path) -> tuple[Path, Path]:
     identity = f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"  # a replaced archive gets a new folder
     cache_dir = cache_root() / f"{_archive_stem(archive)}-{_short_hash(identity)}"
     extracted = cache_dir / "extracted"
+    remove_stale_extractions(cache_root())
     if extracted.is_dir():
         return cache_dir, extracted
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = cache_dir / f".extracting-{secrets.token_hex(4)}"
-        staging.mkdir()  # mode 0777 less the umask, like any folder (mkdtemp would make it 0700)
+        staging, lock = new_staging(cache_dir)
     except OSError as err:
         raise DataError(f"cannot create the cache folder {cache_dir} ({err}); set ENSEMBLE_KD_CACHE to a "
                         "writable folder") from err
+    try:
+        _extract_into(archive, staging, extracted)
+    finally:
+        _release_staging(staging, lock)
+    return cache_dir, extracted
+
+
+def _extract_into(archive: Path, staging: Path, extracted: Path) -> None:
+    """Extract `archive` into `staging`, then rename it to `extracted` (unless another process did first)."""
     log.info("extracting %s into %s (once)", archive, extracted)
     try:
         with tarfile.open(archive) as tar:
             _safe_extract(tar, staging)
         os.replace(staging, extracted)  # atomic: a half-done extraction never appears as `extracted`
-    except (tarfile.TarError, OSError, EOFError) as err:
-        if extracted.is_dir():  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-            return cache_dir, extracted
+    except getattr(tarfile, "FilterError", ()) as err:  # the data filter refused a member
         shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"cannot extract {archive}: {err}, and tarfile's data filter refuses such members as "
+                        "unsafe; repack the archive with plain files under relative paths") from err
+    except (tarfile.TarError, OSError, EOFError) as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if extracted.is_dir():  # another process finished first
+            return
         raise DataError(f"cannot extract {archive} ({type(err).__name__}: {err}); check that the archive is "
                         "complete, and that the cache folder (ENSEMBLE_KD_CACHE) is writable") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return cache_dir, extracted
+
+
+def new_staging(cache_dir: Path) -> tuple[Path, int | None]:
+    """A new temporary extraction folder in `cache_dir` and the descriptor of its lock file, locked (flock) so
+    that `remove_stale_extractions` leaves it alone while this process lives (None where there is no flock).
+    The lock file is made and locked before the folder, so no folder is ever seen without its lock held."""
+    for _ in range(100):
+        staging = cache_dir / f"{_STAGING_PREFIX}{secrets.token_hex(4)}"
+        try:
+            fd = os.open(_lock_path(staging), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # a file system without flock: found stale by age only
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        staging.mkdir()  # mode 0777 less the umask, like any folder (mkdtemp would make it 0700)
+        return staging, fd
+    raise FileExistsError(f"no free temporary extraction name in {cache_dir}")
+
+
+def _lock_path(staging: Path) -> Path:
+    return staging.with_name(staging.name + ".lock")
+
+
+def _release_staging(staging: Path, lock: int | None) -> None:
+    """Remove the lock file of a finished extraction (its folder is renamed or removed by then) and unlock it."""
+    _lock_path(staging).unlink(missing_ok=True)
+    if lock is not None:
+        os.close(lock)
+
+
+def remove_stale_extractions(root: Path) -> None:
+    """Remove the temporary extraction folders under `root` (the cache) that no running process holds: left by
+    an extraction that was killed. A folder whose lock file is locked is in use; one without a lock file is
+    removed only once it is a day old."""
+    for staging in sorted(root.glob(f"*/{_STAGING_PREFIX}*")):
+        if staging.name.endswith(".lock") or not staging.is_dir() or staging.is_symlink():
+            continue
+        if _staging_in_use(staging):
+            continue
+        log.info("removing %s, left in the cache by an extraction that was killed", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        _lock_path(staging).unlink(missing_ok=True)
+
+
+def _staging_in_use(staging: Path) -> bool:
+    """Whether a running extraction holds `staging` (its lock file is locked; without one: it is young)."""
+    try:
+        fd = os.open(_lock_path(staging), os.O_RDWR)
+    except OSError:  # no lock file: a folder of an older version, or of a system without flock
+        return _young(staging)
+    try:
+        if fcntl is None:
+            return _young(staging)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False  # nobody holds it (closing the descriptor below releases it again)
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without flock
+        return _young(staging)
+    finally:
+        os.close(fd)
+
+
+def _young(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < _UNLOCKED_STAGING_AGE_S
+    except OSError:
+        return True
 
 
 def _safe_extract(tar: tarfile.TarFile, target: Path) -> None:
@@ -178,12 +297,28 @@ def _safe_extract(tar: tarfile.TarFile, target: Path) -> None:
         tar.extractall(target, filter="data")
         return
     root = target.resolve()
-    for member in tar.getmembers():
+    members = tar.getmembers()
+    for member in members:
         destination = (target / member.name).resolve()
         if not destination.is_relative_to(root) or member.issym() or member.islnk() or member.isdev():
             raise DataError(f"archive member {member.name!r} is a link, a device or points outside the "
                             "archive; refusing to extract it, repack the archive with plain files")
-    tar.extractall(target)
+        _as_data(member)
+    tar.extractall(target, members=members)
+
+
+def _as_data(member: tarfile.TarInfo) -> None:
+    """Change `member` as tarfile's data filter would: no setuid, setgid or sticky bit and no group or other
+    write permission; files readable and writable by their owner (executable by all only if by the owner);
+    folders usable by their owner; the archive's owners not applied (extracting as root)."""
+    mode = member.mode & 0o755
+    if member.isdir():
+        mode |= 0o700
+    else:
+        mode = (mode if mode & 0o100 else mode & ~0o111) | 0o600
+    member.mode = mode
+    member.uid = member.gid = -1  # os.chown(path, -1, -1) changes nothing
+    member.uname = member.gname = ""
 
 
 def _find_split_parent(folder: Path, source: Path) -> Path:
@@ -195,8 +330,32 @@ def _find_split_parent(folder: Path, source: Path) -> Path:
         candidate = subfolders[0] if len(subfolders) == 1 else folder
     for split in ("train", "test"):
         if not (candidate / split).is_dir():
-            raise DataError(f"{source} has no {split}/ folder; {_LAYOUT_HINT}")
+            raise DataError(f"{source} has no {split}/ folder ({_what_it_holds(folder, source)}); {_LAYOUT_HINT}")
     return candidate
+
+
+def _what_it_holds(folder: Path, source: Path) -> str:
+    """What the top of `folder` holds, and for an archive (`source`) how its absolute member paths were read."""
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith("."))
+    said = f"its top holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}" if held else "it is empty"
+    if source.is_file():
+        absolute, total = _absolute_members(source)
+        if absolute:
+            have = "has an absolute path" if len(absolute) == 1 else "have absolute paths"
+            said += (f"; {len(absolute)} of its {plural(total, 'member')} {have} (e.g. {absolute[0]}), extracted "
+                     "without the leading / as relative paths; repack it from the folder holding train/ and test/, "
+                     "e.g. tar -C that/folder -czf data.tar.gz train test")
+    return said
+
+
+def _absolute_members(archive: Path) -> tuple[list[str], int]:
+    """(the member names of `archive` that are absolute paths, the number of members)."""
+    try:
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, OSError, EOFError):
+        return [], 0
+    return [name for name in names if name.startswith(("/", os.sep))], len(names)
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -251,19 +410,33 @@ def listing_signature(files: SplitFiles, folder: Path, class_names: Sequence[str
     """Changes whenever a file is added, removed, replaced or relabelled, or the size, classes or decoder change."""
     digest = hashlib.sha256(json.dumps([list(class_names), image_size, _DECODER_VERSION]).encode())
     for relative, label in files:
-        stat = os.stat(os.path.join(folder, relative))
+        try:
+            stat = os.stat(os.path.join(folder, relative))
+        except OSError as err:
+            raise missing_file_error(relative, folder, err) from err
         digest.update(f"{relative}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:12]
 
 
+def missing_file_error(relative: str, folder: str | Path, err: OSError) -> DataError:
+    """The error for an image file of a listing that cannot be found or opened: a link to nothing, a file gone."""
+    path = os.path.join(folder, relative)
+    if os.path.islink(path) and not os.path.exists(path):
+        return DataError(f"{relative} (in {folder}) is a symbolic link to {os.readlink(path)}, which does not "
+                         "exist; remove the link or restore the file it points to")
+    return DataError(f"cannot open {relative} (in {folder}): {err.strerror or err}; fix or remove the file (and "
+                     "do not change the folder while a run reads it)")
+
+
 def _decoded_split(files: SplitFiles, image_size: int, cache_dir: Path, split: str,
-                   class_names: Sequence[str], folder: Path) -> tuple[Tensor, Tensor]:
+                   class_names: Sequence[str], folder: Path,
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Tensor, Tensor]:
     """uint8 (N, C, H, W) images and int64 labels, from the tensor cache when the files are unchanged.
 
     What decoding changed (alpha dropped, resized, ...) is logged on every load, cached or not."""
     def decode() -> dict[str, Any]:
         log.info("decoding %d %s images from %s", len(files), split, folder)
-        x, notes = _decode_images([path for path, _ in files], image_size, folder)
+        x, notes = _decode_images([path for path, _ in files], image_size, folder, max_pixels)
         return {"x": x, "y": torch.from_numpy(files.labels.copy()), "notes": notes}
 
     signature = listing_signature(files, folder, class_names, image_size)
@@ -307,8 +480,57 @@ _CHANGES = {
 }
 
 
-def read_image(path: str | Path, channels: int | None = None,
-               size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, str]]:
+class ImageTooLarge(ValueError):
+    """An image has more pixels than the limit it was read under (a possible decompression bomb)."""
+
+    def __init__(self, path: str | Path, pixels: int | None, limit: int) -> None:
+        self.path, self.pixels, self.limit = str(path), pixels, limit
+        super().__init__(f"{path} has {f'{pixels:,}' if pixels else 'more'} pixels, more than the limit of "
+                         f"{limit:,}")
+
+    def advice(self, setting: str, option: str, name: str | None = None) -> str:
+        """The error line, naming the image (`name`, default its path) and `setting`, raised by `option`=N."""
+        pixels = f"{self.pixels:,}" if self.pixels else "more"
+        return (f"{name or self.path} is too large: {pixels} pixels, more than {setting} = {self.limit} allows (a "
+                "guard against decompression bombs); if you trust the file, raise it, e.g. "
+                f"{option}={self.pixels or 2 * self.limit}, or shrink the image")
+
+
+_PIXEL_LIMIT_LOCK = threading.Lock()  # Pillow's limit is one global: one image is read under it at a time
+
+
+def _new_pixel_limit_lock() -> None:
+    """A forked child (a DataLoader worker) gets a free lock, whatever another thread held at the fork."""
+    global _PIXEL_LIMIT_LOCK
+    _PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_pixel_limit_lock)
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to `max_pixels` while an image is read (Pillow refuses images of
+    more than twice Image.MAX_IMAGE_PIXELS, and only warns above it: that warning is not shown)."""
+    with _PIXEL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _pillow_pixels(err: Exception) -> int | None:
+    """The pixel count a DecompressionBombError names, if it does."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def read_image(path: str | Path, channels: int | None = None, size: tuple[int, int] | None = None,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, dict[str, str]]:
     """An image file as upright 8-bit pixels, (H, W) greyscale or (H, W, 3) RGB, and what reading it changed.
 
     The EXIF orientation is applied (phones store photos sideways with a tag saying so);
@@ -316,9 +538,21 @@ def read_image(path: str | Path, channels: int | None = None,
     255); an alpha channel is dropped; `channels` 1 or 3 converts to greyscale or RGB
     (None keeps each image's own); `size` (width, height) resizes (bilinear). The dict
     maps each change made (keys of _CHANGES) to a detail, e.g. {"resized": "28x28 -> 8x8"}.
-    Raises PIL's errors (OSError, ValueError, ...) for files it cannot read."""
+    Raises ImageTooLarge for an image of more than `max_pixels` pixels, PIL's errors (OSError, ValueError,
+    ...) for files it cannot read."""
+    try:
+        with pixel_limit(max_pixels):
+            return _read_image(path, channels, size, max_pixels)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(path, _pillow_pixels(err), max_pixels) from err
+
+
+def _read_image(path: str | Path, channels: int | None, size: tuple[int, int] | None,
+                max_pixels: int) -> tuple[np.ndarray, dict[str, str]]:
     changes: dict[str, str] = {}
     with Image.open(path) as opened:
+        if opened.width * opened.height > max_pixels:
+            raise ImageTooLarge(path, opened.width * opened.height, max_pixels)
         image = opened
         if opened.getexif().get(_EXIF_ORIENTATION, 1) != 1:
             image = ImageOps.exif_transpose(opened)
@@ -357,25 +591,32 @@ def log_notes(split: str, folder: Path, notes: dict[str, Any]) -> None:
         log.info("%s images in %s: %s", split, folder, notes["info"])
 
 
-def decode_image(relative: str, image_size: int, folder: str | Path,
-                 channels: int | None = None) -> tuple[np.ndarray, dict[str, str]]:
+def decode_image(relative: str, image_size: int, folder: str | Path, channels: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, dict[str, str]]:
     """(H, W) for grayscale images, (H, W, 3) for everything else (or as `channels` says), upright and resized
-    to image_size if it is set; with what was changed (`read_image`). DataError naming an unreadable file."""
+    to image_size if it is set; with what was changed (`read_image`). DataError naming an unreadable file, or
+    one of more than `max_pixels` pixels (data.max_image_pixels)."""
     try:
         size = (image_size, image_size) if image_size > 0 else None
-        return read_image(os.path.join(folder, relative), channels=channels, size=size)
+        return read_image(os.path.join(folder, relative), channels=channels, size=size, max_pixels=max_pixels)
+    except ImageTooLarge as err:
+        raise DataError(err.advice("data.max_image_pixels", "--set data.max_image_pixels",
+                                   f"image {relative} (in {folder})")) from err
+    except FileNotFoundError as err:
+        raise missing_file_error(relative, folder, err) from err
     except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
         class_name = Path(relative).parts[1]
         raise DataError(f"cannot read image {relative} (class {class_name!r}, in {folder}): {err}; "
                         "remove or replace the file") from err
 
 
-def _decode_images(paths: Sequence[str], image_size: int, folder: Path) -> tuple[Tensor, dict[str, str]]:
+def _decode_images(paths: Sequence[str], image_size: int, folder: Path,
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Tensor, dict[str, str]]:
     """Decode plainly, in order, into one uint8 (N, C, H, W) tensor, with notes of what was changed.
 
     Small JPEGs decode at ~13k/s on one core; a thread pool only added GIL contention.
     """
-    decoded = [decode_image(path, image_size, folder) for path in paths]
+    decoded = [decode_image(path, image_size, folder, max_pixels=max_pixels) for path in paths]
     arrays = [array for array, _ in decoded]
     check_same_size(paths, [array.shape[:2] for array in arrays], folder)
     gray = [array.ndim == 2 for array in arrays]

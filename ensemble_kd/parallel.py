@@ -85,7 +85,7 @@ def effective_jobs(cfg: Config, n_tasks: int) -> int:
 
 # ---------------------------------------------------------------- workers that outlive their run
 
-PARENT_CHECK_S = 0.5  # how often a loky worker checks that the run that started it is still alive
+PARENT_CHECK_S = 0.1  # how often a loky worker's watcher thread checks that the run that started it is alive
 _watched_parent: int | None = None  # the parent pid this worker process watches (one watcher per process)
 
 
@@ -96,23 +96,33 @@ def worker_parent(cfg: Config) -> int | None:
 
 
 def stop_with_parent(parent_pid: int | None) -> None:
-    """In a worker process: end this process as soon as `parent_pid` is no longer its parent.
+    """In a worker process: stop writing and end as soon as `parent_pid` is no longer its parent.
 
     loky notices a dead parent only between tasks, so a worker would otherwise finish the
-    specialist it is training, minutes later, and write it into the run directory. A
-    daemon thread polls `os.getppid()` (a dead parent's children are re-parented) and
-    ends the process with os._exit, like the SIGKILL its parent got. Nothing to do when
-    called in the run's own process (sequential backend) or with None (Dask)."""
+    specialist it is training, minutes later, and write it into the run directory. Two
+    guards, both on `os.getppid()` (a dead parent's children are re-parented):
+    * before every file it writes and at every training step (`artifacts.add_write_check`),
+      WritesStopped is raised, so no metrics line, checkpoint or model is written after
+      the run died (a half-written temporary file is deleted; `_worker` then ends the process);
+    * a daemon thread checks every PARENT_CHECK_S seconds and ends the process with
+      os._exit, like the SIGKILL its parent got, when it is busy elsewhere (loading data,
+      evaluating). A temporary file it cuts short is removed by the next --resume.
+    Nothing to do when called in the run's own process (sequential backend) or with None (Dask)."""
     global _watched_parent
     if parent_pid is None or parent_pid == os.getpid() or _watched_parent == parent_pid:
         return
     _watched_parent = parent_pid
+
+    def check() -> None:
+        if os.getppid() != parent_pid:
+            raise artifacts.WritesStopped(f"the run (pid {parent_pid}) that started this worker has ended")
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(PARENT_CHECK_S)
         os._exit(1)
 
+    artifacts.add_write_check(check)
     threading.Thread(target=watch, name="ensemble-kd-parent-watch", daemon=True).start()
 
 

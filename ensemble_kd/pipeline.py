@@ -17,7 +17,7 @@ import torch
 from . import artifacts
 from .backbones import check_name, check_pretrained, data_config
 from .choices import NAMED_ARCHITECTURES, STAGES
-from .config import Config, ConfigError, DataConfig, ModelConfig, load_config, to_toml
+from .config import Config, ConfigError, DataConfig, ModelConfig, check_machine, load_config, to_toml
 from .confusion import choose_k, clusterer_from_config, find_clusters
 from .curves import TENSORBOARD_EXTRA, tensorboard_installed
 from .data import Splits, load_data
@@ -31,9 +31,9 @@ from .models import build_model
 from .parallel import DASK_EXTRA
 from .precision import autocast_dtype
 from .report import write_heatmap, write_report
-from .resume import STAGE_FOLDERS, check_resume
+from .resume import STAGE_FOLDERS, check_resume, nonfinite_restarts, record_restarts, work_files
 from .specialists import specialist_model_config, train_all_specialists
-from .train import resolve_device
+from .train import resolve_device, saved_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,53 @@ def _timed(run_dir: Path, stage: str, until: str, work: Callable[[], Any]) -> An
 
 
 def start_run(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Prepare and lock the run directory and save the resolved config in it.
+    """Prepare and lock the run directory; save the resolved config in it, unless resuming.
 
     With `resume`, `cfg` may differ from the run's config.toml only where
-    `resume.check_resume` allows (runtime settings, stages without work); a refused
-    resume leaves config.toml as it was."""
+    `resume.check_resume` allows (runtime settings, stages without work, how a stage
+    continues after a non-finite loss), and config.toml is left as it is: `run_pipeline`
+    writes it once the checks that need the data have passed too, so a refused resume
+    writes nothing."""
     run_dir = artifacts.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     saved = run_dir / artifacts.CONFIG_FILE
     if resume and saved.is_file():
         check_resume(run_dir, load_config(saved), cfg)
-    artifacts.write_text(saved, to_toml(cfg))
+    elif not resume:
+        artifacts.write_text(saved, to_toml(cfg))
     return run_dir
+
+
+def check_work_data(run_dir: str | Path, data: Splits, root: str) -> None:
+    """ArtifactError naming the first model or checkpoint of the run made from other data than `data` (read
+    from data.root = `root`), before anything is written: a resume with another data.root is refused here."""
+    expected = data.fingerprint()
+    for path in work_files(run_dir):
+        made_from = saved_fingerprint(path).get("data", expected)
+        if made_from != expected:
+            raise artifacts.ArtifactError(
+                f"{path} was made from other data than data.root = {root!r} holds (data fingerprint: file has "
+                f"{made_from!r}, this data has {expected!r}); nothing was written: resume with the data the run "
+                "was made from (its own config.toml names it; --set data.root=... if it moved), or use a new "
+                "--out for this data")
+
+
+def save_run_config(cfg: Config, run_dir: str | Path) -> None:
+    """Make config.toml say `cfg`, once every check that can refuse the run has passed.
+
+    When it changes a resumed run's config, the settings changed to continue a stage after a
+    non-finite loss are recorded in manifest.json first (`resume.record_restarts`). Then
+    the temporary files a killed process left are removed (only while holding the run's lock)."""
+    run_dir = Path(run_dir)
+    path = run_dir / artifacts.CONFIG_FILE
+    text = to_toml(cfg)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        if path.is_file():
+            saved = load_config(path)
+            check_resume(run_dir, saved, cfg, say=False)  # for a caller that skipped start_run(resume=True)
+            record_restarts(run_dir, nonfinite_restarts(run_dir, saved, cfg))
+        artifacts.write_text(path, text)
+    if artifacts.holds_lock(run_dir):
+        artifacts.remove_stale_temp_files(run_dir)
 
 
 def preflight(cfg: Config, until: str = "export") -> None:
@@ -75,6 +111,7 @@ def preflight(cfg: Config, until: str = "export") -> None:
     if until not in STAGES:
         raise ConfigError(f"--until {until!r} is not a stage; choose from {', '.join(STAGES)}")
     stop = STAGES.index(until)
+    check_machine(cfg)  # more threads than the machine can run
     autocast_dtype(cfg.precision, resolve_device(cfg.device))  # device = cuda without CUDA, bf16 unsupported
     if "onnx" in cfg.export.formats and stop >= STAGES.index("export") and missing_onnx_modules():
         raise ConfigError(f"export.formats has 'onnx', which needs the onnx extra: {ONNX_EXTRA} (missing: "
@@ -115,6 +152,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     _check_clusters_fit(cfg, data)
     if reached("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
+    check_work_data(run_dir, data, cfg.data.root)
+    save_run_config(cfg, run_dir)  # every check that can refuse the run has passed
 
     _timed(run_dir, "generalist", until, lambda: train_generalist(cfg, data, run_dir, progress))
     generalist = load_generalist(cfg, data, run_dir)

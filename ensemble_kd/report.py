@@ -36,7 +36,7 @@ MODEL_ORDER = ("generalist", "ensemble", *artifacts.STUDENT_DIRS)
 _MIN_LABEL_POINTS = 4.0  # heatmap cells smaller than this (about 300+ classes) get cluster labels, not class names
 _MARKERS = {"generalist": "o", "ensemble": "s", "student": "^", "student_from_generalist": "v",
             "student_hard_labels": "D"}  # distinct shapes, so models at the same size stay apart in the chart
-ACCURACY_VS_SIZE_FILE = "accuracy_vs_size.png"
+ACCURACY_VS_SIZE_FILE = artifacts.ACCURACY_VS_SIZE_FILE
 
 
 def _fmt_size(n: float) -> str:

@@ -147,7 +147,7 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     if load_finished(model, out_dir, dict(fingerprint, stage=f"specialist {cluster_id}")):
         return out_dir / artifacts.MODEL_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / STARTED_FILE).write_text(str(os.getpid()))
+    artifacts.write_text(out_dir / STARTED_FILE, str(os.getpid()))
     device = specialist_device(cfg, cluster_id)
     subset_t = torch.tensor(subset)
     fraction = cfg.specialists.in_cluster_fraction
@@ -159,11 +159,13 @@ def _train_specialist(cfg: Config, run_dir: str | Path, cluster_id: int, data: S
     options = FitOptions(stage=f"specialist {cluster_id} hard", seed=seed, fingerprint=fingerprint,
                          epoch_indices=indices, augment=make_augment(cfg.data, data.input_shape, len(subset) + 1),
                          val=val, device=device, progress=progress, precision=cfg.precision,
-                         compile_model=cfg.compile, tensorboard=cfg.log.tensorboard)
+                         compile_model=cfg.compile, tensorboard=cfg.log.tensorboard,
+                         lr_setting="specialists.train.lr", clip_setting="specialists.train.grad_clip")
     fit(model, TrainSet(data.x_train, labels), cfg.specialists.train, out_dir / "hard", options)
     if cfg.specialists.soft_epochs > 0:
         model = _soft_phase(cfg, model, generalist, data, labels, subset_t, out_dir,
-                            dataclasses.replace(options, stage=f"specialist {cluster_id} soft"))
+                            dataclasses.replace(options, stage=f"specialist {cluster_id} soft",
+                                                lr_setting="specialists.soft_lr"))
     shift = _dustbin_shift(cfg, model, data, subset_t, float(in_subset.double().mean()), device)
     with torch.no_grad():
         model.head.bias[-1] += shift
@@ -244,6 +246,8 @@ def _worker(cfg: Config, run_dir: str, cluster_id: int, threads: int, parent_pid
     stop_with_parent(parent_pid)  # a loky worker must not train on after its run was killed
     try:
         return str(train_specialist(cfg, run_dir, cluster_id, threads=threads))
+    except artifacts.WritesStopped:  # its run is gone: nobody is left to take a result
+        os._exit(1)
     except Exception as err:
         raise SpecialistError(f"specialist {cluster_id} failed: {type(err).__name__}: {err}") from err
 

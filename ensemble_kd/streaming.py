@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .errors import DataError
-from .imagefolder import (FolderListing, cached_split, check_same_size, check_split_sizes, common_channels,
-                          decode_image, listing_signature, log_notes, size_text, tally_changes)
+from .imagefolder import (DEFAULT_MAX_IMAGE_PIXELS, FolderListing, cached_split, check_same_size, check_split_sizes,
+                          common_channels, decode_image, listing_signature, log_notes, size_text, tally_changes)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class ImageFiles:
     sums: np.ndarray  # (N, channels) float64: each image's sum of pixel values in [0, 1], per channel
     squares: np.ndarray  # (N, channels) float64: the same of the squared values
     workers: int  # data.workers: loader processes that read the files
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # data.max_image_pixels: a larger image is refused
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -74,7 +75,7 @@ class ImageFiles:
     def read(self, index: int) -> Tensor:
         """Image `index` as float32 (C, H, W) in [0, 1]: the values the in-memory path holds."""
         relative = os.fsdecode(self.paths[index])
-        array, _ = decode_image(relative, self.image_size, self.folder, self.channels)
+        array, _ = decode_image(relative, self.image_size, self.folder, self.channels, self.max_pixels)
         if array.shape[:2] != self.size:
             raise DataError(f"image {relative} (in {self.folder}) is now {size_text(array.shape[:2])}, not "
                             f"{size_text(self.size)} as when the folder was first read; do not change the "
@@ -100,7 +101,7 @@ def storage_for(cfg: DataConfig, listing: FolderListing) -> str:
     fit data.memory_budget_mb (the first training image's size stands for every image's)."""
     if cfg.storage != "auto":
         return cfg.storage
-    first, _ = decode_image(listing.train.path(0), cfg.image_size, listing.folder)
+    first, _ = decode_image(listing.train.path(0), cfg.image_size, listing.folder, max_pixels=listing.max_pixels)
     channels = 1 if first.ndim == 2 else 3
     count = len(listing.train) + len(listing.test)
     megabytes = count * channels * first.shape[0] * first.shape[1] * 4 / 2**20
@@ -125,7 +126,7 @@ def stream_imagefolder(listing: FolderListing, cfg: DataConfig) -> tuple[ImageFi
     def files(split: str) -> tuple[ImageFiles, Tensor]:
         sums, squares = (_with_channels(scans[split][key].numpy(), channels) for key in ("sums", "squares"))
         return ImageFiles(str(listing.folder), listed[split].paths, channels, sizes[split], cfg.image_size, sums,
-                          squares, cfg.workers), torch.from_numpy(listed[split].labels)
+                          squares, cfg.workers, listing.max_pixels), torch.from_numpy(listed[split].labels)
 
     (x_train, y_train), (x_test, y_test) = files("train"), files("test")
     return x_train, y_train, x_test, y_test, listing.class_names
@@ -140,14 +141,15 @@ class _Scanned(Dataset):
     """For the scan: each image's (height, width), greyscale flag, float64 channel sums of its pixel values
     in [0, 1] and of their squares, and what reading it changed."""
 
-    def __init__(self, folder: str, paths: np.ndarray, image_size: int) -> None:
-        self.folder, self.paths, self.image_size = folder, paths, image_size
+    def __init__(self, folder: str, paths: np.ndarray, image_size: int, max_pixels: int) -> None:
+        self.folder, self.paths, self.image_size, self.max_pixels = folder, paths, image_size, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[tuple[int, int], bool, np.ndarray, np.ndarray, dict[str, str]]:
-        array, changes = decode_image(os.fsdecode(self.paths[index]), self.image_size, self.folder)
+        array, changes = decode_image(os.fsdecode(self.paths[index]), self.image_size, self.folder,
+                                      max_pixels=self.max_pixels)
         pixels = torch.from_numpy(array.astype(np.float32)).div_(255.0).double()
         pixels = pixels.reshape(array.shape[0] * array.shape[1], -1)  # one column per channel
         return array.shape[:2], array.ndim == 2, pixels.sum(0).numpy(), pixels.square().sum(0).numpy(), changes
@@ -167,8 +169,9 @@ def scan_split(listing: FolderListing, split: str, image_size: int, workers: int
     def scan() -> dict[str, Any]:
         log.info("reading the %d %s images in %s once, to check them and measure them (kept for later runs)",
                  len(paths), split, listing.folder)
-        loader = DataLoader(_Scanned(str(listing.folder), paths, image_size), batch_size=SCAN_BATCH,
-                            collate_fn=list, **_worker_settings(workers, persistent=False))
+        scanned = _Scanned(str(listing.folder), paths, image_size, listing.max_pixels)
+        loader = DataLoader(scanned, batch_size=SCAN_BATCH, collate_fn=list,
+                            **_worker_settings(workers, persistent=False))
         sizes, gray = np.empty((len(paths), 2), dtype=np.int64), np.empty(len(paths), dtype=bool)
         sums, squares = np.empty((len(paths), 3)), np.empty((len(paths), 3))
         changed: dict[int, dict[str, str]] = {}

@@ -66,6 +66,7 @@ from .config import ConfigError, TrainConfig
 from .data import apply_augmentation
 from .errors import EnsembleKDError
 from .precision import PRECISIONS, autocast_dtype, resolve_precision, training_precision
+from .resume import after_restarts
 from .stopping import BestEpoch
 from .streaming import ImageLoader, Inputs, head, item_seed
 
@@ -271,13 +272,28 @@ class StepSchedule:
         self.last_epoch, self.base_lrs = int(state["last_epoch"]), list(state["base_lrs"])
         self._apply()
 
+    def step_to(self, step: int) -> None:
+        """Set the learning rates of step `step` (from the current base_lrs)."""
+        self.last_epoch = step
+        self._apply()
+
 
 def _check_fingerprint(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """ArtifactError naming what differs, unless only settings that a resume changed to continue the run
+    after a non-finite loss do (`resume.after_restarts`)."""
     differing = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if differing and all(after_restarts(path, saved).get(k) == v for k, v in expected.items()):
+        return
     if differing:
         what = "; ".join(f"{k}: file has {a!r}, this run has {b!r}" for k, (a, b) in differing.items())
         raise ArtifactError(f"{path} was written by another configuration ({what}); use a new --out "
                             "directory, or --overwrite to replace this run")
+
+
+def saved_fingerprint(path: str | Path) -> dict[str, Any]:
+    """The fingerprint of a model.pt or checkpoint.pt (empty if it has none), its weights left unread."""
+    saved = artifacts.load_torch(path, mmap=True)
+    return saved.get("fingerprint", {}) if isinstance(saved, dict) else {}
 
 
 def load_finished(model: nn.Module, stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
@@ -322,7 +338,10 @@ def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: StepS
     _load_state(model, ckpt["model"], path)
     _load_state(optimizer, ckpt["optimizer"], path)
     _match_parameter_layout(optimizer)
+    base_lrs = list(scheduler.base_lrs)  # the configured lr: a resume after a non-finite loss may lower it
     scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.base_lrs = base_lrs
+    scheduler.step_to(scheduler.last_epoch)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if best is not None and ckpt.get("best"):
@@ -367,6 +386,8 @@ class FitOptions:
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 autocast; like device, not part of the fingerprint
     compile_model: bool = False  # run forward and backward through torch.compile
     tensorboard: bool = False  # also write each epoch's metrics as TensorBoard events into stage_dir (log.tensorboard)
+    lr_setting: str = ""  # the config key of cfg.lr (e.g. generalist.train.lr), named in the advice on a non-finite loss
+    clip_setting: str = ""  # the config key of cfg.grad_clip, named in the same advice
 
 
 def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Path, options: FitOptions) -> nn.Module:
@@ -434,6 +455,7 @@ def fit(model: nn.Module, train: TrainSet, cfg: TrainConfig, stage_dir: str | Pa
     save_model(model, stage_dir, fingerprint, epochs=cfg.epochs, **chosen,
                **({"precision": precision} if precision != "fp32" else {}))
     (stage_dir / artifacts.CHECKPOINT_FILE).unlink(missing_ok=True)
+    (stage_dir / artifacts.NONFINITE_FILE).unlink(missing_ok=True)  # finished: nothing left to continue
     return model
 
 
@@ -448,7 +470,10 @@ def _run_epochs(loop: _Loop, o: FitOptions, start: int, best: BestEpoch, epoch_l
                      "epoch %d)", o.stage, last, best.since, "s" if best.since > 1 else "", best.accuracy, best.epoch)
             break
         with _current_cuda_device(loop.device):
-            record = _train_epoch(loop, epoch)
+            try:
+                record = _train_epoch(loop, epoch)
+            except NonFiniteLossError as err:
+                raise _stopped_on_nonfinite(err, loop, o, stage_dir, epoch) from None
             if o.val is not None:
                 record["val_accuracy"] = inference.evaluate(loop.model, o.val.x, o.val.y, device=loop.device).accuracy
         if best.active:
@@ -535,6 +560,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict[str, Any]:
     view = None if loop.train.views is None else loop.train.views.of_epoch(epoch, loop.cfg.epochs)
     read = itertools.repeat(None) if loop.loader is None else loop.loader.epoch(batches, epoch_seed(loop.seed, epoch))
     for step, (idx, x) in enumerate(zip(bar, read), start=1):
+        artifacts.check_may_write()  # a specialist worker whose run has died stops here (parallel.py)
         mix_seed = item_seed(epoch_seed(loop.seed, epoch) + 1, step)
         logits, y, loss = _train_step(loop, idx, augment_generator, view, x, mix_seed)
         loss_sum.add_(loss.detach(), alpha=len(idx))
@@ -610,14 +636,31 @@ def _train_step(loop: _Loop, idx: torch.Tensor, generator: torch.Generator, view
 
 def _check_finite(loss_sum: torch.Tensor, loop: _Loop, epoch: int, first: int, last: int) -> None:
     """NonFiniteLossError when the running loss sum of the epoch is NaN or infinite (steps first..last are
-    those since the last check)."""
+    those since the last check); `_stopped_on_nonfinite` adds what to do."""
     if bool(torch.isfinite(loss_sum)):
         return
     steps = f"step {last}" if first == last else f"steps {first}-{last}"
-    raise NonFiniteLossError(
-        f"{loop.stage}: loss became {float(loss_sum)} at epoch {epoch}, in {steps} (it is checked every "
-        f"{NONFINITE_CHECK_STEPS} steps); the last good checkpoint is kept. Lower the learning rate (now "
-        f"{loop.cfg.lr:g}) or clip gradients harder (grad_clip, now {loop.cfg.grad_clip:g}), then rerun with --resume")
+    raise NonFiniteLossError(f"{loop.stage}: loss became {float(loss_sum)} at epoch {epoch}, in {steps} (it is "
+                             f"checked every {NONFINITE_CHECK_STEPS} steps)")
+
+
+def _stopped_on_nonfinite(err: NonFiniteLossError, loop: _Loop, o: FitOptions, stage_dir: Path,
+                          epoch: int) -> NonFiniteLossError:
+    """`err` with the way to continue, after recording the failure in stage_dir/nonfinite.json, which lets a
+    resume change the stage's learning rate and clipping (resume.NONFINITE_SETTINGS)."""
+    cfg, kept = loop.cfg, epoch - 1  # the checkpoint on disk is that of the epoch before
+    artifacts.write_json(stage_dir / artifacts.NONFINITE_FILE, {
+        "stage": loop.stage, "epoch": epoch, "message": str(err), "lr": cfg.lr, "grad_clip": cfg.grad_clip,
+        "lr_setting": o.lr_setting, "clip_setting": o.clip_setting})
+    clip = cfg.grad_clip / 2 if cfg.grad_clip > 0 else 1.0
+    start = f"its last good checkpoint (epoch {kept}, kept)" if kept > 0 else "its start (no epoch had finished)"
+    if not o.lr_setting:
+        return NonFiniteLossError(f"{err}; lower the learning rate (now {cfg.lr:g}) or clip gradients harder "
+                                  f"(grad_clip, now {cfg.grad_clip:g}), then rerun with --resume")
+    return NonFiniteLossError(
+        f"{err}. To continue from {start} with a lower learning rate or harder gradient clipping, rerun with "
+        f"--resume --set {o.lr_setting}={cfg.lr / 2:g} (now {cfg.lr:g}) or --resume --set {o.clip_setting}="
+        f"{clip:g} (now {cfg.grad_clip:g}); config.toml records the new value")
 
 
 def set_seed(seed: int) -> None:

@@ -300,10 +300,9 @@ def test_overwrite_replaces_the_run_and_refuses_folders_that_are_not_runs(
     code, err = run_cli(config_file, run_dir, "--resume", "--overwrite")
     assert code == 2 and "contradict" in err and (run_dir / "manifest.json").read_bytes() == manifest
 
-    (run_dir / "notes.txt").write_text("mine")
     old_generalist = (run_dir / "generalist" / "model.pt").stat().st_mtime_ns
     run_cli_ok(config_file, run_dir, "--overwrite", "--until", "generalist")
-    assert not (run_dir / "notes.txt").exists() and not (run_dir / "specialists").exists()
+    assert not (run_dir / "specialists").exists()  # a file of the user's would refuse it: test_run_folder_safety.py
     assert (run_dir / "generalist" / "model.pt").stat().st_mtime_ns != old_generalist  # trained anew
     assert_same_weights(run_dir / "generalist" / "model.pt", reference / "generalist" / "model.pt")
 
@@ -459,7 +458,7 @@ def test_impossible_settings_known_after_loading_the_data_fail_before_the_genera
     out = tmp_path / "run"
     code, err = run_cli(config_file, out, *(a for o in overrides for a in ("--set", o)))
     assert code == 2 and err.startswith("error: ") and message in err
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.toml"]  # no generalist/, no manifest
+    assert sorted(p.name for p in out.iterdir()) == [".ensemble-kd-run", ".lock", "config.toml"]  # no generalist/
     start_run(tiny_config(), out)  # holding no work, the folder is reused without --resume
 
 
