@@ -134,6 +134,9 @@ class StudentConfig:
     plain_epochs: int = 0  # transfer = views: the last plain_epochs epochs train on the plain training images instead (the teacher's logits on them), so the student ends on the images it is tested on
     alpha: float = 0.1  # weight of the hard-label term; 1 - alpha goes to the distillation term
     temperature: float = 4.0  # distillation temperature T
+    loss: str = "kd"  # kd: Hinton's soft term | dkd: decoupled KD (Zhao et al. 2022), the non-target classes weighted by dkd_beta
+    dkd_beta: float = 8.0  # loss = dkd: weight of the non-target classes' term (the target-class term weighs 1)
+    baselines: bool = True  # also train the student from the generalist and the hard-label student, to show what the specialists add
     max_params_ratio: float = 1.0  # the student may have at most this fraction of the generalist's parameters
 
 
@@ -404,8 +407,8 @@ RULES: dict[type, dict[str, Rule]] = {
                       "empty or the address of a Dask scheduler, e.g. tcp://host:8786")},
     EnsembleConfig: {"top_n": _at_least(1), "iterations": _at_least(1), "tolerance": _at_least(0)},
     StudentConfig: {"transfer": _one_of(*choices.TRANSFERS), "views": _at_least(1), "plain_epochs": _at_least(0),
-                    "alpha": _between(0, 1),
-                    "temperature": _above(0), "max_params_ratio": _above(0)},
+                    "alpha": _between(0, 1), "temperature": _above(0), "loss": _one_of(*choices.LOSSES),
+                    "dkd_beta": _at_least(0), "max_params_ratio": _above(0)},
     ExportConfig: {"formats": ((lambda v: len(v) > 0 and all(f in choices.EXPORT_FORMATS for f in v)),
                                "a list of one or more of " + ", ".join(choices.EXPORT_FORMATS)),
                    "parity_atol": _at_least(0)},
@@ -524,6 +527,9 @@ def validate_config(cfg: Config) -> None:
         (cfg.specialists.backend != "dask" or cfg.specialists.scheduler,
          "specialists.backend = 'dask' needs specialists.scheduler = 'tcp://host:port'"),
         *_plain_epochs_checks(cfg),
+        (cfg.student.loss != "dkd" or cfg.student.transfer != "live" or cfg.data.mix == "none",
+         f"student.loss = 'dkd' splits each example at its one true class, and data.mix = {cfg.data.mix!r} with "
+         "student.transfer = 'live' mixes the labels; use student.loss = 'kd', or data.mix = 'none'"),
         (cfg.precision != "fp16" or cfg.device != "cpu",
          "precision = 'fp16' needs a CUDA GPU (device = 'cuda' or 'auto'); on CPU use precision = 'bf16' or 'fp32'"),
     ]

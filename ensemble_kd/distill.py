@@ -28,7 +28,7 @@ from .config import Config, ConfigError, fingerprint_settings, recipe
 from .data import Splits, draw_augmentation
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
-from .losses import KDLoss, kd_loss, teacher_log_probs
+from .losses import DKDLoss, KDLoss, teacher_log_probs
 from .models import Classifier, build_model, count_params
 from .precision import autocast
 from .streaming import Inputs, batches
@@ -155,15 +155,22 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
             if views is not None:
                 views.targets = log_probs
             train.views, train.targets = views, None if views is not None else log_probs
-            loss_fn = KDLoss(alpha, temperature)
+            loss_fn = student_loss(cfg, alpha)
         else:
-            loss_fn = lambda s, y, t: kd_loss(s, t, y, alpha, temperature)  # noqa: E731
+            soft = student_loss(cfg, alpha)
+            loss_fn = lambda s, y, t: soft(s, y, teacher_log_probs(t, temperature))  # noqa: E731
             live_teacher = teacher.to(device).eval()
     return fit(student, train, cfg.student.train, stage_dir, FitOptions(
         stage=stage_dir.name, seed=cfg.seed if seed is None else seed, fingerprint=fingerprint, loss_fn=loss_fn,
         teacher=live_teacher, augment=augment, val=TrainSet(data.x_val, data.y_val), device=device,
         progress=progress, precision=cfg.precision, compile_model=cfg.compile, tensorboard=cfg.log.tensorboard,
         lr_setting="student.train.lr", clip_setting="student.train.grad_clip"))
+
+
+def student_loss(cfg: Config, alpha: float) -> KDLoss | DKDLoss:
+    """The distillation loss `student.loss` names, as fit's loss_fn(logits, labels, teacher_log_probs)."""
+    s = cfg.student
+    return DKDLoss(alpha, s.temperature, s.dkd_beta) if s.loss == "dkd" else KDLoss(alpha, s.temperature)
 
 
 def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
@@ -186,9 +193,11 @@ def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 def student_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
-    return model_fingerprint(cfg.student.model, data, cfg.seed, teacher=teacher_fingerprint(cfg, data, kind)["teacher"],
-                             alpha=cfg.student.alpha, temperature=cfg.student.temperature,
-                             train=fingerprint_settings(cfg.student.train), **transfer_fingerprint(cfg))
+    s = cfg.student
+    loss = {"loss": s.loss, "dkd_beta": s.dkd_beta} if s.loss != "kd" else {}  # absent for kd: older runs match
+    return model_fingerprint(s.model, data, cfg.seed, teacher=teacher_fingerprint(cfg, data, kind)["teacher"],
+                             alpha=s.alpha, temperature=s.temperature, train=fingerprint_settings(s.train),
+                             **loss, **transfer_fingerprint(cfg))
 
 
 
@@ -230,7 +239,8 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
 
 def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.Module,
                    generalist: nn.Module, progress: bool = True) -> dict[str, Path]:
-    """Train the student from the ensemble and the two baselines; returns their model files.
+    """Train the student from the ensemble and (with `student.baselines`) the two baselines; returns their
+    model files.
 
     Then writes `student/teachers.json`: the transfer method and the teachers' top-1
     disagreement on the transfer set."""
@@ -241,7 +251,7 @@ def train_students(cfg: Config, data: Splits, run_dir: str | Path, ensemble: nn.
         log.info("student.transfer = %r: the students train without %s (a teacher labels augmented batches only "
                  "with student.transfer = 'live')", cfg.student.transfer, " and ".join(unseen))
     plans = [(STUDENT, ensemble, cfg.student.alpha), (FROM_GENERALIST, generalist, cfg.student.alpha),
-             (HARD_LABELS, None, 1.0)]
+             (HARD_LABELS, None, 1.0)][:None if cfg.student.baselines else 1]
     paths = {}
     for name, teacher, alpha in plans:
         stage_dir = Path(run_dir) / name

@@ -123,7 +123,7 @@ def evaluate_run(cfg: Config, data: Splits, run_dir: str | Path, generalist: nn.
         teachers = run_dir / artifacts.STUDENT_DIRS[0] / artifacts.TEACHERS_FILE
         if teachers.is_file():
             entries["teachers"] = {k: v for k, v in artifacts.read_json(teachers).items() if k != "fingerprint"}
-        for name in artifacts.STUDENT_DIRS:
+        for name in artifacts.STUDENT_DIRS[:None if cfg.student.baselines else 1]:
             student = load_student_model(cfg, data, run_dir, name)
             s_pred = predict_logits(student, x).argmax(1)
             entries[name] = model_entry(s_pred, y, clusters, count_params(student), ms_per_image(student, timing),

@@ -172,6 +172,67 @@ class _KDLoss(torch.autograd.Function):
         return ctx.grad * grad_loss, None, None, None, None
 
 
+def dkd_loss(student_logits: Tensor, labels: Tensor, teacher_log_probs: Tensor, alpha: float, temperature: float,
+             beta: float) -> Tensor:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022), averaged over the batch:
+
+        loss = alpha * CE(labels, softmax(s))
+             + (1 - alpha) * T^2 * [TCKD + beta * NCKD]
+
+    TCKD is the KL divergence between the teacher's and the student's binary (target class, all others)
+    distributions at temperature T; NCKD the KL divergence between their distributions over the
+    non-target classes alone (each renormalised). Hinton's soft term is TCKD + (1 - p_t) * NCKD, with p_t
+    the teacher's probability of the true class: a confident teacher mutes what it knows about the other
+    classes, and beta > 1 gives that knowledge its weight back. `labels` are class ids (N,): the split needs
+    one true class per example. `teacher_log_probs` is `teacher_log_probs(t, temperature)`.
+    """
+    _check_alpha(alpha)
+    _check_temperature(temperature)
+    if labels.ndim != 1:
+        raise ValueError("dkd_loss needs class ids (N,), not class probabilities: it splits each distribution at "
+                         "the one true class (MixUp / CutMix labels have none); use student.loss = 'kd' with mixing")
+    target = F.one_hot(labels, student_logits.shape[-1]).bool()
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    tckd = _binary_kl(teacher_log_probs, log_q, target)
+    others = -torch.inf  # the true class left out: the distribution over the other classes
+    nckd = _kl_rows(F.log_softmax(teacher_log_probs.masked_fill(target, others), dim=-1),
+                    F.log_softmax(log_q.masked_fill(target, others), dim=-1))
+    soft = (tckd + beta * nckd).mean() * temperature ** 2
+    if alpha == 0:
+        return soft
+    return alpha * F.cross_entropy(student_logits, labels) + (1 - alpha) * soft
+
+
+def _binary_kl(log_p: Tensor, log_q: Tensor, target: Tensor) -> Tensor:
+    """Per row, KL between the (true class, every other class) splits of two distributions given as log-probs."""
+    binary = lambda lp: torch.stack([lp[target], torch.logsumexp(lp.masked_fill(target, -torch.inf), -1)], -1)  # noqa: E731
+    return _kl_rows(binary(log_p), binary(log_q))
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) of each row, from log-probabilities; terms where p is 0 count 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DKDLoss:
+    """`dkd_loss` as fit's `loss_fn(student_logits, labels, teacher_log_probs)`, its settings checked once."""
+
+    alpha: float  # weight of the hard-label cross-entropy; the decoupled soft term gets 1 - alpha
+    temperature: float  # T of both distributions
+    beta: float  # weight of the non-target term (NCKD); TCKD weighs 1
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.alpha)
+        _check_temperature(self.temperature)
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"the DKD beta must be a finite number >= 0, got {self.beta}; Zhao et al. use 1-8")
+
+    def __call__(self, student_logits: Tensor, labels: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        return dkd_loss(student_logits, labels, teacher_log_probs, self.alpha, self.temperature, self.beta)
+
+
 def _check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}; it is the weight of the hard-label term")

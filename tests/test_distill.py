@@ -14,6 +14,7 @@ from ensemble_kd.data import Splits
 from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, cached_teacher_logits, check_student_size,
                                  new_student, train_students, transfer_views)
 from ensemble_kd.inference import predict_logits
+from ensemble_kd.losses import DKDLoss, KDLoss
 
 N_TRAIN, N_CLASSES, BATCH, EPOCHS = 40, 4, 16, 3
 BATCHES_PER_EPOCH = 3  # ceil(40 / 16)
@@ -179,3 +180,29 @@ def test_the_three_students_start_from_identical_weights(tmp_path: Path, monkeyp
     assert starts[STUDENT][1] is ensemble and starts[FROM_GENERALIST][1] is generalist
     assert starts[HARD_LABELS][1] is None and starts[HARD_LABELS][2] == 1.0
     assert starts[STUDENT][2] == starts[FROM_GENERALIST][2] == cfg.student.alpha
+
+
+def test_student_loss_dkd_trains_on_dkd_and_kd_stays_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real_fit = distill.fit
+    monkeypatch.setattr(distill, "fit", lambda *args, **kw: seen.append(args[4].loss_fn) or real_fit(*args, **kw))
+    torch.manual_seed(0)
+    for overrides in ([], ["student.loss=dkd", "student.dkd_beta=4"]):
+        _distill(student_config("student.transfer=dataset", *overrides), CountingTeacher(), tmp_path / str(len(seen)))
+    assert isinstance(seen[0], KDLoss) and isinstance(seen[1], DKDLoss) and seen[1].beta == 4.0
+    cfg = student_config("student.loss=dkd")
+    assert distill.student_fingerprint(cfg, image_splits(), STUDENT) != distill.student_fingerprint(
+        student_config(), image_splits(), STUDENT)
+
+
+def test_dkd_with_live_mixed_labels_is_refused_before_training() -> None:
+    with pytest.raises(ConfigError, match="student.loss = 'dkd'"):
+        student_config("student.loss=dkd", "student.transfer=live", "data.mix=mixup")
+
+
+def test_without_baselines_only_the_student_from_the_ensemble_trains(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = student_config("student.train.epochs=1", "student.baselines=false")
+    paths = train_students(cfg, image_splits(), tmp_path, CountingTeacher(), CountingTeacher(), progress=False)
+    assert set(paths) == {STUDENT} and paths[STUDENT].is_file()
+    assert not (tmp_path / HARD_LABELS).exists()

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd.losses import (KDLoss, dustbin_log_correction, fit_dustbin_shift, fold_labels, fold_probs, kd_loss,
-                                kd_loss_from_log_probs, teacher_log_probs)
+from ensemble_kd.losses import (DKDLoss, KDLoss, dkd_loss, dustbin_log_correction, fit_dustbin_shift, fold_labels,
+                                fold_probs, kd_loss, kd_loss_from_log_probs, teacher_log_probs)
 
 # 2 examples, 3 classes.
 STUDENT = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]
@@ -211,3 +211,43 @@ def test_teacher_log_probs_computed_once_over_cached_views_give_kd_loss_and_its_
     assert torch.equal(ours, theirs) and torch.equal(grad_ours, grad_theirs)
     with pytest.raises(ValueError, match="temperature"):
         teacher_log_probs(cached, temperature=0.0)
+
+
+# DKD on one example worked out by hand: student logits (1, 0, -1), teacher logits (0, 2, 1), true class 1, T = 1.
+# Teacher p = softmax(0, 2, 1), student q = softmax(1, 0, -1). TCKD = KL((p1, 1 - p1) || (q1, 1 - q1)) = 0.392859;
+# NCKD = KL(softmax(0, 1) || softmax(1, -1)) = 1.006842 (the non-target classes, renormalised); CE = -log q1 = 1.407606.
+DKD_HAND = dict(student=[[1.0, 0.0, -1.0]], teacher=[[0.0, 2.0, 1.0]], label=[1])
+
+
+@pytest.mark.parametrize("alpha, beta, expected", [(0.0, 1.0, 0.392859 + 1.006842), (0.0, 8.0, 8.447595),
+                                                   (0.5, 8.0, 0.5 * 1.407606 + 0.5 * 8.447595)])
+def test_dkd_loss_matches_the_value_worked_out_by_hand(alpha, beta, expected):
+    s, t = (torch.tensor(DKD_HAND[k], dtype=torch.float64) for k in ("student", "teacher"))
+    loss = dkd_loss(s, torch.tensor(DKD_HAND["label"]), teacher_log_probs(t, 1.0), alpha, 1.0, beta)
+    assert float(loss) == pytest.approx(expected, abs=2e-6)
+
+
+def test_dkd_with_beta_one_minus_the_teachers_true_class_probability_is_hintons_kd():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5, dtype=torch.float64), 3 * torch.randn(6, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 1])
+    for i in range(6):  # TCKD + (1 - p_t) NCKD = KL(p || q), row by row
+        row, label, teacher = s[i:i + 1], labels[i:i + 1], teacher_log_probs(t[i:i + 1], 3.0)
+        beta = 1 - float(teacher.exp()[0, label])
+        assert float(dkd_loss(row, label, teacher, 0.3, 3.0, beta)) == pytest.approx(
+            float(kd_loss(row, t[i:i + 1], label, 0.3, 3.0)), rel=1e-10)
+
+
+def test_dkd_gradient_reaches_the_student_only_and_is_finite_for_a_certain_teacher():
+    s = torch.randn(4, 3, requires_grad=True)
+    teacher = teacher_log_probs(torch.tensor([[50.0, -50.0, 0.0]] * 4), 4.0)  # p of the other classes underflows
+    loss = DKDLoss(0.5, 4.0, 8.0)(s, torch.tensor([0, 0, 1, 2]), teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_dkd_refuses_mixed_labels_and_bad_settings():
+    with pytest.raises(ValueError, match="class ids"):
+        dkd_loss(torch.zeros(2, 3), torch.full((2, 3), 1 / 3), torch.log(torch.full((2, 3), 1 / 3)), 0.5, 2.0, 8.0)
+    with pytest.raises(ValueError, match="beta"):
+        DKDLoss(0.5, 2.0, float("inf"))
