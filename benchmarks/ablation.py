@@ -142,7 +142,7 @@ def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: l
     for kind in STUDENTS:
         accuracies = [report[kind]["test_accuracy"]]
         teacher_run = donor if donor is not None and kind in borrowed else run_dir  # borrowed: the recipe's students
-        accuracies += [common.train_extra_student(teacher_run, kind, s) for s in student_seeds]
+        accuracies += [common.train_extra_student(teacher_run, kind, s)[0] for s in student_seeds]
         result[kind] = {"accuracies": accuracies, "mean": statistics.fmean(accuracies)}
     differences = [a - b for a, b in zip(result[STUDENT]["accuracies"], result[FROM_GENERALIST]["accuracies"])]
     result["student_minus_from_generalist"] = statistics.fmean(differences)

@@ -5,6 +5,7 @@ is run as `python benchmarks/<script>.py`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ from ensemble_kd import artifacts
 from ensemble_kd.config import load_config
 from ensemble_kd.data import load_data
 from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student, student_fingerprint,
-                                 teacher_fingerprint)
+                                 teacher_fingerprint, transfer_fingerprint)
 from ensemble_kd.ensemble import build_ensemble
 from ensemble_kd.generalist import load_generalist
 from ensemble_kd.inference import evaluate
@@ -153,26 +154,38 @@ def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train_extra_student(run: Path, kind: str, student_seed: int) -> float:
-    """Test accuracy of one more student of a finished run, differing from the run's own only in its seed.
+def train_extra_student(run: Path, kind: str, student_seed: int, overrides: Sequence[str] = (),
+                        folder: str | None = None) -> tuple[float, Any]:
+    """(test accuracy, student) of one more student of a finished run, differing from the run's own only in
+    its seed and in `overrides` (`--set` lines of the student's settings: its size, transfer method, epochs).
 
     `kind` is a student folder of the run (student, student_from_generalist,
     student_hard_labels): its teacher is the run's ensemble, its generalist or none. The
     student gets the run's architecture, alpha, temperature, training and transfer method
-    (`student.transfer`); `student_seed` sets its initial weights and batch order (and the
-    live views); cached teacher logits (views, dataset) are the run's own, computed once.
-    Trained in `EXTRA_STUDENTS/<run>/<kind>-seed<k>` and reused from there when finished, by
-    whichever script asks for it again."""
-    cfg = load_config(run / artifacts.CONFIG_FILE)
+    (`student.transfer`) unless `overrides` change them; `student_seed` sets its initial weights and batch
+    order (and the live views). Cached teacher logits (views, dataset) are computed once per teacher and
+    transfer set: the run's own file when the overrides keep the run's transfer, else one kept beside the
+    extra students. Trained in `EXTRA_STUDENTS/<run>/<folder or kind-seed<k>>` and reused from there when
+    finished, by whichever script asks for it again."""
+    run_cfg = load_config(run / artifacts.CONFIG_FILE)
+    cfg = load_config(run / artifacts.CONFIG_FILE, list(overrides)) if overrides else run_cfg
     data = load_data(cfg.data, cfg.seed)
     generalist = load_generalist(cfg, data, run) if kind != HARD_LABELS else None
     teacher = {STUDENT: lambda: build_ensemble(cfg, data, run, generalist), FROM_GENERALIST: lambda: generalist,
                HARD_LABELS: lambda: None}[kind]()
     alpha = 1.0 if kind == HARD_LABELS else cfg.student.alpha
     fingerprint = dict(student_fingerprint(cfg, data, kind), student_seed=student_seed)
+    transfer = transfer_fingerprint(cfg)
+    cache = run / kind / artifacts.TEACHER_LOGITS_FILE  # the run's, where cached
+    if transfer != transfer_fingerprint(run_cfg):
+        cache = EXTRA_STUDENTS / run.name / "teachers" / f"{kind}-{digest(transfer)}.pt"
     student = distill(new_student(cfg, data, seed=student_seed), teacher, data, cfg,
-                      EXTRA_STUDENTS / run.name / f"{kind}-seed{student_seed}", fingerprint, alpha, progress=False,
-                      seed=student_seed,
-                      teacher_cache=run / kind / artifacts.TEACHER_LOGITS_FILE,  # the run's, where cached
+                      EXTRA_STUDENTS / run.name / (folder or f"{kind}-seed{student_seed}"), fingerprint, alpha,
+                      progress=False, seed=student_seed, teacher_cache=cache,
                       teacher_fingerprint=teacher_fingerprint(cfg, data, kind))
-    return evaluate(student.cpu(), data.x_test, data.y_test).accuracy
+    return evaluate(student.cpu(), data.x_test, data.y_test).accuracy, student
+
+
+def digest(settings: dict[str, Any]) -> str:
+    """A short stable name for a dict of settings (for cache file names)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

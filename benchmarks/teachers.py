@@ -54,7 +54,7 @@ def run_dir(data: str, seed: int) -> Path:
 def train_student(run: Path, folder: str, student_seed: int, threads: int) -> float:
     """Test accuracy of a student taught by the teacher of `run/folder`, seeded by `student_seed`."""
     torch.set_num_threads(threads)
-    return common.train_extra_student(run, folder, student_seed)
+    return common.train_extra_student(run, folder, student_seed)[0]
 
 
 def paired_rows(data: str, runs: list[int], student_seeds: list[int], jobs: int) -> list[dict[str, Any]]:
