@@ -1,5 +1,5 @@
 # make demo: create .venv, install the package, run the whole pipeline on the built-in digits data.
-# make test: create .venv, install the package with its dev extras, run the test suite.
+# make test: create .venv, install the package with its dev extras, run the linter (ruff) and the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -28,6 +28,7 @@ demo: install
 	@echo "The command is $(BIN)/ensemble-kd (or run: source $(BIN)/activate), e.g. $(BIN)/ensemble-kd report $(RUN)"
 
 test: install-dev
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -20,8 +20,16 @@ import torch
 from ensemble_kd import artifacts
 from ensemble_kd.config import load_config
 from ensemble_kd.data import load_data
-from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, distill, new_student, student_fingerprint,
-                                 teacher_fingerprint, transfer_fingerprint)
+from ensemble_kd.distill import (
+    FROM_GENERALIST,
+    HARD_LABELS,
+    STUDENT,
+    distill,
+    new_student,
+    student_fingerprint,
+    teacher_fingerprint,
+    transfer_fingerprint,
+)
 from ensemble_kd.ensemble import build_ensemble
 from ensemble_kd.generalist import load_generalist
 from ensemble_kd.inference import evaluate

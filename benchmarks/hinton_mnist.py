@@ -43,16 +43,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import torch
 
-import common
 from ensemble_kd import artifacts
 from ensemble_kd.augment import Augmentation
 from ensemble_kd.config import DataConfig, ModelConfig, TrainConfig
 from ensemble_kd.data import Splits, augment_batch, load_data
+from ensemble_kd.inference import predict_logits
 from ensemble_kd.losses import kd_loss
 from ensemble_kd.models import Classifier, build_model, count_params
-from ensemble_kd.inference import predict_logits
 from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, set_seed
 
 log = logging.getLogger("hinton_mnist")

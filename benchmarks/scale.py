@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from common import RESULTS, machine_info  # benchmarks/common.py (the script's folder is on sys.path)
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
@@ -41,8 +42,6 @@ from ensemble_kd.confusion import ClassClusterer, build_matrices, clusters_to_js
 from ensemble_kd.ensemble import active_specialists, combine, membership_matrix
 from ensemble_kd.report import plot_confusion
 from ensemble_kd.specialists import enriched_indices
-
-from common import RESULTS, machine_info  # benchmarks/common.py (the script's folder is on sys.path)
 
 GROUP_BOOST, CLASS_BOOST = 3.0, 4.0  # logit added to the true class's group, and again to the true class
 
@@ -139,7 +138,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{case['classes']} classes in {case['groups']} planted groups, {case['held_out_examples']:,} held-out "
              f"examples (simulated generalist accuracy {case['simulated_generalist_accuracy']:.1%}), "
              f"combine batch {case['combine_batch']} on {result['machine']['device']} "
-             f"({result['machine']['cpu']}, {result['machine']['cores']} cores, load {result['machine']['load_average_1min']})",
+             f"({result['machine']['cpu']}, {result['machine']['cores']} cores, "
+             f"load {result['machine']['load_average_1min']})",
              "| step | seconds | recovered (ARI) |", "|---|---:|---|",
              f"| build_matrices (hard + soft + covariance) | {t['build_matrices_s']:.3f} | |"]
     for kind, row in t["by_matrix"].items():

@@ -93,7 +93,8 @@ def main() -> None:
         rows.append(seed_row(seed, report))
         write_results(name, data, config, args.overrides, rows)  # a run cut short keeps what finished
     headers = ["seed", *MODELS, "ens. rel. error cut", "targets met"]
-    table = [[r["seed"], *(f"{100 * r[m]:.2f}%" for m in MODELS), f"{100 * r['ensemble_relative_error_reduction']:.1f}%",
+    table = [[r["seed"], *(f"{100 * r[m]:.2f}%" for m in MODELS),
+              f"{100 * r['ensemble_relative_error_reduction']:.1f}%",
               ", ".join(k for k, ok in r["targets_met"].items() if ok) or "none"] for r in rows]
     stats = summary(rows)
     table.append(["mean +- sd", *(f"{100 * stats[m]['mean']:.2f} +- {100 * stats[m]['std']:.2f}" for m in MODELS),

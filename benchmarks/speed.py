@@ -64,13 +64,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import common
 import torch
 import torch.nn.functional as F
 from joblib.externals.loky import get_reusable_executor
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
 from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import read_json, read_jsonl
@@ -88,8 +88,16 @@ from ensemble_kd.models import build_model, count_params
 from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.precision import training_precision
 from ensemble_kd.specialists import dispatch_order, specialist_dir, specialist_threads, train_all_specialists
-from ensemble_kd.train import (FitOptions, TrainSet, clip_grad_norm, cross_entropy, fit, lr_factor, make_optimizer,
-                               set_seed)
+from ensemble_kd.train import (
+    FitOptions,
+    TrainSet,
+    clip_grad_norm,
+    cross_entropy,
+    fit,
+    lr_factor,
+    make_optimizer,
+    set_seed,
+)
 
 log = logging.getLogger("speed")
 

@@ -55,11 +55,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import psutil  # the dask extra brings it (make install-dev); it measures the loader workers' memory
 import torch
 from torch.utils.data import default_collate
 
-import common
 from ensemble_kd import artifacts
 from ensemble_kd.augment import make_augment
 from ensemble_kd.config import DataConfig, load_config

@@ -58,7 +58,8 @@ def sizes(cfg: Config) -> dict[str, list[str]]:
     of each width), and the generalist's own architecture (every setting of generalist.model)."""
     widths = "channels" if cfg.student.model.arch == "cnn" else "hidden"
     compact, big = getattr(cfg.student.model, widths), getattr(cfg.generalist.model, widths)
-    middle = [round((compact[min(i, len(compact) - 1)] * b) ** 0.5) for i, b in enumerate(big)]  # the generalist's depth
+    # the generalist's depth, each width the geometric mean of the compact student's and the generalist's
+    middle = [round((compact[min(i, len(compact) - 1)] * b) ** 0.5) for i, b in enumerate(big)]
     same = [f"student.model.{f.name}={_toml(getattr(cfg.generalist.model, f.name))}"
             for f in dataclasses.fields(cfg.generalist.model)]
     return {"compact": [], "middle": [f"student.model.{widths}={_toml(middle)}"], "generalist": same}
@@ -155,7 +156,8 @@ def size_model(cfg_path: Path, size: str, data: Any) -> torch.nn.Module:
 def size_entry(size: str, model: torch.nn.Module, input_shape: tuple[int, ...], generalist_params: int,
                results: list[dict[str, Any]]) -> dict[str, Any]:
     """One size's row: its model, each teacher's student at its best method, and the comparisons."""
-    entry: dict[str, Any] = {"size": size, "params": count_params(model), "ms_per_image": latency_ms(model, input_shape)}
+    entry: dict[str, Any] = {"size": size, "params": count_params(model),
+                             "ms_per_image": latency_ms(model, input_shape)}
     if entry["params"] == generalist_params and size == "generalist":
         entry["same_architecture_as_generalist"] = True
     best_method = {}
@@ -170,7 +172,8 @@ def size_entry(size: str, model: torch.nn.Module, input_shape: tuple[int, ...], 
     ours = cells(results, size, STUDENT).get("recipe")
     for key, kind in (("hard_labels", HARD_LABELS), ("from_generalist", FROM_GENERALIST)):
         if ours and key in best_method:
-            entry[f"ci95_vs_{key}"] = paired_ci(ours["students"], cells(results, size, kind)[best_method[key]]["students"])
+            theirs = cells(results, size, kind)[best_method[key]]["students"]
+            entry[f"ci95_vs_{key}"] = paired_ci(ours["students"], theirs)
     return entry
 
 
@@ -212,7 +215,8 @@ def main() -> None:
     parser.add_argument("--student-seeds", type=int, nargs="+", default=[11, 12, 13])
     parser.add_argument("--sizes", nargs="+", choices=["compact", "middle", "generalist"],
                         default=["compact", "middle", "generalist"])
-    parser.add_argument("--jobs", type=int, default=2, help="students trained at once (cores / jobs torch threads each)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="students trained at once (cores / jobs torch threads each)")
     parser.add_argument("--quick", action="store_true", help="digits runs 0 and 1, student seeds 11 and 12")
     args = parser.parse_args()
     data, runs, seeds = ("digits", [0, 1], [11, 12]) if args.quick else (args.data, args.runs, args.student_seeds)

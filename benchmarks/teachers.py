@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--data", default="fashion-mnist", help="a config name in pipelines/configs/")
     parser.add_argument("--runs", type=int, nargs="+", default=[0, 1, 2], help="seeds of finished runs")
     parser.add_argument("--student-seeds", type=int, nargs="+", default=[11, 12, 13, 14])
-    parser.add_argument("--jobs", type=int, default=2, help="students trained at once (cores / jobs torch threads each)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="students trained at once (cores / jobs torch threads each)")
     parser.add_argument("--quick", action="store_true", help="digits runs 0 and 1, student seeds 11 and 12")
     args = parser.parse_args()
     data, runs, seeds = ("digits", [0, 1], [11, 12]) if args.quick else (args.data, args.runs, args.student_seeds)

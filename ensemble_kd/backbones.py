@@ -105,7 +105,8 @@ def weights_config(cfg: ModelConfig) -> WeightsConfig:
 
 
 def uses_weights_normalization(cfg: ModelConfig) -> bool:
-    return cfg.arch in NAMED_ARCHITECTURES and (cfg.normalize == "weights" or (cfg.normalize == "auto" and cfg.pretrained is not False))
+    return cfg.arch in NAMED_ARCHITECTURES and (cfg.normalize == "weights"
+                                                or (cfg.normalize == "auto" and cfg.pretrained is not False))
 
 
 def normalization(cfg: ModelConfig, channels: int, mean: Sequence[float],
@@ -211,8 +212,8 @@ def timm_features(cfg: ModelConfig, input_shape: tuple[int, ...]) -> tuple[nn.Mo
         model = timm.create_model(cfg.name, **options)
     except Exception as err:  # no network, a foreign file, weights that do not fit
         raise ConfigError(f"timm could not build {cfg.name} with pretrained = {cfg.pretrained!r} "
-                          f"({type(err).__name__}: {str(err)[:300]}); give a weights file of that model, or "
-                          "without network download them elsewhere and set model.pretrained to the file's path") from err
+                          f"({type(err).__name__}: {str(err)[:300]}); give a weights file of that model, or without "
+                          "network download them elsewhere and set model.pretrained to the file's path") from err
     if isinstance(cfg.pretrained, str):
         log.info("loaded pretrained weights from %s into timm %s", cfg.pretrained, cfg.name)
     return model, _width(model, input_shape, cfg)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import tomli_w
+
 from . import choices
 from .errors import EnsembleKDError
-
-import tomli_w
 
 try:
     import tomllib
@@ -40,14 +40,21 @@ class DataConfig:
     train_limit: int = 0  # use at most this many training examples (stratified subsample); 0 = all
     flip: bool = False  # random horizontal flips while training (photos yes, digits no)
     crop_pad: int = 0  # random crops after zero-padding by this many pixels; 0 = off
-    image_size: int = 0  # resize images to this square size; 0 = keep them (an imagefolder's must then match), or the size of the generalist's pretrained weights
-    storage: str = "auto"  # imagefolder: memory = decode every image once into tensors | stream = read the files batch by batch while training | auto = memory when it fits data.memory_budget_mb
-    memory_budget_mb: int = 4096  # storage = auto: stream when the decoded images of all splits (float32) would take more than this
-    workers: int = 2  # loader processes that read (storage = stream) and augment (random_resized_crop, auto_augment) images one at a time; 0 = in the training process
-    max_image_pixels: int = 178_956_970  # imagefolder: an image of more pixels (width x height) is refused as a possible decompression bomb (Pillow's limit); raise it for huge images you trust
-    random_resized_crop: float = 0.0  # crop a random part of at least this share of each image's area (aspect 3/4 to 4/3) and resize it back; 0 = off (torchvision's default is 0.08)
-    auto_augment: str = "none"  # none | randaugment | trivialaugment: torchvision's per-image augmentation policy (RandAugment: 2 ops of magnitude 9)
-    mix: str = "none"  # none | mixup | cutmix | mixup_cutmix (either, at random): mixes the images and labels of each training batch
+    image_size: int = 0  # resize images to this square size; 0 = keep them (an imagefolder's must then match),
+    # or the size of the generalist's pretrained weights
+    storage: str = "auto"  # imagefolder: memory = decode every image once into tensors |
+    # stream = read the files batch by batch while training | auto = memory when it fits data.memory_budget_mb
+    memory_budget_mb: int = 4096  # storage = auto: stream when all splits' decoded images (float32) would exceed this
+    workers: int = 2  # loader processes that read (storage = stream) and augment (random_resized_crop, auto_augment)
+    # images one at a time; 0 = in the training process
+    max_image_pixels: int = 178_956_970  # imagefolder: an image of more pixels (width x height) is refused
+    # as a possible decompression bomb (Pillow's limit); raise it for huge images you trust
+    random_resized_crop: float = 0.0  # crop a random part of at least this share of each image's area
+    # (aspect 3/4 to 4/3) and resize it back; 0 = off (torchvision's default is 0.08)
+    auto_augment: str = "none"  # none | randaugment | trivialaugment: torchvision's per-image augmentation policy
+    # (RandAugment: 2 ops of magnitude 9)
+    mix: str = "none"  # none | mixup | cutmix | mixup_cutmix (either, at random): mixes the images and labels
+    # of each training batch
     mix_alpha: float = 1.0  # mix: the mixing weight is drawn from Beta(mix_alpha, mix_alpha)
     synthetic_classes: int = 12  # synthetic: number of classes
     synthetic_groups: int = 3  # synthetic: the classes fall into this many planted confusable groups
@@ -57,12 +64,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | cnn | resnet | torchvision | timm (a library's model by model.name; timm needs the timm extra)
-    name: str = ""  # torchvision | timm: the library's model name, e.g. resnet18, mobilenet_v3_small (torchvision), mobilenetv3_small_100 (timm)
-    pretrained: bool | str = False  # torchvision | timm: false = fresh weights | true = the library's own download (needs network) | the path of a local weights file
-    normalize: str = "auto"  # auto: the pretrained weights' mean and std when model.pretrained is set, else the training data's | data | weights
+    arch: str = "mlp"  # mlp | cnn | resnet | torchvision | timm (the library's model.name; timm needs the timm extra)
+    name: str = ""  # torchvision | timm: the library's model name, e.g. resnet18, mobilenet_v3_small (torchvision),
+    # mobilenetv3_small_100 (timm)
+    pretrained: bool | str = False  # torchvision | timm: false = fresh weights |
+    # true = the library's own download (needs network) | the path of a local weights file
+    normalize: str = "auto"  # auto: the pretrained weights' mean and std when model.pretrained is set,
+    # else the training data's | data | weights
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp: widths of the hidden layers
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn: channels of each conv block (each halves the size)
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # cnn: channels per conv block (each halves the size)
     pool: int = 1  # cnn: feature maps are average-pooled to pool x pool before the head (1 = global pooling)
     depth: int = 20  # resnet: 6n+2 layers (20, 32, 44, 56)
     width: int = 16  # resnet: channels of the first stage (doubles in each of three stages)
@@ -81,7 +91,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up before the schedule
     label_smoothing: float = 0.0  # for hard-label cross-entropy
     grad_clip: float = 5.0  # clip the gradient norm to this; 0 = off
-    early_stopping_patience: int = 0  # stop once this many epochs in a row have not raised the validation accuracy; 0 = off
+    early_stopping_patience: int = 0  # stop once this many epochs in a row have not raised validation accuracy; 0 = off
     keep_best: bool = False  # keep the weights of the epoch with the best validation accuracy, not the last epoch's
 
 
@@ -97,25 +107,31 @@ class ClustersConfig:
     matrix: str = "soft"  # soft | hard | covariance: which confusability matrix k-means sees
     min_size: int = 2  # smallest allowed cluster (in classes)
     max_size: int = 0  # largest allowed cluster; 0 = no limit
-    min_confusion: float = 0.1  # classes confused less than this (relative to the most confused class, 0-1) join no cluster: left to the generalist
-    overlap: float = 0.0  # a class also joins every other cluster holding at least this share of its confusion; 0 = partition
+    min_confusion: float = 0.1  # classes confused less than this (relative to the most confused class, 0-1)
+    # join no cluster: left to the generalist
+    overlap: float = 0.0  # a class also joins other clusters with at least this share of its confusion; 0 = partition
     n_init: int = 20  # k-means restarts (the best inertia wins)
 
 
 @dataclass
 class SpecialistsConfig:
-    init: str = "generalist"  # generalist: start as a copy of the generalist | scratch: fresh weights of specialists.model (errors of their own)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="generalist"))  # init = scratch: their architecture; arch "generalist" = the generalist's
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, lr=5e-4, warmup_epochs=0))  # phase 1: hard labels
+    init: str = "generalist"  # generalist: start as a copy of the generalist |
+    # scratch: fresh weights of specialists.model (errors of their own)
+    model: ModelConfig = field(  # init = scratch: their architecture; arch "generalist" = the generalist's
+        default_factory=lambda: ModelConfig(arch="generalist"))
+    train: TrainConfig = field(  # phase 1: hard labels
+        default_factory=lambda: TrainConfig(epochs=8, lr=5e-4, warmup_epochs=0))
     soft_epochs: int = 4  # phase 2: epochs of fine-tuning on the generalist's soft targets
     soft_lr: float = 2e-4  # phase 2 learning rate
     temperature: float = 2.0  # temperature of the soft targets in phase 2
     soft_alpha: float = 0.3  # phase 2: weight of the hard-label term (the rest is the soft term)
     in_cluster_fraction: float = 0.5  # share of each batch drawn from the specialist's own classes
-    dustbin_correction: str = "validation"  # validation: fit the dustbin bias on the held-out split | prior: + log oversampling ratio (the paper) | none
+    dustbin_correction: str = "validation"  # validation: fit the dustbin bias on the held-out split |
+    # prior: + log oversampling ratio (the paper) | none
     n_jobs: int = 2  # specialists trained at once (-1 = one per core)
     backend: str = "loky"  # loky (processes on this machine) | dask (an existing dask.distributed cluster)
-    scheduler: str = ""  # dask: address of the scheduler, e.g. tcp://host:8786; workers write into the run directory: it must be on storage all workers share
+    scheduler: str = ""  # dask: address of the scheduler, e.g. tcp://host:8786; workers write into the run directory:
+    # it must be on storage all workers share
 
 
 @dataclass
@@ -129,33 +145,40 @@ class EnsembleConfig:
 class StudentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden=[64]))  # the compact student
     train: TrainConfig = field(default_factory=TrainConfig)  # how it is trained
-    transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) | views: fixed augmented views it labels once | dataset: its logits on the plain training images
-    views: int = 8  # transfer = views: how many fixed augmented views of the training set; epoch e uses view (e - 1) % views
-    plain_epochs: int = 0  # transfer = views: the last plain_epochs epochs train on the plain training images instead (the teacher's logits on them), so the student ends on the images it is tested on
+    transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) |
+    # views: fixed augmented views it labels once | view_mean: the plain images, against the teacher averaged over
+    # those views and the image | dataset: its logits on the plain training images
+    views: int = 8  # transfer = views / view_mean: how many fixed augmented views of the training set;
+    # views: epoch e trains on view (e - 1) % views
+    plain_epochs: int = 0  # transfer = views: the last plain_epochs epochs train on the plain training images instead
+    # (the teacher's logits on them), so the student ends on the images it is tested on
     alpha: float = 0.1  # weight of the hard-label term; 1 - alpha goes to the distillation term
     temperature: float = 4.0  # distillation temperature T
-    loss: str = "kd"  # kd: Hinton's soft term | dkd: decoupled KD (Zhao et al. 2022), the non-target classes weighted by dkd_beta
+    loss: str = "kd"  # kd: Hinton's soft term | dkd: decoupled KD (Zhao et al. 2022; non-target classes weigh dkd_beta)
     dkd_beta: float = 8.0  # loss = dkd: weight of the non-target classes' term (the target-class term weighs 1)
-    baselines: bool = True  # also train the student from the generalist and the hard-label student, to show what the specialists add
+    baselines: bool = True  # also train the student from the generalist and the hard-label student,
+    # to show what the specialists add
     max_params_ratio: float = 1.0  # the student may have at most this fraction of the generalist's parameters
 
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: ["torchscript", "state_dict"])  # torchscript | export | onnx (needs the onnx extra) | state_dict
+    formats: list[str] = field(  # torchscript | export | onnx (needs the onnx extra) | state_dict
+        default_factory=lambda: ["torchscript", "state_dict"])
     parity_atol: float = 1e-4  # largest allowed |exported - eager| on a check batch
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = False  # also write every stage's per-epoch metrics as TensorBoard events (the tensorboard extra)
+    tensorboard: bool = False  # also write each stage's per-epoch metrics as TensorBoard events (the tensorboard extra)
 
 
 @dataclass
 class Config:
     seed: int = 0  # seeds data splits, initialisation, shuffling and clustering
     device: str = "cpu"  # cpu | cuda | auto
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for training and teacher inference (fp16 only on CUDA); auto: bf16 where native and it pays
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (only on CUDA): autocast for training and teacher inference;
+    # auto: bf16 where native and it pays
     compile: bool = False  # torch.compile every model fit() trains (opt-in: compiling takes seconds to minutes)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)  # which data and how it is split
@@ -165,7 +188,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # stage 5
     student: StudentConfig = field(default_factory=StudentConfig)  # stage 6
     export: ExportConfig = field(default_factory=ExportConfig)  # stage 7
-    log: LogConfig = field(default_factory=LogConfig)  # what is logged besides each stage's metrics.jsonl and metrics.csv
+    log: LogConfig = field(default_factory=LogConfig)  # what to log besides each stage's metrics.jsonl and metrics.csv
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -189,7 +212,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if any(isinstance(value, option) and (option is not int or not isinstance(value, bool))
                for option in typing.get_args(kind)):
             return value
-        names = " or ".join("true/false" if option is bool else f"a {option.__name__}" for option in typing.get_args(kind))
+        names = " or ".join("true/false" if option is bool else f"a {option.__name__}"
+                            for option in typing.get_args(kind))
         raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -444,8 +468,8 @@ def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
     """Settings of the model section `key` (e.g. "generalist.model") that contradict each other."""
     named = m.arch in choices.NAMED_ARCHITECTURES
     return [
-        (not named or bool(m.name), f"{key}.arch = {m.arch!r} builds a library's model by name: set {key}.name "
-                                    f"(e.g. {'resnet18' if m.arch == 'torchvision' else 'resnet18, mobilenetv3_small_100'})"),
+        (not named or bool(m.name), f"{key}.arch = {m.arch!r} builds a library's model by name: set {key}.name (e.g. "
+                                    f"{'resnet18' if m.arch == 'torchvision' else 'resnet18, mobilenetv3_small_100'})"),
         (named or not m.name, f"{key}.name = {m.name!r} names a library's model, but {key}.arch = {m.arch!r}; set "
                               f"{key}.arch = 'torchvision' or 'timm', or leave {key}.name empty"),
         (named or m.pretrained is False, f"{key}.pretrained = {m.pretrained!r} needs {key}.arch = 'torchvision' or "

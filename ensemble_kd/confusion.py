@@ -174,7 +174,8 @@ def confusability(matrix: np.ndarray, kind: str) -> np.ndarray:
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ClusterError(f"a confusability matrix must be square (C x C), got shape {matrix.shape}")
     if not np.all(np.isfinite(matrix)):
-        raise ClusterError("the confusability matrix contains NaN or infinite values; rebuild it from finite predictions")
+        raise ClusterError("the confusability matrix contains NaN or infinite values; "
+                           "rebuild it from finite predictions")
     if kind == "covariance":
         affinity = _covariance_affinity(matrix)
     elif kind in ("hard", "soft"):
@@ -363,8 +364,8 @@ class ClassClusterer:
         before any training) what holds whatever is excluded: max_size only when nothing can be."""
         eligible = num_classes if num_eligible is None else num_eligible
         excluded = num_classes - eligible
-        have = (f"only {eligible} of the {num_classes} classes {'is' if eligible == 1 else 'are'} confused enough to cluster "
-                f"(clusters.min_confusion = {self.min_confusion:g})" if excluded else
+        have = (f"only {eligible} of the {num_classes} classes {'is' if eligible == 1 else 'are'} confused enough "
+                f"to cluster (clusters.min_confusion = {self.min_confusion:g})" if excluded else
                 f"the data has {num_classes} classes")
         fewer = "clusters.min_confusion, " if excluded else ""
         if self.k > eligible:
@@ -502,7 +503,8 @@ def format_cluster_table(clusters_json: dict[str, Any]) -> str:
              f"{'cluster':>8}  {'size':>4}  {'inside':>6}  classes (inside share)"]
     if any(c.get("also_in") for c in clusters_json["classes"]):
         lines.insert(1, f"+ = also in this cluster: a class that holds at least clusters.overlap = "
-                        f"{clusters_json.get('overlap', 0):g} of its confusion here joins it too (overlapping clusters)")
+                        f"{clusters_json.get('overlap', 0):g} of its confusion here joins it too "
+                        "(overlapping clusters)")
     indent = " " * 24
     if not clusters_json["clusters"]:
         lines.append(f"{'none':>8}  too few classes for two clusters: no specialists, the ensemble is the "
@@ -524,7 +526,8 @@ def format_cluster_table(clusters_json: dict[str, Any]) -> str:
         lines.append(textwrap.fill(names, width=100, initial_indent=f"{'excluded':>8}  {len(excluded):>4}  {'':>6}  ",
                                    subsequent_indent=indent))
         lines.append(f"excluded classes are left to the generalist: their confusion (in brackets, relative to the "
-                     f"most confused class) is below clusters.min_confusion = {clusters_json.get('min_confusion', 0):g}")
+                     "most confused class) is below clusters.min_confusion = "
+                     f"{clusters_json.get('min_confusion', 0):g}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,6 @@ learning-curve figure of report.md (drawn in report.py).
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -81,7 +80,8 @@ def stage_curves(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     curve: its soft-target epochs continue the numbering of its hard-label ones, each record tagged
     with its "phase"."""
     run_dir = Path(run_dir)
-    curves = {artifacts.GENERALIST_DIR: artifacts.read_jsonl(run_dir / artifacts.GENERALIST_DIR / artifacts.METRICS_FILE)}
+    curves = {artifacts.GENERALIST_DIR:
+              artifacts.read_jsonl(run_dir / artifacts.GENERALIST_DIR / artifacts.METRICS_FILE)}
     for folder in sorted((run_dir / artifacts.SPECIALISTS_DIR).glob("specialist_*")):
         curves[f"specialist {int(folder.name.rsplit('_', 1)[1])}"] = _specialist_curve(folder)
     for name in artifacts.STUDENT_DIRS:

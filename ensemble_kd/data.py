@@ -32,10 +32,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 
 from .config import DataConfig
 from .errors import DataError, plural
@@ -152,7 +151,8 @@ def validate_split(x: Inputs, y: Tensor, num_classes: int, split: str,
     if y.ndim != 1:
         raise DataError(f"{split} labels have shape {tuple(y.shape)}; expected one class id per example (N,)")
     if len(x) != len(y):
-        raise DataError(f"{split} has {plural(len(x), 'input')} but {plural(len(y), 'label')}; every input needs exactly one label")
+        raise DataError(f"{split} has {plural(len(x), 'input')} but {plural(len(y), 'label')}; "
+                        "every input needs exactly one label")
     if len(y) == 0:
         raise DataError(f"{split} split is empty; add examples (or lower data.val_fraction for the val split)")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:

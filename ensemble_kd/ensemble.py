@@ -208,8 +208,8 @@ class _FrozenMembers(nn.Module):
                              "pass one per cluster")
         shift = [0.0] * len(clusters) if dustbin_shift is None else [float(s) for s in dustbin_shift]
         if len(shift) != len(clusters):
-            raise ValueError(f"dustbin_shift has {plural(len(shift), 'value')} for {plural(len(clusters), 'specialist')}; "
-                             "give one per specialist or None")
+            raise ValueError(f"dustbin_shift has {plural(len(shift), 'value')} for "
+                             f"{plural(len(clusters), 'specialist')}; give one per specialist or None")
         if not 1 <= top_n <= num_classes:
             raise ValueError(f"top_n must be in [1, {num_classes}], got {top_n}")
         self.generalist = generalist
@@ -237,7 +237,8 @@ class _FrozenMembers(nn.Module):
                 logits = specialist(x[rows])
                 if logits.shape[1] != width:
                     raise ValueError(f"specialist {k} outputs {logits.shape[1]} logits but its cluster has "
-                                     f"{plural(width - 1, 'class')} (+1 dustbin); check that it was trained for this cluster")
+                                     f"{plural(width - 1, 'class')} (+1 dustbin); check that it was trained "
+                                     "for this cluster")
                 logits = torch.cat([logits[:, :-1], logits[:, -1:] + self.dustbin_shift[k]], dim=1)
                 probs[rows] = F.softmax(logits.to(dtype), dim=1)[:, self._column_order[k]]
             outputs.append(probs)

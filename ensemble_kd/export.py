@@ -39,8 +39,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .artifacts import (CONFIG_FILE, EXPORT_DIR, atomic_write, new_temp_file, require_run_dir, save_torch,
-                        write_bytes, write_json)
+from .artifacts import (
+    CONFIG_FILE,
+    EXPORT_DIR,
+    atomic_write,
+    new_temp_file,
+    require_run_dir,
+    save_torch,
+    write_bytes,
+    write_json,
+)
 from .backbones import data_config, normalization
 from .choices import EXPORT_FORMATS as FORMATS
 from .config import ModelConfig, load_config

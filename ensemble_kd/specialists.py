@@ -29,9 +29,9 @@ import torch
 from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 from . import artifacts
+from .artifacts import STARTED_FILE, ArtifactError
 from .augment import make_augment
 from .backbones import data_config
-from .artifacts import STARTED_FILE, ArtifactError
 from .config import Config, ModelConfig, recipe
 from .confusion import read_clusters
 from .data import Splits, load_data
@@ -288,7 +288,8 @@ def train_all_specialists(cfg: Config, run_dir: str | Path, data: Splits | None 
     return [specialist_dir(run_dir, k) / artifacts.MODEL_FILE for k in range(n_clusters)]
 
 
-def specialist_costs(cfg: Config, subsets: dict[int, list[int]], labels: torch.Tensor | None = None) -> dict[int, float]:
+def specialist_costs(cfg: Config, subsets: dict[int, list[int]],
+                     labels: torch.Tensor | None = None) -> dict[int, float]:
     """{cluster id: how much training its specialist takes}: its enriched stream's size (its classes' training
     examples in `labels` / in_cluster_fraction; its number of classes when the labels are not at hand) times
     the epochs of both phases."""

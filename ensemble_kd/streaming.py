@@ -37,8 +37,19 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .errors import DataError
-from .imagefolder import (DEFAULT_MAX_IMAGE_PIXELS, FolderListing, cached_split, check_same_size, check_split_sizes,
-                          common_channels, decode_image, listing_signature, log_notes, size_text, tally_changes)
+from .imagefolder import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    FolderListing,
+    cached_split,
+    check_same_size,
+    check_split_sizes,
+    common_channels,
+    decode_image,
+    listing_signature,
+    log_notes,
+    size_text,
+    tally_changes,
+)
 
 log = logging.getLogger(__name__)
 

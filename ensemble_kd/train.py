@@ -20,12 +20,12 @@ loss node (30-36 µs a step saved on the digits student; benchmarks/README.md).
 Mixed precision (`precision` = bf16 | fp16; precision.py) runs the forward pass and the
 teacher under `torch.autocast`; the loss, the weights and the optimizer stay in float32,
 and fp16 (CUDA only) scales the loss with a `GradScaler`. `precision = "auto"` is
-resolved once per fit (`precision.training_precision`) and said in the log. Models with 2-D convolutions train in channels-last
-memory format on CPU and CUDA (faster for `cnn` and `resnet` in both precisions; see
-benchmarks/README.md) and are returned and saved in the usual contiguous format. With
-`compile_model`, the forward and backward passes run through `torch.compile`. On CUDA
-the training tensors are moved to the GPU once, when they take less than half of its
-free memory.
+resolved once per fit (`precision.training_precision`) and said in the log. Models with
+2-D convolutions train in channels-last memory format on CPU and CUDA (faster for `cnn`
+and `resnet` in both precisions; see benchmarks/README.md) and are returned and saved in
+the usual contiguous format. With `compile_model`, the forward and backward passes run
+through `torch.compile`. On CUDA the training tensors are moved to the GPU once, when
+they take less than half of its free memory.
 
 Batches are gathered from the tensors by index, unless the inputs are image files
 (`streaming.ImageFiles`) or an augmentation works image by image (augment.py): then a
@@ -97,7 +97,8 @@ class Views:
     crop_pad: int  # padding of the crops
     targets: torch.Tensor | None = None  # (count, N, C) the teacher's targets on each view (what loss_fn takes);
     # None for hard labels
-    plain_epochs: int = 0  # > 0: the last view is the plain images (no flip, centred), taught in the last plain_epochs epochs
+    plain_epochs: int = 0  # > 0: the last view is the plain images (no flip, centred), taught in the last
+    # plain_epochs epochs
 
     @property
     def count(self) -> int:
@@ -386,7 +387,7 @@ class FitOptions:
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 autocast; like device, not part of the fingerprint
     compile_model: bool = False  # run forward and backward through torch.compile
     tensorboard: bool = False  # also write each epoch's metrics as TensorBoard events into stage_dir (log.tensorboard)
-    lr_setting: str = ""  # the config key of cfg.lr (e.g. generalist.train.lr), named in the advice on a non-finite loss
+    lr_setting: str = ""  # config key of cfg.lr (e.g. generalist.train.lr), named in the advice on a non-finite loss
     clip_setting: str = ""  # the config key of cfg.grad_clip, named in the same advice
 
 

@@ -24,10 +24,10 @@ from ensemble_kd.export import load_student
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIGITS = [  # the built-in 8x8 digits (images, so predict can read a PNG), cut down to seconds
-    "threads=1", "data.name=digits", "data.train_limit=300", "generalist.model.hidden=[16]", "generalist.train.epochs=2",
-    "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=1", "specialists.soft_epochs=1",
-    "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]", "student.train.epochs=2",
-    "student.train.batch_size=32", "export.formats=torchscript,state_dict",
+    "threads=1", "data.name=digits", "data.train_limit=300", "generalist.model.hidden=[16]",
+    "generalist.train.epochs=2", "generalist.train.batch_size=32", "clusters.k=2", "specialists.train.epochs=1",
+    "specialists.soft_epochs=1", "specialists.train.batch_size=32", "specialists.n_jobs=1", "student.model.hidden=[8]",
+    "student.train.epochs=2", "student.train.batch_size=32", "export.formats=torchscript,state_dict",
 ]
 
 

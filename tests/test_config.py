@@ -11,8 +11,17 @@ import pytest
 from ensemble_kd import choices, confusion, data, export, generalist, models, pipeline, precision
 from ensemble_kd.augment import augment_fingerprint
 from ensemble_kd.cli import main
-from ensemble_kd.config import (NEUTRAL_SETTINGS, Config, ConfigError, DataConfig, ModelConfig, TrainConfig,
-                                fingerprint_settings, load_config, to_toml)
+from ensemble_kd.config import (
+    NEUTRAL_SETTINGS,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    fingerprint_settings,
+    load_config,
+    to_toml,
+)
 from ensemble_kd.pipeline import start_run
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"

@@ -12,12 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from ensemble_kd.cli import main
-from ensemble_kd.config import MAX_SEED, THREADS_PER_CORE, Config, ConfigError, check_machine, flatten, load_config
-from ensemble_kd.config import to_toml, usable_cores
-
-from conftest import tiny_config
+from ensemble_kd.config import (
+    MAX_SEED,
+    THREADS_PER_CORE,
+    Config,
+    ConfigError,
+    check_machine,
+    flatten,
+    load_config,
+    to_toml,
+    usable_cores,
+)
 
 
 def cli(*argv: str) -> tuple[int, str]:

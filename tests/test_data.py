@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import UPRIGHT, write_sideways
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from ensemble_kd import imagefolder
 from ensemble_kd.config import DataConfig
-from ensemble_kd.data import (DataError, augment_batch, channel_stats, load_data, planted_groups,
-                              validate_split)
-
-from conftest import UPRIGHT, write_sideways
+from ensemble_kd.data import DataError, augment_batch, channel_stats, load_data, planted_groups, validate_split
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -8,15 +8,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import ARCHS, CLASS_NAMES, IMAGE_SHAPE, UPRIGHT, make_model, write_sideways
 from PIL import Image
 
 import ensemble_kd
 from ensemble_kd import export as export_module
-from ensemble_kd.export import (FILE_NAMES, ExportError, InputError, export_student,
-                                load_student)
+from ensemble_kd.export import FILE_NAMES, ExportError, InputError, export_student, load_student
 from ensemble_kd.predict import format_predictions, load_inputs, predict_files
-
-from conftest import ARCHS, CLASS_NAMES, IMAGE_SHAPE, UPRIGHT, make_model, write_sideways
 
 TORCH_FORMATS = ["torchscript", "export", "state_dict"]
 ATOL = 1e-4

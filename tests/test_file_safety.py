@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 from PIL import Image
 
 from ensemble_kd import export as export_module
@@ -28,9 +29,7 @@ from ensemble_kd.cli import main
 from ensemble_kd.config import DataConfig
 from ensemble_kd.data import load_data
 from ensemble_kd.errors import DataError
-from ensemble_kd.export import FILE_NAMES, ExportError, export_student, load_student
-
-from conftest import make_model
+from ensemble_kd.export import ExportError, export_student, load_student
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODELS, N_TEST_PER_CLASS, REPO, STUDENTS, assert_same_weights, full_run, tiny_config, weights
 from PIL import Image
 
 from ensemble_kd.artifacts import CLUSTERS_FILE, MODEL_FILE, ArtifactError, read_json, read_jsonl
@@ -19,10 +20,9 @@ from ensemble_kd.curves import stage_curves
 from ensemble_kd.data import DataError, load_data
 from ensemble_kd.evaluation import by_coverage, per_cluster_accuracy
 from ensemble_kd.pipeline import run_pipeline, start_run
-from ensemble_kd.specialists import dispatch_order
 from ensemble_kd.report import format_coverage
+from ensemble_kd.specialists import dispatch_order
 
-from conftest import MODELS, N_TEST_PER_CLASS, REPO, STUDENTS, assert_same_weights, full_run, tiny_config, weights
 
 def _strict_json(path: Path) -> dict:
     def no_constants(name: str) -> None:

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_model
 from PIL import Image
 
 from ensemble_kd.cli import main
 from ensemble_kd.export import export_student, load_student
 from ensemble_kd.predict import iter_predictions, predict_files, write_predictions
-
-from conftest import make_model
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGE_SHAPE, STUDENTS, assert_same_weights, make_model, tiny_config, until_clusters
 from PIL import Image
 
-from ensemble_kd import artifacts, data as data_module, export as export_module, train as train_module
+from ensemble_kd import artifacts
+from ensemble_kd import data as data_module
+from ensemble_kd import export as export_module
+from ensemble_kd import train as train_module
 from ensemble_kd.cli import main
 from ensemble_kd.config import load_config, to_toml
 from ensemble_kd.data import load_data
 from ensemble_kd.export import ExportError, export_student, load_student
 from ensemble_kd.pipeline import start_run
 from ensemble_kd.specialists import specialist_dir, train_all_specialists
-
-from conftest import IMAGE_SHAPE, STUDENTS, assert_same_weights, make_model, tiny_config, until_clusters
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -551,7 +553,7 @@ def test_a_dead_worker_names_its_specialist_keeps_the_others_and_resume_trains_o
     assert_same_weights(specialist_dir(run_dir, 1) / "model.pt", specialist_dir(reference, 1) / "model.pt")
 
 
-# ---------------------------------------------------------------- 9. Ctrl-C, SIGTERM, SIGKILL during parallel specialists
+# -------------------------------------------------------------- 9. Ctrl-C, SIGTERM, SIGKILL during parallel specialists
 
 STALLED_SPECIALISTS = """
 import signal, sys, time

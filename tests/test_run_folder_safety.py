@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, STUDENTS, assert_same_weights, tiny_config, until_clusters
 from PIL import Image
 
-from ensemble_kd import artifacts, train as train_module
+from ensemble_kd import artifacts
+from ensemble_kd import train as train_module
 from ensemble_kd.cli import main
 from ensemble_kd.config import load_config, to_toml
-
-from conftest import REPO, STUDENTS, assert_same_weights, tiny_config, until_clusters
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, weights
 from sklearn.metrics import adjusted_rand_score
 
 from ensemble_kd import parallel, precision
@@ -19,17 +20,18 @@ from ensemble_kd.artifacts import load_torch, read_jsonl
 from ensemble_kd.config import ConfigError, ModelConfig, TrainConfig, load_config
 from ensemble_kd.confusion import ClassClusterer, build_matrices, confusability, hard_confusion, soft_confusion
 from ensemble_kd.ensemble import combine
+from ensemble_kd.inference import evaluate, predict_logits
 from ensemble_kd.models import build_model
 from ensemble_kd.parallel import SchedulerError, effective_jobs, run_jobs, specialist_device
+from ensemble_kd.precision import (
+    _bf16_autocast_works,
+    forward_flops,
+    native_bf16,
+    resolve_precision,
+    training_precision,
+)
 from ensemble_kd.specialists import train_all_specialists
-from ensemble_kd.inference import evaluate, predict_logits
-from ensemble_kd.precision import (_bf16_autocast_works, forward_flops, native_bf16, resolve_precision,
-                                   training_precision)
 from ensemble_kd.train import FitOptions, TrainSet, fit, set_seed
-
-from conftest import tiny_config, weights
-
-
 
 # ---------------------------------------------------------------- Dask
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from ensemble_kd import specialists
 from ensemble_kd.config import ConfigError, ModelConfig, load_config
@@ -17,10 +18,16 @@ from ensemble_kd.data import load_data
 from ensemble_kd.generalist import load_generalist
 from ensemble_kd.losses import fold_labels, fold_probs
 from ensemble_kd.models import build_model
-from ensemble_kd.specialists import (SpecialistError, dispatch_order, enriched_indices, new_specialist,
-                                     specialist_dir, specialist_head, specialist_seed, train_all_specialists)
-
-from conftest import tiny_config
+from ensemble_kd.specialists import (
+    SpecialistError,
+    dispatch_order,
+    enriched_indices,
+    new_specialist,
+    specialist_dir,
+    specialist_head,
+    specialist_seed,
+    train_all_specialists,
+)
 
 
 @pytest.fixture

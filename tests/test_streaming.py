@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import UPRIGHT, assert_same_weights, write_sideways
 from PIL import Image
 
 from ensemble_kd import artifacts, distill
@@ -19,8 +20,6 @@ from ensemble_kd.distill import new_student
 from ensemble_kd.models import build_model
 from ensemble_kd.streaming import ImageFiles, head
 from ensemble_kd.train import FitOptions, TrainSet, cross_entropy, fit, set_seed
-
-from conftest import UPRIGHT, assert_same_weights, write_sideways
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

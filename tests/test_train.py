@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_blobs
 from torch import nn
 
 from ensemble_kd import artifacts
@@ -22,13 +23,22 @@ from ensemble_kd import train as train_module
 from ensemble_kd.artifacts import ArtifactError
 from ensemble_kd.augment import Augmentation, make_augment
 from ensemble_kd.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from ensemble_kd.models import build_model
 from ensemble_kd.inference import evaluate
 from ensemble_kd.losses import KDLoss, teacher_log_probs
-from ensemble_kd.train import (FitOptions, NonFiniteLossError, StepSchedule, TrainSet, clip_grad_norm, cross_entropy,
-                               fit, load_finished, lr_factor, save_model, set_seed)
-
-from conftest import make_blobs
+from ensemble_kd.models import build_model
+from ensemble_kd.train import (
+    FitOptions,
+    NonFiniteLossError,
+    StepSchedule,
+    TrainSet,
+    clip_grad_norm,
+    cross_entropy,
+    fit,
+    load_finished,
+    lr_factor,
+    save_model,
+    set_seed,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,12 +207,6 @@ def test_stale_metrics_without_a_checkpoint_are_dropped(blobs, tmp_path):
     (stage_dir / artifacts.METRICS_FILE).write_text(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")
     train(fresh_model(), blobs, stage_dir)
     assert epochs_logged(stage_dir) == [1, 2, 3, 4, 5]
-
-
-def csv_rows(stage_dir) -> tuple[str, list[dict[str, str]]]:
-    """(the header line, the rows) of a stage's metrics.csv."""
-    text = (stage_dir / artifacts.METRICS_CSV).read_text()
-    return text.splitlines()[0], list(csv.DictReader(io.StringIO(text)))
 
 
 def csv_rows(stage_dir) -> tuple[str, list[dict[str, str]]]:
