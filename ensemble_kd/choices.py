@@ -24,6 +24,6 @@ MATRIX_KINDS = ("hard", "soft", "covariance")  # the confusability matrices k-me
 SPECIALIST_INITS = ("generalist", "scratch")
 DUSTBIN_CORRECTIONS = ("validation", "prior", "none")
 BACKENDS = ("loky", "dask")
-TRANSFERS = ("live", "views", "dataset")  # how the student sees its teacher's targets
+TRANSFERS = ("live", "views", "view_mean", "dataset")  # how the student sees its teacher's targets
 LOSSES = ("kd", "dkd")  # the student's distillation loss: Hinton's, or decoupled KD (Zhao et al. 2022)
 EXPORT_FORMATS = ("torchscript", "export", "onnx", "state_dict")

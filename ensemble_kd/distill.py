@@ -5,8 +5,10 @@ The teacher is frozen and in eval mode. How the student sees its targets is
 `student.transfer`, the same for every student of a run: "live" runs the teacher on each
 augmented batch; "views" labels fixed augmented views of the training set once (the
 teacher's logits kept in teacher_logits.pt as (views, N, C); with `student.plain_epochs` the
-plain images are one more view, taught last); "dataset", or no
-augmentation configured, labels the plain training images once ((N, C)).
+plain images are one more view, taught last); "view_mean" labels the same views and the plain
+images once, and the student learns on the plain images the teacher's distribution averaged
+over all of them; "dataset", or no augmentation configured, labels the plain training images
+once ((N, C)). The loss is `student.loss`: Hinton's (above) or DKD (losses.dkd_loss).
 
 Three students of the same architecture and initialisation are trained, so the report
 shows what the specialists add: `student` (from the ensemble), `student_from_generalist`
@@ -28,12 +30,21 @@ from .config import Config, ConfigError, fingerprint_settings, recipe
 from .data import Splits, draw_augmentation
 from .generalist import generalist_fingerprint, model_fingerprint
 from .inference import inference_precision, predict_logits
-from .losses import DKDLoss, KDLoss, teacher_log_probs
+from .losses import DKDLoss, KDLoss, teacher_log_probs, view_mean_logits
 from .models import Classifier, build_model, count_params
 from .precision import autocast
 from .streaming import Inputs, batches
-from .train import (FitOptions, TrainSet, Views, cross_entropy, fit, image_loader, load_finished, resolve_device,
-                    set_seed)
+from .train import (
+    FitOptions,
+    TrainSet,
+    Views,
+    cross_entropy,
+    fit,
+    image_loader,
+    load_finished,
+    resolve_device,
+    set_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +91,27 @@ def student_augment(cfg: Config, data: Splits) -> Augmentation | None:
     return make_augment(cfg.data, data.input_shape, data.num_classes) if cfg.student.transfer == "live" else None
 
 
-def transfer_views(cfg: Config, n: int) -> Views | None:
-    """The fixed augmented views of `student.transfer = "views"` for n training images, drawn from the
-    run seed (the same for every student of the run), then the plain images as one more view when
-    `student.plain_epochs` > 0; None for other methods or without augmentation."""
-    if cfg.student.transfer != "views" or (not cfg.data.flip and cfg.data.crop_pad == 0):
+def labelled_views(cfg: Config, n: int) -> Views | None:
+    """The fixed augmented views of n training images that a teacher labels once, drawn from the run seed (the
+    same for every student of the run): `student.views` of them, then the plain images as one more view with
+    `student.plain_epochs` > 0 ("views") and always with "view_mean"; None for other methods or without
+    augmentation."""
+    transfer = cfg.student.transfer
+    if transfer not in ("views", "view_mean") or (not cfg.data.flip and cfg.data.crop_pad == 0):
         return None
     generator = torch.Generator().manual_seed(cfg.seed * 7_919 + 17)  # not the stream of any training epoch
     draws = [draw_augmentation(n, cfg.data.flip, cfg.data.crop_pad, generator) for _ in range(cfg.student.views)]
-    if cfg.student.plain_epochs:  # no flip, and the crop at offset crop_pad: the image itself
+    if cfg.student.plain_epochs or transfer == "view_mean":  # no flip, and the crop at offset crop_pad: the image
         draws.append((torch.zeros(n, dtype=torch.bool), torch.full((n, 2), cfg.data.crop_pad, dtype=torch.long)))
     flips = torch.stack([f for f, _ in draws]) if cfg.data.flip else None
     offsets = torch.stack([o for _, o in draws]).to(torch.int16) if cfg.data.crop_pad > 0 else None
     return Views(flips, offsets, cfg.data.crop_pad, plain_epochs=cfg.student.plain_epochs)
+
+
+def transfer_views(cfg: Config, n: int) -> Views | None:
+    """The views the students train on, one per epoch in turn: the labelled views of `student.transfer =
+    "views"`; None for other methods ("view_mean" trains on the plain images)."""
+    return labelled_views(cfg, n) if cfg.student.transfer == "views" else None
 
 
 @torch.no_grad()
@@ -114,14 +133,18 @@ def view_logits(teacher: nn.Module, x: Inputs, views: Views, device: torch.devic
 
 def teacher_targets(teacher: nn.Module, data: Splits, cfg: Config, path: Path,
                     fingerprint: dict[str, Any]) -> tuple[torch.Tensor, Views | None]:
-    """The teacher's logits on the transfer set, computed once and kept at `path`: (count, N, C) on the
-    fixed views with `student.transfer = "views"` (returned with the views), else (N, C) on the
-    plain training images."""
+    """The teacher's logits on the transfer set, computed once and kept at `path` (on every labelled view:
+    (count, N, C)). Returned as (count, N, C) with the views they label for `student.transfer = "views"`;
+    as (N, C) for the plain training images otherwise, with "view_mean" the teacher averaged over the
+    views (`losses.view_mean_logits` at the distillation temperature)."""
     device = resolve_device(cfg.device)
-    views = transfer_views(cfg, len(data.x_train))
+    views = labelled_views(cfg, len(data.x_train))
     if views is not None:
-        views.targets = cached_teacher_logits(
+        logits = cached_teacher_logits(
             lambda: view_logits(teacher, data.x_train, views, device, cfg.precision), path, fingerprint)
+        if cfg.student.transfer == "view_mean":
+            return view_mean_logits(logits, cfg.student.temperature), None
+        views.targets = logits
         return views.targets, views
     logits = cached_teacher_logits(lambda: predict_logits(teacher.to(device).eval(), data.x_train, device=device,
                                                           precision=cfg.precision), path, fingerprint)
@@ -137,7 +160,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Splits, cfg: Co
     comparison of teachers is fair: "live" runs the teacher on each augmented batch the
     student sees; "views" trains epoch e on the fixed augmented view (e - 1) % student.views
     with the teacher's logits on it, computed once (and the last `student.plain_epochs` epochs on
-    the plain images, one more view); "dataset" (or no augmentation
+    the plain images, one more view); "view_mean" trains on the plain images against the teacher's
+    distribution averaged over those views and the image itself; "dataset" (or no augmentation
     configured) uses the teacher's logits on the plain training images. Cached logits are
     kept at `teacher_cache` (default `stage_dir/teacher_logits.pt`), checked against
     `teacher_fingerprint`. `seed` sets the batch order and the live views (default: the run's seed).
@@ -187,8 +211,9 @@ def teacher_fingerprint(cfg: Config, data: Splits, kind: str) -> dict[str, Any]:
 
 
 def transfer_fingerprint(cfg: Config) -> dict[str, Any]:
-    views = cfg.student.views if cfg.student.transfer == "views" else 0
-    plain = {"plain_epochs": cfg.student.plain_epochs} if cfg.student.plain_epochs else {}  # absent when 0: older runs match
+    views = cfg.student.views if cfg.student.transfer in ("views", "view_mean") else 0
+    # plain_epochs is absent when 0, so that older runs match
+    plain = {"plain_epochs": cfg.student.plain_epochs} if cfg.student.plain_epochs else {}
     return {"transfer": cfg.student.transfer, "views": views, **plain, **augment_fingerprint(cfg.data)}
 
 
@@ -208,7 +233,8 @@ def teacher_disagreement(ensemble: nn.Module, generalist: nn.Module, data: Split
     """Share of the transfer set on which the ensemble's and the generalist's top-1 answers differ.
 
     The transfer set is what the students are taught on: the training images, through their
-    fixed views ("views"), one seeded augmented pass ("live"; not mixed), or plain ("dataset"). A student
+    fixed views ("views"), one seeded augmented pass ("live"; not mixed), or plain ("dataset"; with
+    "view_mean" the teachers' answers averaged over the views). A student
     can only learn from the ensemble what differs from the generalist there. Cached teacher
     logits are read from the students' folders of `run_dir` (computed there if missing)."""
     augment = student_augment(cfg, data)
@@ -273,5 +299,6 @@ def load_student_model(cfg: Config, data: Splits, run_dir: str | Path, name: str
     model = new_student(cfg, data, load_weights=False)
     fingerprint = dict(student_fingerprint(cfg, data, name), stage=name)
     if not load_finished(model, Path(run_dir) / name, fingerprint):
-        raise artifacts.ArtifactError(f"{Path(run_dir) / name} holds no trained student; run `ensemble-kd run --resume`")
+        raise artifacts.ArtifactError(f"{Path(run_dir) / name} holds no trained student; "
+                                      "run `ensemble-kd run --resume`")
     return model.eval()

@@ -172,6 +172,18 @@ class _KDLoss(torch.autograd.Function):
         return ctx.grad * grad_loss, None, None, None, None
 
 
+def view_mean_logits(view_logits: Tensor, temperature: float) -> Tensor:
+    """A teacher averaged over views of each example: (V, N, C) logits -> (N, C) logits z with
+
+        softmax(z / T) = mean over the V views of softmax(logits_v / T),
+
+    so `teacher_log_probs(z, T)` is the log of the teacher's mean distribution at T (z = T log of it)."""
+    _check_temperature(temperature)
+    log_mean = torch.logsumexp(F.log_softmax(view_logits / temperature, dim=-1), dim=0) - math.log(
+        view_logits.shape[0])
+    return temperature * log_mean
+
+
 def dkd_loss(student_logits: Tensor, labels: Tensor, teacher_log_probs: Tensor, alpha: float, temperature: float,
              beta: float) -> Tensor:
     """Decoupled knowledge distillation (Zhao et al., CVPR 2022), averaged over the batch:

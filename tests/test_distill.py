@@ -11,8 +11,16 @@ from torch import nn
 from ensemble_kd import artifacts, distill
 from ensemble_kd.config import Config, ConfigError, load_config
 from ensemble_kd.data import Splits
-from ensemble_kd.distill import (FROM_GENERALIST, HARD_LABELS, STUDENT, cached_teacher_logits, check_student_size,
-                                 new_student, train_students, transfer_views)
+from ensemble_kd.distill import (
+    FROM_GENERALIST,
+    HARD_LABELS,
+    STUDENT,
+    cached_teacher_logits,
+    check_student_size,
+    new_student,
+    train_students,
+    transfer_views,
+)
 from ensemble_kd.inference import predict_logits
 from ensemble_kd.losses import DKDLoss, KDLoss
 
@@ -182,7 +190,8 @@ def test_the_three_students_start_from_identical_weights(tmp_path: Path, monkeyp
     assert starts[STUDENT][2] == starts[FROM_GENERALIST][2] == cfg.student.alpha
 
 
-def test_student_loss_dkd_trains_on_dkd_and_kd_stays_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_student_loss_dkd_trains_on_dkd_and_kd_stays_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     real_fit = distill.fit
     monkeypatch.setattr(distill, "fit", lambda *args, **kw: seen.append(args[4].loss_fn) or real_fit(*args, **kw))
@@ -206,3 +215,23 @@ def test_without_baselines_only_the_student_from_the_ensemble_trains(tmp_path: P
     paths = train_students(cfg, image_splits(), tmp_path, CountingTeacher(), CountingTeacher(), progress=False)
     assert set(paths) == {STUDENT} and paths[STUDENT].is_file()
     assert not (tmp_path / HARD_LABELS).exists()
+
+
+def test_view_mean_trains_on_the_plain_images_against_the_teacher_averaged_over_its_views(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    teacher = CountingTeacher()
+    cfg = student_config("data.flip=true", "data.crop_pad=1", "student.transfer=view_mean", f"student.views={VIEWS}")
+    data = image_splits()
+    trained_on = []
+    real_fit = distill.fit
+    monkeypatch.setattr(distill, "fit", lambda *args, **kw: trained_on.append(args[1]) or real_fit(*args, **kw))
+    _distill(cfg, teacher, tmp_path / "student")
+    assert teacher.rows == (VIEWS + 1) * N_TRAIN  # each augmented view and the plain images, labelled once
+    saved = artifacts.load_torch(tmp_path / "student" / "teacher_logits.pt")["logits"]
+    assert saved.shape == (VIEWS + 1, N_TRAIN, N_CLASSES)
+    train = trained_on[0]
+    assert train.views is None and torch.equal(train.x, data.x_train)  # the plain images, every epoch
+    mean = torch.softmax(saved / cfg.student.temperature, -1).mean(0)  # the teacher's mean distribution at T
+    assert torch.allclose(train.targets.exp(), mean, atol=1e-6)
+    assert distill.transfer_views(cfg, N_TRAIN) is None

@@ -5,8 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble_kd.losses import (DKDLoss, KDLoss, dkd_loss, dustbin_log_correction, fit_dustbin_shift, fold_labels,
-                                fold_probs, kd_loss, kd_loss_from_log_probs, teacher_log_probs)
+from ensemble_kd.losses import (
+    DKDLoss,
+    KDLoss,
+    dkd_loss,
+    dustbin_log_correction,
+    fit_dustbin_shift,
+    fold_labels,
+    fold_probs,
+    kd_loss,
+    kd_loss_from_log_probs,
+    teacher_log_probs,
+    view_mean_logits,
+)
 
 # 2 examples, 3 classes.
 STUDENT = [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]
@@ -251,3 +262,15 @@ def test_dkd_refuses_mixed_labels_and_bad_settings():
         dkd_loss(torch.zeros(2, 3), torch.full((2, 3), 1 / 3), torch.log(torch.full((2, 3), 1 / 3)), 0.5, 2.0, 8.0)
     with pytest.raises(ValueError, match="beta"):
         DKDLoss(0.5, 2.0, float("inf"))
+
+
+def test_view_mean_logits_soften_to_the_mean_of_the_views_distributions():
+    # two views of one example, 2 classes, T = 1: softmax(0, 0) = (1/2, 1/2) and softmax(log 3, 0) = (3/4, 1/4);
+    # their mean is (5/8, 3/8), so the averaged logits are log(5/8), log(3/8) (up to a shared constant)
+    views = torch.tensor([[[0.0, 0.0]], [[math.log(3.0), 0.0]]], dtype=torch.float64)
+    mean = view_mean_logits(views, 1.0)
+    assert torch.softmax(mean, -1).tolist()[0] == pytest.approx([5 / 8, 3 / 8], abs=1e-7)
+    at_two = view_mean_logits(views, 2.0)  # at T = 2 the views are (1/2, 1/2) and (sqrt3, 1) / (sqrt3 + 1)
+    expected = (0.5 + 3 ** 0.5 / (3 ** 0.5 + 1)) / 2
+    assert torch.softmax(at_two / 2.0, -1)[0, 0].item() == pytest.approx(expected, abs=1e-7)
+    assert torch.allclose(view_mean_logits(views[:1], 1.0).softmax(-1), views[0].softmax(-1))  # one view: itself
