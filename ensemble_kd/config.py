@@ -121,7 +121,7 @@ class SpecialistsConfig:
         default_factory=lambda: ModelConfig(arch="generalist"))
     train: TrainConfig = field(  # phase 1: hard labels
         default_factory=lambda: TrainConfig(epochs=8, lr=5e-4, warmup_epochs=0))
-    soft_epochs: int = 4  # phase 2: epochs of fine-tuning on the generalist's soft targets
+    soft_epochs: int = 0  # phase 2: epochs of fine-tuning on the generalist's soft targets (pulls a specialist back)
     soft_lr: float = 2e-4  # phase 2 learning rate
     temperature: float = 2.0  # temperature of the soft targets in phase 2
     soft_alpha: float = 0.3  # phase 2: weight of the hard-label term (the rest is the soft term)
@@ -145,15 +145,15 @@ class EnsembleConfig:
 class StudentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden=[64]))  # the compact student
     train: TrainConfig = field(default_factory=TrainConfig)  # how it is trained
-    transfer: str = "live"  # live: the teacher labels every augmented batch the student sees (data.flip / crop_pad) |
-    # views: fixed augmented views it labels once | view_mean: the plain images, against the teacher averaged over
-    # those views and the image | dataset: its logits on the plain training images
-    views: int = 8  # transfer = views / view_mean: how many fixed augmented views of the training set;
+    transfer: str = "view_mean"  # view_mean: the plain images, against the teacher averaged over fixed augmented
+    # views of each and the image itself | views: those views, one per epoch | live: the teacher labels every augmented
+    # batch the student sees | dataset: its logits on the plain images (all: data.flip / crop_pad make the views)
+    views: int = 10  # transfer = views / view_mean: how many fixed augmented views of the training set;
     # views: epoch e trains on view (e - 1) % views
     plain_epochs: int = 0  # transfer = views: the last plain_epochs epochs train on the plain training images instead
     # (the teacher's logits on them), so the student ends on the images it is tested on
-    alpha: float = 0.1  # weight of the hard-label term; 1 - alpha goes to the distillation term
-    temperature: float = 4.0  # distillation temperature T
+    alpha: float = 0.5  # weight of the hard-label term; 1 - alpha goes to the distillation term
+    temperature: float = 2.0  # distillation temperature T
     loss: str = "kd"  # kd: Hinton's soft term | dkd: decoupled KD (Zhao et al. 2022; non-target classes weigh dkd_beta)
     dkd_beta: float = 8.0  # loss = dkd: weight of the non-target classes' term (the target-class term weighs 1)
     baselines: bool = True  # also train the student from the generalist and the hard-label student,

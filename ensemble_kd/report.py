@@ -73,7 +73,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def verdict(report: dict[str, Any]) -> list[str]:
     """What the table means, in at most two lines: the best model (and the best student when that is not
-    a student), and a line saying so when the distilled student does not beat the hard-label one."""
+    a student), and a line saying so when the distilled student does not beat the hard-label one (and why,
+    when the ensemble does not beat the generalist)."""
     models = [name for name in MODEL_ORDER if name in report]
     if not models:
         return []
@@ -87,8 +88,14 @@ def verdict(report: dict[str, Any]) -> list[str]:
     lines = [line + "."]
     student, hard = accuracy.get("student"), accuracy.get("student_hard_labels")
     if student is not None and hard is not None and student <= hard:
+        why = ""
+        if "ensemble" in accuracy and "generalist" in accuracy and accuracy["ensemble"] <= accuracy["generalist"]:
+            why = (" Here the specialists did not lift the ensemble above the generalist, so the student had nothing"
+                   " more to learn from it; README.md, 'What the specialists buy', shows data where they do"
+                   " (Fashion-MNIST).")
         lines.append(f"Distillation did not pay on this run: the student distilled from the ensemble "
-                     f"({_pct(student)}) does not beat the same student trained on hard labels ({_pct(hard)}).")
+                     f"({_pct(student)}) does not beat the same student trained on hard labels ({_pct(hard)})."
+                     + why)
     return lines
 
 

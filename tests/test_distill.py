@@ -94,7 +94,8 @@ def test_distill_without_augmentation_calls_the_teacher_once_however_many_epochs
 def test_distill_with_augmentation_runs_the_teacher_on_every_batch_of_every_epoch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     teacher = CountingTeacher()
-    _distill(student_config("data.flip=true", "data.crop_pad=1"), teacher, tmp_path / "student")
+    cfg = student_config("data.flip=true", "data.crop_pad=1", "student.transfer=live")
+    _distill(cfg, teacher, tmp_path / "student")
     assert teacher.calls == EPOCHS * BATCHES_PER_EPOCH
     assert teacher.rows == EPOCHS * N_TRAIN
     assert set(teacher.training_flags) == {False}

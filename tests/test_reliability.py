@@ -336,7 +336,7 @@ def test_resume_without_config_reads_the_runs_own_settings(reference: Path, tmp_
 
 @pytest.mark.parametrize("setting, stage", [
     ("seed=1", "generalist"), ("data.val_fraction=0.3", "generalist"), ("clusters.k=3", "specialists"),
-    ("specialists.soft_lr=0.1", "specialists"), ("ensemble.top_n=2", "student"), ("student.alpha=0.5", "student"),
+    ("specialists.soft_lr=0.1", "specialists"), ("ensemble.top_n=2", "student"), ("student.alpha=0.3", "student"),
 ])
 def test_resume_refuses_settings_that_finished_work_was_made_with_and_keeps_config_toml(
         reference: Path, tmp_path: Path, setting: str, stage: str) -> None:

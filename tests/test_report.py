@@ -29,8 +29,12 @@ def test_the_verdict_names_the_best_model_and_says_when_distillation_did_not_pay
     assert lines == [
         "Best: generalist (98.00% test accuracy); best student: student_hard_labels (98.00%).",
         "Distillation did not pay on this run: the student distilled from the ensemble (97.11%) does not beat "
-        "the same student trained on hard labels (98.00%)."]
+        "the same student trained on hard labels (98.00%). Here the specialists did not lift the ensemble above "
+        "the generalist, so the student had nothing more to learn from it; README.md, 'What the specialists "
+        "buy', shows data where they do (Fashion-MNIST)."]
     assert verdict(_report(student=0.9822, hard_labels=0.98)) == ["Best: student (98.22% test accuracy)."]
+    lifted = dict(_report(student=0.9711, hard_labels=0.98), ensemble=_entry(0.99, 335_125))
+    assert verdict(lifted)[1].endswith("trained on hard labels (98.00%).")  # no why: the ensemble gained
     assert verdict({"run": "r"}) == []
 
 
