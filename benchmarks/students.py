@@ -9,7 +9,8 @@ run stopped after its ensemble, `--until ensemble`, will do) and, for each stude
 each run and student seed, trains three students of that size that differ only in their
 teacher: the run's ensemble, its generalist, and none (hard labels). Every student trains
 for the same number of epochs (the recipe's `student.train.epochs`). The student from the
-ensemble uses the recipe's transfer method; each baseline is trained with every method of
+ensemble uses the committed recipe's student settings (pipelines/configs/<data>.toml, which
+may be newer than the runs) and its transfer method; each baseline is trained with every method of
 METHODS (the recipe's, and the plain training images) and reported at its best, so that no
 baseline is handicapped by a transfer chosen for the ensemble.
 
@@ -39,7 +40,7 @@ from joblib import Parallel, delayed
 from scipy import stats
 
 from ensemble_kd import artifacts
-from ensemble_kd.config import Config, load_config
+from ensemble_kd.config import Config, flatten, load_config
 from ensemble_kd.data import load_data
 from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT, new_student
 from ensemble_kd.ensemble import build_ensemble
@@ -85,11 +86,26 @@ def plans(kinds_methods: dict[str, list[str]], size_names: list[str], runs: list
             for method in methods for run in runs for seed in seeds]
 
 
+def hard_label_methods(data: str, run: int) -> list[str]:
+    """The methods that train a hard-label student differently: without a teacher, the recipe's transfer is the
+    plain images already when it is "dataset" or "view_mean" (the teacher's views only shape its targets)."""
+    transfer = load_config(run_dir(data, run) / artifacts.CONFIG_FILE, recipe_student(data)).student.transfer
+    return ["plain"] if transfer in ("dataset", "view_mean") else list(METHODS)
+
+
+def recipe_student(data: str) -> list[str]:
+    """The committed recipe's student settings (pipelines/configs/<data>.toml, all but its architecture) as
+    overrides: the runs may have been made with an earlier recipe, and every student here trains as today's."""
+    cfg = load_config(common.REPO / "pipelines" / "configs" / f"{data}.toml")
+    return [f"{key}={_toml(value)}" for key, value in flatten(cfg.student, "student.").items()
+            if not key.startswith("student.model.")]
+
+
 def train_one(data: str, size: str, kind: str, method: str, run: int, seed: int, threads: int) -> dict[str, Any]:
     """One student's test accuracy (trained, or read back from the cache)."""
     torch.set_num_threads(threads)
     path = run_dir(data, run)
-    overrides = [*sizes(load_config(path / artifacts.CONFIG_FILE))[size], *METHODS[method]]
+    overrides = [*recipe_student(data), *sizes(load_config(path / artifacts.CONFIG_FILE))[size], *METHODS[method]]
     accuracy, _ = common.train_extra_student(path, kind, seed, overrides, folder=f"{size}-{method}-{kind}-seed{seed}")
     return {"size": size, "kind": kind, "method": method, "run": run, "student_seed": seed, "accuracy": accuracy}
 
@@ -220,7 +236,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits runs 0 and 1, student seeds 11 and 12")
     args = parser.parse_args()
     data, runs, seeds = ("digits", [0, 1], [11, 12]) if args.quick else (args.data, args.runs, args.student_seeds)
-    tasks = plans({STUDENT: ["recipe"], FROM_GENERALIST: list(METHODS), HARD_LABELS: list(METHODS)},
+    tasks = plans({STUDENT: ["recipe"], FROM_GENERALIST: list(METHODS), HARD_LABELS: hard_label_methods(data, runs[0])},
                   args.sizes, runs, seeds)
     common.log_to_stderr(f"{len(tasks)} students, {args.jobs} at a time ...")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -229,7 +245,8 @@ def main() -> None:
     split = load_data(load_config(cfg_path).data, 0)
     result: dict[str, Any] = {"machine": common.machine_info(), "data": data, "runs": runs, "student_seeds": seeds,
                               "students_per_cell": len(runs) * len(seeds),
-                              "epochs": load_config(cfg_path).student.train.epochs, **references(data, runs)}
+                              "epochs": load_config(cfg_path, recipe_student(data)).student.train.epochs,
+                              **references(data, runs)}
     result["sizes"] = sorted((size_entry(size, size_model(cfg_path, size, split), split.input_shape,
                                          result["generalist"]["params"], results) for size in args.sizes),
                              key=lambda e: e["params"])
