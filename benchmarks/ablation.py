@@ -34,14 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import common
+import torch
 from joblib import Parallel, delayed
 
 from ensemble_kd import artifacts
 from ensemble_kd.choices import STAGES
 from ensemble_kd.config import Config, load_config
+from ensemble_kd.data import load_data
 from ensemble_kd.distill import FROM_GENERALIST, HARD_LABELS, STUDENT
+from ensemble_kd.generalist import load_generalist
+from ensemble_kd.inference import predict_logits
+from ensemble_kd.parallel import effective_jobs
 from ensemble_kd.pipeline import run_pipeline, start_run
 from ensemble_kd.resume import changed_settings, stage_of
+from ensemble_kd.specialists import specialist_threads
 from ensemble_kd.train import resolve_device
 
 STUDENTS = (STUDENT, FROM_GENERALIST, HARD_LABELS)
@@ -65,7 +71,10 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
                      ["student.plain_epochs=6"], None),
     "mlp": ("the earlier MLP recipe (MLP generalist, fine-tuned specialists, MLP student)", [],
             "fashion-mnist-mlp"),
+    "plain_ensemble": ("no specialists: independently seeded generalists averaged, given the CPU seconds the recipe "
+                       "spent on its generalist and specialists", [], None),
 }
+PLAIN_ENSEMBLE = "plain_ensemble"  # the row that is not one run: generalists of runs seed, seed + 1, ...
 QUICK_ROWS = ("recipe", "init_scratch", "no_overlap", "transfer_dataset")
 
 
@@ -154,9 +163,67 @@ def row_result(row: str, run_dir: Path, report: dict[str, Any], student_seeds: l
 def run_and_measure(data: str, row: str, seed: int, quick: bool, extra: list[str], donor: Path | None,
                     borrowable: list[str], student_seeds: list[int]) -> dict[str, Any]:
     common.log_to_stderr(f"{row}: {ROWS[row][0]} ...")
+    if row == PLAIN_ENSEMBLE:
+        return plain_ensemble_result(data, seed, quick, extra)
     out = row_dir(data, row, seed, quick)
     report, borrowed = run_row(row_config(data, row, seed, quick, extra), out, donor, borrowable)
     return row_result(row, out, report, student_seeds, donor, borrowed)
+
+
+def cpu_seconds(run_dir: Path, stage: str) -> float:
+    """CPU seconds a finished stage of a run took: its wall seconds times the threads that trained it (the
+    specialists: workers at once times each one's threads, `specialists.specialist_threads`)."""
+    cfg = load_config(run_dir / artifacts.CONFIG_FILE)
+    threads = cfg.threads or torch.get_num_threads()
+    if stage == "specialists":
+        n_clusters = len(artifacts.read_json(run_dir / artifacts.CLUSTERS_FILE)["clusters"])
+        threads = effective_jobs(cfg, n_clusters) * specialist_threads(cfg, n_clusters)
+    return artifacts.read_json(run_dir / artifacts.MANIFEST_FILE)["stages"][stage]["seconds"] * threads
+
+
+def member_generalist(data: str, seed: int, quick: bool, extra: list[str]) -> Path:
+    """The run folder holding a trained generalist of run seed `seed`: that seed's recipe run when it has one,
+    else a run of the recipe stopped after its generalist."""
+    recipe = row_dir(data, "recipe", seed, quick)
+    if (recipe / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
+        return recipe
+    out = CACHE / f"{data}-generalist-seed{seed}"
+    cfg = row_config(data, "recipe", seed, quick, extra)
+    run_dir = start_run(cfg, out, resume=(out / artifacts.CONFIG_FILE).exists())
+    try:
+        run_pipeline(cfg, run_dir, until="generalist", progress=False)
+    finally:
+        artifacts.unlock_run_dir(run_dir)
+    return out
+
+
+def plain_ensemble_result(data: str, seed: int, quick: bool, extra: list[str]) -> dict[str, Any]:
+    """Generalists of runs seed, seed + 1, ... averaged (mean of their softmaxes) until they have spent the CPU
+    seconds of the recipe's generalist and specialists, against the recipe's ensemble: accuracy, and points
+    gained over one generalist per CPU-hour."""
+    recipe = row_dir(data, "recipe", seed, quick)
+    budget = cpu_seconds(recipe, "generalist") + cpu_seconds(recipe, "specialists")
+    members, spent, probs, accuracies = [], 0.0, None, []
+    while spent < budget:
+        run = member_generalist(data, seed + len(members), quick, extra)
+        cfg = load_config(run / artifacts.CONFIG_FILE)
+        split = load_data(cfg.data, cfg.seed)
+        member = torch.softmax(predict_logits(load_generalist(cfg, split, run), split.x_test), 1)
+        probs = member if probs is None else probs + member
+        members.append(common.relative(run))
+        spent += cpu_seconds(run, "generalist")
+        accuracies.append(float((probs.argmax(1) == split.y_test).double().mean()))
+    report = artifacts.read_json(recipe / "report.json")
+    single, ensemble = report["generalist"]["test_accuracy"], report["ensemble"]["test_accuracy"]
+    per_hour = lambda gain, seconds: 100 * gain / (seconds / 3600)  # noqa: E731 - points per CPU-hour
+    return {"row": PLAIN_ENSEMBLE, "changes": ROWS[PLAIN_ENSEMBLE][0], "overrides": [], "members": members,
+            "generalist": single, "ensemble": accuracies[-1], "accuracy_by_members": accuracies,
+            "ensemble_relative_error_cut": ((1 - single) - (1 - accuracies[-1])) / (1 - single),
+            "cpu_seconds": round(spent), "recipe_cpu_seconds": round(budget),
+            "points_per_cpu_hour": per_hour(accuracies[-1] - single, spent),
+            "recipe_points_per_cpu_hour": per_hour(ensemble - single, budget),
+            "teachers_top1_disagreement": None, "seconds": round(spent),
+            **{kind: None for kind in STUDENTS}, "student_minus_from_generalist": None}
 
 
 def main() -> None:
@@ -180,7 +247,8 @@ def main() -> None:
     recipe_dir = row_dir(data, "recipe", args.seed, args.quick)
     if not (recipe_dir / artifacts.GENERALIST_DIR / artifacts.MODEL_FILE).is_file():
         common.log_to_stderr("recipe: training its generalist first (the other rows borrow it) ...")
-        run_pipeline(recipe_cfg, start_run(recipe_cfg, recipe_dir, resume=(recipe_dir / artifacts.CONFIG_FILE).exists()),
+        run_pipeline(recipe_cfg,
+                     start_run(recipe_cfg, recipe_dir, resume=(recipe_dir / artifacts.CONFIG_FILE).exists()),
                      until="generalist", progress=False)
     extra = [f"threads={max(1, (os.cpu_count() or 1) // args.jobs)}"] * (args.jobs > 1) + args.overrides
     tasks = []
@@ -221,7 +289,8 @@ def format_rows(results: list[dict[str, Any]]) -> str:
                "disagree", "minutes"]
     table = [[r["row"], f"{100 * r['generalist']:.2f}%", f"{100 * r['ensemble']:.2f}%",
               f"{100 * r['ensemble_relative_error_cut']:.1f}%",
-              *(f"{100 * r[k]['mean']:.2f}%" for k in STUDENTS), f"{100 * r['student_minus_from_generalist']:+.2f}",
+              *("-" if r[k] is None else f"{100 * r[k]['mean']:.2f}%" for k in STUDENTS),
+              "-" if r["student_minus_from_generalist"] is None else f"{100 * r['student_minus_from_generalist']:+.2f}",
               "-" if r["teachers_top1_disagreement"] is None else f"{100 * r['teachers_top1_disagreement']:.2f}%",
               f"{r['seconds'] / 60:.1f}"] for r in results]
     return common.format_table(headers, table)
