@@ -4,6 +4,8 @@ Test modules import the helpers with `from conftest import ...`; no test module 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from ensemble_kd import artifacts
+from ensemble_kd.cli import main
 from ensemble_kd.config import Config, ModelConfig, load_config
 from ensemble_kd.export import StudentMeta
 from ensemble_kd.models import build_model
@@ -48,6 +51,19 @@ def full_run(run_dir: Path, *overrides: str) -> tuple[Path, dict]:
     cfg = tiny_config(*overrides)
     run_dir = start_run(cfg, run_dir)
     return run_dir, run_pipeline(cfg, run_dir, progress=False)
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """`ensemble-kd ARGV` in this process: (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def run_cli(config_file: Path, out: Path, *extra: str) -> tuple[int, str]:
+    """`ensemble-kd run --config CONFIG_FILE --out OUT --quiet EXTRA...`: (exit code, stderr)."""
+    return cli("run", "--config", str(config_file), "--out", str(out), "--quiet", *extra)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

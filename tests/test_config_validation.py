@@ -3,18 +3,15 @@ refuse, more threads than the machine runs, infinite numbers, a CNN without conv
 are folders or not UTF-8."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import cli, tiny_config
 
-from ensemble_kd.cli import main
 from ensemble_kd.config import (
     MAX_SEED,
     THREADS_PER_CORE,
@@ -26,14 +23,6 @@ from ensemble_kd.config import (
     to_toml,
     usable_cores,
 )
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    """`ensemble-kd ARGV` in this process: (exit code, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ finished stages again. Runs use the tiny synthetic config of conftest.py.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import signal
@@ -19,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_SHAPE, STUDENTS, assert_same_weights, make_model, tiny_config, until_clusters
+from conftest import IMAGE_SHAPE, STUDENTS, assert_same_weights, cli, make_model, run_cli, tiny_config, until_clusters
 from PIL import Image
 
 from ensemble_kd import artifacts
 from ensemble_kd import data as data_module
 from ensemble_kd import export as export_module
 from ensemble_kd import train as train_module
-from ensemble_kd.cli import main
 from ensemble_kd.config import load_config, to_toml
 from ensemble_kd.data import load_data
 from ensemble_kd.export import ExportError, export_student, load_student
@@ -48,18 +46,6 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(tiny_run: tuple[Path, dict]) -> Path:
     """The session's tiny run, never interrupted (specialists in-process, n_jobs = 1); read only."""
     return tiny_run[0]
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    """`ensemble-kd ARGV` in this process: (exit code, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, err.getvalue()
-
-
-def run_cli(config_file: Path, out: Path, *extra: str) -> tuple[int, str]:
-    return cli("run", "--config", str(config_file), "--out", str(out), "--quiet", *extra)
 
 
 def run_cli_ok(config_file: Path, out: Path, *extra: str) -> None:

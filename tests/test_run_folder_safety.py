@@ -6,7 +6,6 @@ Runs use the tiny synthetic config of conftest.py (and a tiny image folder where
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import signal
@@ -16,12 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STUDENTS, assert_same_weights, tiny_config, until_clusters
+from conftest import REPO, STUDENTS, assert_same_weights, cli, run_cli, tiny_config, until_clusters
 from PIL import Image
 
 from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
-from ensemble_kd.cli import main
 from ensemble_kd.config import load_config, to_toml
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -32,18 +30,6 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny.toml"
     path.write_text(to_toml(tiny_config()))
     return path
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    """`ensemble-kd ARGV` in this process: (exit code, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, err.getvalue()
-
-
-def run(config_file: Path, out: Path, *extra: str) -> tuple[int, str]:
-    return cli("run", "--config", str(config_file), "--out", str(out), "--quiet", *extra)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -77,7 +63,7 @@ def test_overwrite_refuses_a_folder_that_ensemble_kd_did_not_make(tmp_path: Path
     folder.mkdir()
     make(folder)
     before = snapshot(folder)
-    code, err = run(config_file, folder, "--overwrite", "--until", "generalist")
+    code, err = run_cli(config_file, folder, "--overwrite", "--until", "generalist")
     assert snapshot(folder) == before  # not even a lock file or a marker was left
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert "nothing was deleted" in err and ".ensemble-kd-run" in err and "delete it yourself" in err
@@ -87,7 +73,7 @@ def test_a_folder_holding_only_someone_elses_config_toml_is_not_reused(tmp_path:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.toml").write_text("[tool.black]\nline-length = 88\n")
-    code, err = run(config_file, folder, "--until", "generalist")
+    code, err = run_cli(config_file, folder, "--until", "generalist")
     assert code == 2 and "does not look like an ensemble-kd run" in err, err
     assert snapshot(folder) == {"config.toml": b"[tool.black]\nline-length = 88\n"}
 
@@ -98,14 +84,14 @@ def test_overwrite_of_a_marked_run_with_a_file_of_the_user_refuses_naming_it(
     (run_dir / "notes.txt").write_text("mine")
     (run_dir / "plots").mkdir()
     before = snapshot(run_dir)
-    code, err = run(config_file, run_dir, "--overwrite", "--until", "generalist")
+    code, err = run_cli(config_file, run_dir, "--overwrite", "--until", "generalist")
     assert snapshot(run_dir) == before
     assert code == 2 and "notes.txt, plots" in err and "nothing was deleted" in err and len(err.splitlines()) == 1
     assert artifacts.is_marked_run(run_dir)  # every run directory ensemble-kd makes carries the marker
 
     (run_dir / "notes.txt").unlink()
     (run_dir / "plots").rmdir()
-    code, err = run(config_file, run_dir, "--overwrite", "--until", "generalist")
+    code, err = run_cli(config_file, run_dir, "--overwrite", "--until", "generalist")
     assert code == 0, err
     assert artifacts.is_marked_run(run_dir) and (run_dir / "generalist" / "model.pt").is_file()
     assert not (run_dir / "specialists").exists() and not (run_dir / "clusters.json").exists()  # the run was replaced
@@ -117,7 +103,7 @@ def test_overwrite_refuses_a_run_without_the_marker_and_says_how_to_proceed(
     marker = run_dir / ".ensemble-kd-run"
     marker.unlink(missing_ok=True)  # as runs made by older versions are
     before = snapshot(run_dir)
-    code, err = run(config_file, run_dir, "--overwrite")
+    code, err = run_cli(config_file, run_dir, "--overwrite")
     assert snapshot(run_dir) == before
     assert code == 2 and "older versions" in err and "delete it yourself" in err and "--out" in err
     marker.write_text("ensemble-kd run directory\n")  # written by hand: not the marker
@@ -142,7 +128,7 @@ def image_run(tmp_path: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("ENSEMBLE_KD_CACHE", str(tmp_path / "cache"))
     root = _image_folder(tmp_path / "images")
     out = tmp_path / "run"
-    code, err = run(config_file, out, "--set", "data.name=imagefolder", "--set", f"data.root={root}",
+    code, err = run_cli(config_file, out, "--set", "data.name=imagefolder", "--set", f"data.root={root}",
                     "--set", "clusters.k=0", "--set", "data.workers=0", "--until", "generalist")
     assert code == 0, err
     artifacts.unlock_run_dir(out)  # this process keeps the locks of the runs it made: as if that run had ended
@@ -301,7 +287,7 @@ def test_after_a_nan_the_advised_resume_continues_from_the_last_good_checkpoint(
         tmp_path: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     lrs = _nan_while(monkeypatch, out / "generalist", too_high=1.5e-3)
-    code, err = run(config_file, out, "--until", "generalist")
+    code, err = run_cli(config_file, out, "--until", "generalist")
     assert code == 2 and err.startswith("error: generalist: loss became nan at epoch 2"), err
     advice = "--resume --set generalist.train.lr=0.001 (now 0.002)"
     assert advice in err and "last good checkpoint (epoch 1" in err and "generalist.train.grad_clip=2.5" in err
