@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from ensemble_kd import artifacts
 from ensemble_kd.cli import main
-from ensemble_kd.config import Config, ModelConfig, load_config
+from ensemble_kd.config import Config, ModelConfig, load_config, to_toml
 from ensemble_kd.export import StudentMeta
 from ensemble_kd.models import build_model
 from ensemble_kd.pipeline import run_pipeline, start_run
@@ -51,6 +52,17 @@ def full_run(run_dir: Path, *overrides: str) -> tuple[Path, dict]:
     cfg = tiny_config(*overrides)
     run_dir = start_run(cfg, run_dir)
     return run_dir, run_pipeline(cfg, run_dir, progress=False)
+
+
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # for tests that start the CLI
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config (`tiny_config()`) written as a TOML file."""
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(to_toml(tiny_config()))
+    return path
 
 
 def cli(*argv: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, tiny_config
+from conftest import cli
 
 from ensemble_kd.config import (
     MAX_SEED,
@@ -20,16 +20,8 @@ from ensemble_kd.config import (
     check_machine,
     flatten,
     load_config,
-    to_toml,
     usable_cores,
 )
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(to_toml(tiny_config()))
-    return path
 
 
 def refused(config_file: Path, out: Path, *overrides: str) -> str:

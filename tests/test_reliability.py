@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGE_SHAPE, STUDENTS, assert_same_weights, cli, make_model, run_cli, tiny_config, until_clusters
+from conftest import (
+    IMAGE_SHAPE,
+    STUDENTS,
+    SUBPROCESS_ENV,
+    assert_same_weights,
+    cli,
+    make_model,
+    run_cli,
+    tiny_config,
+    until_clusters,
+)
 from PIL import Image
 
 from ensemble_kd import artifacts
@@ -30,16 +40,6 @@ from ensemble_kd.data import load_data
 from ensemble_kd.export import ExportError, export_student, load_student
 from ensemble_kd.pipeline import start_run
 from ensemble_kd.specialists import specialist_dir, train_all_specialists
-
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(to_toml(tiny_config()))
-    return path
 
 
 @pytest.fixture

@@ -15,21 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STUDENTS, assert_same_weights, cli, run_cli, tiny_config, until_clusters
+from conftest import REPO, STUDENTS, SUBPROCESS_ENV, assert_same_weights, cli, run_cli, until_clusters
 from PIL import Image
 
 from ensemble_kd import artifacts
 from ensemble_kd import train as train_module
-from ensemble_kd.config import load_config, to_toml
-
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(to_toml(tiny_config()))
-    return path
+from ensemble_kd.config import load_config
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
