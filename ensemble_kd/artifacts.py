@@ -7,7 +7,10 @@ to one line per epoch (a line torn by a crash is dropped when read, and a resume
 cuts the log back to its checkpoint), and the lock file `.lock`.
 
 A run directory carries a marker, `.ensemble-kd-run`, from its creation: --overwrite deletes
-only a folder that has it, and in it only the names a run writes (`RUN_ENTRIES`).
+only a folder that has it, and in it only the names a run writes (`RUN_ENTRIES`), refusing a
+run whose own folders hold anything its stages do not write (`foreign_files`). A run made by
+an older version (no marker) is resumed only when it holds a model or checkpoint ensemble-kd
+made (`made_by_ensemble_kd`).
 """
 from __future__ import annotations
 
@@ -74,6 +77,14 @@ RUN_ENTRIES = frozenset({
     *STUDENT_DIRS, EXPORT_DIR, REPORT_JSON, REPORT_MD, LEARNING_CURVES_FILE, ACCURACY_VS_SIZE_FILE, LOCK_FILE,
     RUN_MARKER_FILE})
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")  # what new_temp_file names a file being written
+# what ensemble-kd writes inside a run's own folders (`run_files`): --overwrite refuses a run holding anything else
+STAGE_FILES = frozenset({MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, METRICS_CSV, NONFINITE_FILE, TEACHER_LOGITS_FILE,
+                         TEACHERS_FILE, STARTED_FILE})  # in a stage's training folder
+_TENSORBOARD_EVENTS = re.compile(r"^events\.out\.tfevents\..+")  # SummaryWriter's event files (log.tensorboard)
+SPECIALIST_PHASES = ("hard", "soft")  # a specialist's two training phases, each a folder of STAGE_FILES
+_SPECIALIST_DIR = re.compile(r"^specialist_\d+$")
+CONFUSION_FILES = frozenset({"matrices.npz"})  # confusion.MATRICES_FILE
+EXPORT_FILES = frozenset({"student.ts", "student.pt2", "student.onnx", "student_state.pt", "student.json"})
 
 
 # ---------------------------------------------------------------- a worker whose run is gone writes nothing
@@ -261,6 +272,10 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
         raise ArtifactError(f"{run_dir} is not empty and does not look like an ensemble-kd run (no "
                             f"{CONFIG_FILE} or {MANIFEST_FILE}); not writing into it or deleting it: "
                             "choose another --out")
+    if _entries(run_dir) and not is_marked_run(run_dir) and not made_by_ensemble_kd(run_dir):
+        raise ArtifactError(f"{run_dir} is not empty and ensemble-kd did not make it (no {RUN_MARKER_FILE}, and "
+                            "no model or checkpoint of a run in it), so it does not look like an ensemble-kd run; "
+                            "nothing was written: choose another --out")
     if resume:
         if not _holds_work(run_dir) and not (run_dir / CONFIG_FILE).is_file():
             raise ArtifactError(f"--resume given but {run_dir} holds no run to resume; drop --resume to start one")
@@ -268,11 +283,6 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
     if _holds_work(run_dir):
         raise ArtifactError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
                             "--overwrite to replace it, or --out to start a new one")
-    if _entries(run_dir) and not is_marked_run(run_dir):  # config.toml alone, but not one this tool wrote
-        raise ArtifactError(f"{run_dir} holds a {CONFIG_FILE} that ensemble-kd did not write there (no "
-                            f"{RUN_MARKER_FILE}), so it does not look like an ensemble-kd run; not writing into "
-                            "it: choose another --out (or, if it is a run that stopped before any stage, "
-                            "continue it with --resume)")
     return run_dir
 
 
@@ -283,6 +293,33 @@ def is_marked_run(run_dir: str | Path) -> bool:
         return not marker.is_symlink() and marker.is_file() and marker.read_bytes() == RUN_MARKER_TEXT.encode()
     except OSError:
         return False
+
+
+def made_by_ensemble_kd(run_dir: str | Path) -> bool:
+    """True when `run_dir`, without the marker (as runs made by older versions are), holds work ensemble-kd
+    made: a valid manifest.json and a model.pt or checkpoint.pt in a stage folder whose saved fingerprint
+    (a dict naming the data and the seed) only ensemble-kd writes."""
+    run_dir = Path(run_dir)
+    try:
+        if not isinstance(json.loads((run_dir / MANIFEST_FILE).read_text()), dict):
+            return False
+    except (OSError, ValueError):
+        return False
+    folders = [run_dir / GENERALIST_DIR, *(run_dir / name for name in STUDENT_DIRS)]
+    folders += sorted((run_dir / SPECIALISTS_DIR).glob("specialist_*")) if (run_dir / SPECIALISTS_DIR).is_dir() else []
+    for folder in folders:
+        for name in (MODEL_FILE, CHECKPOINT_FILE):
+            path = folder / name
+            if not path.is_file() or path.is_symlink():
+                continue
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # noqa: BLE001 - anything torch cannot read is no proof
+                continue
+            fingerprint = saved.get("fingerprint") if isinstance(saved, dict) else None
+            if isinstance(fingerprint, dict) and "data" in fingerprint and "seed" in fingerprint:
+                return True
+    return False
 
 
 def foreign_entries(run_dir: str | Path) -> list[str]:
@@ -304,6 +341,58 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
         log.info("removed %d temporary file%s left by a process that was killed while writing (e.g. %s)",
                  len(removed), "" if len(removed) == 1 else "s", removed[0])
     return removed
+
+
+def foreign_files(run_dir: str | Path) -> list[str]:
+    """Everything in `run_dir` that ensemble-kd does not write: the names at its top (`foreign_entries`), then
+    the paths (relative to `run_dir`) of what its own folders hold besides the files the stages write."""
+    run_dir = Path(run_dir)
+    found = foreign_entries(run_dir)
+    for name in sorted(_entries(run_dir)):
+        entry = run_dir / name
+        if name in found or entry.is_symlink() or not entry.is_dir() or _TEMP_NAME.match(name):
+            continue  # a link or a file is removed as it is, never followed
+        if name == GENERALIST_DIR or name in STUDENT_DIRS:
+            found += _foreign_in(entry, name, STAGE_FILES)
+        elif name == CONFUSION_DIR:
+            found += _foreign_in(entry, name, CONFUSION_FILES)
+        elif name == EXPORT_DIR:
+            found += _foreign_in(entry, name, EXPORT_FILES)
+        elif name == SPECIALISTS_DIR:
+            found += _foreign_in(entry, name, frozenset(), _specialist_folders)
+        else:
+            found.append(f"{name}/")  # a folder where ensemble-kd writes a file
+    return found
+
+
+def _allowed_file(name: str, files: frozenset[str]) -> bool:
+    """`name` is one of `files` (tensorboard events where `files` are a stage's), or a temporary file of one."""
+    while (temp := _TEMP_NAME.match(name)) is not None:  # a temporary file (of a temporary file, as export makes)
+        name = temp.group("name")
+    return name in files or (files is STAGE_FILES and bool(_TENSORBOARD_EVENTS.match(name)))
+
+
+def _foreign_in(folder: Path, shown: str, files: frozenset[str],
+                subfolders: Callable[[Path, str], list[str] | None] | None = None) -> list[str]:
+    """What `folder` (shown as `shown`) holds besides `files`, and besides the sub-folders `subfolders` accepts
+    (it returns what they hold that ensemble-kd does not write)."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        path = f"{shown}/{entry.name}"
+        if entry.is_dir() and not entry.is_symlink():
+            inside = subfolders(entry, path) if subfolders is not None else None
+            found += [f"{path}/"] if inside is None else inside
+        elif not _allowed_file(entry.name, files):
+            found.append(path)
+    return found
+
+
+def _specialist_folders(entry: Path, path: str) -> list[str] | None:
+    """What a specialist_NN folder of specialists/ holds that ensemble-kd does not write (None: not one)."""
+    if not _SPECIALIST_DIR.match(entry.name):
+        return None
+    return _foreign_in(entry, path, STAGE_FILES, lambda phase, shown: _foreign_in(phase, shown, STAGE_FILES)
+                       if phase.name in SPECIALIST_PHASES else None)
 
 
 def _entries(run_dir: Path) -> list[str]:
@@ -332,7 +421,7 @@ def _check_overwrite(run_dir: Path) -> None:
             "it writes into every run directory it creates; runs made by older versions lack it), so it does not "
             "look like an ensemble-kd run and nothing was deleted: if it is a run you no longer need, delete it "
             "yourself; otherwise choose another --out")
-    foreign = foreign_entries(run_dir)
+    foreign = foreign_files(run_dir)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ArtifactError(f"--overwrite deletes only the files ensemble-kd writes, and {run_dir} also holds "
@@ -341,7 +430,18 @@ def _check_overwrite(run_dir: Path) -> None:
 
 
 def _holds_work(run_dir: Path) -> bool:
-    return any(name not in (CONFIG_FILE, RUN_MARKER_FILE) for name in _entries(run_dir))
+    """Anything besides config.toml, the marker, and a manifest.json that records only the data's digest (a run
+    that stopped before its first stage wrote anything)."""
+    return any(name not in (CONFIG_FILE, RUN_MARKER_FILE) and not (name == MANIFEST_FILE and _digest_only(run_dir))
+               for name in _entries(run_dir))
+
+
+def _digest_only(run_dir: Path) -> bool:
+    try:
+        manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and set(manifest) <= {"data_digest"}
 
 
 def _looks_like_run(run_dir: Path) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 
 from .choices import EXPORT_FORMATS, STAGES
 from .config import Config, load_config
-from .errors import EnsembleKDError
+from .errors import WRITE_ERRNOS, EnsembleKDError
 
 EPILOG = "Run a command with --help for its options. Docs: README.md; run directory layout: artifacts/README.md."
 
@@ -232,6 +233,25 @@ def main(argv: list[str] | None = None) -> int:
     except EnsembleKDError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise  # anything else is a bug: keep its traceback
+        print(f"error: {_write_error(err)}", file=sys.stderr)
+        return 2
+
+
+def _write_error(err: OSError) -> str:
+    """The one line for an OSError of WRITE_ERRNOS: the path, the system's reason, and what to do."""
+    path = err.filename if err.filename is not None else "a file"
+    if err.filename2 is not None:  # os.replace: the final name is the one the user knows
+        path = err.filename2
+    reason = err.strerror or str(err)
+    fix = ("free some space, or choose another output folder (--out)" if err.errno in _FULL_ERRNOS else
+           "make the folder writable, or choose another output folder (--out)")
+    return _one_line(f"cannot write {path}: {reason}; {fix}")
+
+
+_FULL_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
 
 
 if __name__ == "__main__":

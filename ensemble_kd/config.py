@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,17 @@ import tomli_w
 
 from . import choices
 from .errors import EnsembleKDError
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 10
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` for an error message, shortened ('...') when long: a 100,000-character --set value is not
+    echoed whole."""
+    return _SHOWN.repr(value)
 
 try:
     import tomllib
@@ -206,7 +218,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):  # bool | str: true, false or a path
         if any(isinstance(value, option) and (option is not int or not isinstance(value, bool))
@@ -214,13 +226,13 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return value
         names = " or ".join("true/false" if option is bool else f"a {option.__name__}"
                             for option in typing.get_args(kind))
-        raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} must be {names}, got {shown(value)} ({type(value).__name__})")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {shown(value)}")
     if kind in (int, float, str) and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise ConfigError(f"{key} must be of type {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} must be of type {kind.__name__}, got {shown(value)} ({type(value).__name__})")
     return value
 
 
@@ -230,12 +242,12 @@ def _merge(base: Any, values: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(values) - set(types_by_name))
     if unknown:
         valid = ", ".join(prefix + name for name in types_by_name)
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {valid}")
+        raise ConfigError(f"unknown config key {shown(prefix + unknown[0])}; valid keys here: {valid}")
     for name, value in values.items():
         kind = types_by_name[name]
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
-                raise ConfigError(f"{prefix + name} is a section; give it as a table, not {value!r}")
+                raise ConfigError(f"{prefix + name} is a section; give it as a table, not {shown(value)}")
             _merge(getattr(base, name), value, prefix + name + ".")
         else:
             setattr(base, name, _coerce(value, kind, prefix + name))
@@ -244,7 +256,7 @@ def _merge(base: Any, values: dict[str, Any], prefix: str) -> Any:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {shown(text)} must look like section.key=value")
     key, raw = text.split("=", 1)
     raw = raw.strip()
     try:
@@ -458,10 +470,10 @@ def _check_fields(section: Any, prefix: str) -> None:
         allowed, text = rules[f.name]
         if not allowed(value):
             if text.startswith("one of "):
-                raise ConfigError(f"{prefix}{f.name} = {value!r} is not {text}")
-            raise ConfigError(f"{prefix}{f.name} must be {text}, got {value!r}")
+                raise ConfigError(f"{prefix}{f.name} = {shown(value)} is not {text}")
+            raise ConfigError(f"{prefix}{f.name} must be {text}, got {shown(value)}")
         if isinstance(value, float) and not math.isfinite(value):  # every float setting, whatever its rule
-            raise ConfigError(f"{prefix}{f.name} must be a finite number ({text}), got {value!r}")
+            raise ConfigError(f"{prefix}{f.name} must be a finite number ({text}), got {shown(value)}")
 
 
 def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
@@ -470,7 +482,8 @@ def _model_checks(key: str, m: ModelConfig) -> list[tuple[bool, str]]:
     return [
         (not named or bool(m.name), f"{key}.arch = {m.arch!r} builds a library's model by name: set {key}.name (e.g. "
                                     f"{'resnet18' if m.arch == 'torchvision' else 'resnet18, mobilenetv3_small_100'})"),
-        (named or not m.name, f"{key}.name = {m.name!r} names a library's model, but {key}.arch = {m.arch!r}; set "
+        (named or not m.name, f"{key}.name = {shown(m.name)} names a library's model, but {key}.arch = "
+                              f"{m.arch!r}; set "
                               f"{key}.arch = 'torchvision' or 'timm', or leave {key}.name empty"),
         (named or m.pretrained is False, f"{key}.pretrained = {m.pretrained!r} needs {key}.arch = 'torchvision' or "
                                          f"'timm' ({m.arch!r} has no pretrained weights); set it to false"),
@@ -496,7 +509,7 @@ def _plain_epochs_checks(cfg: Config) -> list[tuple[bool, str]]:
         return []
     return [
         (s.transfer == "views", f"student.plain_epochs = {s.plain_epochs} ends training on the plain images after the "
-                                f"fixed views, and student.transfer = {s.transfer!r} has none; set "
+                                f"fixed views, and student.transfer = {shown(s.transfer)} has none; set "
                                 "student.transfer = 'views', or student.plain_epochs = 0"),
         (cfg.data.flip or cfg.data.crop_pad > 0, "student.plain_epochs needs augmented views to end, and data.flip and "
                                                  "data.crop_pad are off (every epoch is on the plain images already); "
@@ -540,7 +553,7 @@ def validate_config(cfg: Config) -> None:
         (cfg.data.name != "synthetic" or cfg.data.synthetic_groups <= cfg.data.synthetic_classes,
          "data.synthetic_groups must be <= data.synthetic_classes"),
         (cfg.data.storage != "stream" or cfg.data.name == "imagefolder",
-         f"data.storage = 'stream' reads image files from disk, and data.name = {cfg.data.name!r} is not an image "
+         f"data.storage = 'stream' reads image files from disk, and data.name = {shown(cfg.data.name)} is not an image "
          "folder (it is held in memory); use data.storage = 'memory' or 'auto', or data.name = 'imagefolder'"),
         (cfg.data.name != "synthetic" or not _image_augmentations(cfg.data),
          f"data.{(_image_augmentations(cfg.data) or [''])[0]} augments images, and the synthetic data are flat "
@@ -552,7 +565,7 @@ def validate_config(cfg: Config) -> None:
          "specialists.backend = 'dask' needs specialists.scheduler = 'tcp://host:port'"),
         *_plain_epochs_checks(cfg),
         (cfg.student.loss != "dkd" or cfg.student.transfer != "live" or cfg.data.mix == "none",
-         f"student.loss = 'dkd' splits each example at its one true class, and data.mix = {cfg.data.mix!r} with "
+         f"student.loss = 'dkd' splits each example at its one true class, and data.mix = {shown(cfg.data.mix)} with "
          "student.transfer = 'live' mixes the labels; use student.loss = 'kd', or data.mix = 'none'"),
         (cfg.precision != "fp16" or cfg.device != "cpu",
          "precision = 'fp16' needs a CUDA GPU (device = 'cuda' or 'auto'); on CPU use precision = 'bf16' or 'fp32'"),

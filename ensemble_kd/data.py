@@ -85,6 +85,23 @@ class Splits:
         }
         return hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()[:16]
 
+    def content_digest(self) -> str:
+        """sha256 over the data's values: every split's inputs and labels (of streamed images, their paths and
+        per-image pixel sums), so other pixels with the same classes and counts differ here, not in
+        `fingerprint`. Computed once per load (the splits are not changed after it)."""
+        cached = self.__dict__.get("_content_digest")
+        if cached is None:
+            digest = hashlib.sha256()
+            for part in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+                if isinstance(part, ImageFiles):
+                    for array in (part.paths, part.sums, part.squares):
+                        digest.update(np.ascontiguousarray(array).tobytes())
+                else:
+                    digest.update(str((part.dtype, tuple(part.shape))).encode())
+                    digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+            cached = self.__dict__["_content_digest"] = digest.hexdigest()
+        return cached
+
 
 def load_data(cfg: DataConfig, seed: int) -> Splits:
     """Load `cfg.name`, subsample (`train_limit`), hold out validation data, check every split."""

@@ -8,6 +8,13 @@ its traceback.
 """
 from __future__ import annotations
 
+import errno
+
+# what writing into a read-only, foreign or full folder raises (OSError.errno): the command line says so in one
+# line (`cannot write PATH: REASON`), and no stage turns it into an error of its own
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("EROFS", "EACCES", "EPERM", "ENOSPC", "EDQUOT")
+                         if hasattr(errno, name))
+
 
 class EnsembleKDError(Exception):
     """A problem the user can fix; the message names what is wrong and what to do."""

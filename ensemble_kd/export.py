@@ -52,7 +52,7 @@ from .artifacts import (
 from .backbones import data_config, normalization
 from .choices import EXPORT_FORMATS as FORMATS
 from .config import ModelConfig, load_config
-from .errors import EnsembleKDError
+from .errors import WRITE_ERRNOS, EnsembleKDError
 from .models import Classifier, build_model
 from .streaming import head
 
@@ -242,6 +242,11 @@ def _export_one(fmt: str, model: Classifier, example: torch.Tensor, meta_json: s
         WRITERS[fmt](model, example, meta_json, path)
     except ExportError:
         raise
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:  # an unwritable folder, not the format: the command line says so
+            raise
+        raise ExportError(f"{fmt} export of the student failed ({type(err).__name__}: {err}); "
+                          f"drop {fmt!r} from export.formats or use another format") from err
     except Exception as err:  # exporters raise many kinds on unsupported models
         raise ExportError(f"{fmt} export of the student failed ({type(err).__name__}: {err}); "
                           f"drop {fmt!r} from export.formats or use another format") from err

@@ -36,6 +36,7 @@ from .specialists import specialist_model_config, train_all_specialists
 from .train import resolve_device, saved_fingerprint
 
 log = logging.getLogger(__name__)
+DATA_DIGEST = "data_digest"  # manifest.json: sha256 of the values of the data the run was made from
 
 
 def _announce(stage: str, until: str) -> None:
@@ -76,6 +77,7 @@ def start_run(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite:
 def check_work_data(run_dir: str | Path, data: Splits, root: str) -> None:
     """ArtifactError naming the first model or checkpoint of the run made from other data than `data` (read
     from data.root = `root`), before anything is written: a resume with another data.root is refused here."""
+    run_dir = Path(run_dir)
     expected = data.fingerprint()
     for path in work_files(run_dir):
         made_from = saved_fingerprint(path).get("data", expected)
@@ -85,15 +87,30 @@ def check_work_data(run_dir: str | Path, data: Splits, root: str) -> None:
                 f"{made_from!r}, this data has {expected!r}); nothing was written: resume with the data the run "
                 "was made from (its own config.toml names it; --set data.root=... if it moved), or use a new "
                 "--out for this data")
+    manifest = run_dir / artifacts.MANIFEST_FILE
+    recorded = artifacts.read_json(manifest).get(DATA_DIGEST) if manifest.is_file() else None
+    if recorded is not None and recorded != data.content_digest():
+        raise artifacts.ArtifactError(
+            f"the run in {run_dir} was made from other data than data.root = {root!r} holds (the same classes and "
+            "counts, but other values: their content digest differs from the one in its manifest.json); nothing "
+            "was written: resume with the data the run was made from, or use a new --out for this data")
 
 
-def save_run_config(cfg: Config, run_dir: str | Path) -> None:
+def save_run_config(cfg: Config, run_dir: str | Path, data: Splits | None = None) -> None:
     """Make config.toml say `cfg`, once every check that can refuse the run has passed.
 
     When it changes a resumed run's config, the settings changed to continue a stage after a
     non-finite loss are recorded in manifest.json first (`resume.record_restarts`). Then
-    the temporary files a killed process left are removed (only while holding the run's lock)."""
+    the temporary files a killed process left are removed (only while holding the run's lock).
+    A run without work yet records `data`'s content digest in manifest.json (`check_work_data` compares it on
+    resume), and a run made by an older version (no marker) gets the marker."""
     run_dir = Path(run_dir)
+    if artifacts.holds_lock(run_dir) and not artifacts.is_marked_run(run_dir):
+        artifacts.write_text(run_dir / artifacts.RUN_MARKER_FILE, artifacts.RUN_MARKER_TEXT)
+    manifest_path = run_dir / artifacts.MANIFEST_FILE
+    manifest = artifacts.read_json(manifest_path) if manifest_path.is_file() else {}
+    if data is not None and manifest.get(DATA_DIGEST) != data.content_digest() and not work_files(run_dir):
+        artifacts.write_json(manifest_path, {**manifest, DATA_DIGEST: data.content_digest()})
     path = run_dir / artifacts.CONFIG_FILE
     text = to_toml(cfg)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -153,7 +170,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, until: str = "export", progre
     if reached("student"):
         check_student_size(cfg, data)  # an oversized student is an error now, not after hours of training
     check_work_data(run_dir, data, cfg.data.root)
-    save_run_config(cfg, run_dir)  # every check that can refuse the run has passed
+    save_run_config(cfg, run_dir, data)  # every check that can refuse the run has passed
 
     _timed(run_dir, "generalist", until, lambda: train_generalist(cfg, data, run_dir, progress))
     generalist = load_generalist(cfg, data, run_dir)
@@ -213,6 +230,36 @@ def _check_data_fits(cfg: Config, data: Splits, until: str = "export") -> None:
             build_model(model, data.input_shape, data.num_classes, data.mean, data.std)
         except ConfigError as err:
             raise ConfigError(f"{key}: {err}") from err
+        except (RuntimeError, MemoryError) as err:
+            if not _is_allocation_failure(err):
+                raise
+            raise ConfigError(f"{key}: a model of {_parameter_count(model, data)} parameters does not fit in memory "
+                              f"({_short(err)}); choose a smaller model (fewer or narrower {key}.hidden layers or "
+                              f"{key}.channels)") from err
+
+
+def _is_allocation_failure(err: BaseException) -> bool:
+    """What the allocator raises when a model's weights do not fit (CPU or CUDA)."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or isinstance(err, torch.cuda.OutOfMemoryError) or any(
+        words in text for words in ("can't allocate memory", "cannot allocate memory", "out of memory",
+                                    "not enough memory", "failed to allocate"))
+
+
+def _parameter_count(model: ModelConfig, data: Splits) -> str:
+    """How many parameters `model` would have (built without memory, on the meta device), e.g. "about 78,500,000";
+    "so many" when it cannot be built there."""
+    try:
+        with torch.device("meta"):
+            built = build_model(model, data.input_shape, data.num_classes, data.mean, data.std)
+        return f"about {sum(p.numel() for p in built.parameters()):,}"
+    except Exception:  # noqa: BLE001 - the count is only for the message
+        return "so many"
+
+
+def _short(err: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_clusters_fit(cfg: Config, data: Splits) -> None:

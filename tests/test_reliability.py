@@ -205,7 +205,7 @@ def test_a_format_failing_halfway_keeps_every_previous_file(previous_export, mon
 
     monkeypatch.setitem(export_module.WRITERS, "state_dict", dies_halfway)
     model, meta = _other_student()
-    with pytest.raises(ExportError, match="state_dict export of the student failed"):
+    with pytest.raises(OSError, match="No space left"):  # a full disk, not the format: the CLI says so in one line
         export_student(model, meta, out, ["torchscript", "state_dict"], batch)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # the new torchscript file was not moved in
     assert load_student(out / "student.ts").format == "torchscript"

@@ -314,3 +314,151 @@ def test_a_specialist_after_a_nan_continues_with_a_lower_lr_and_its_finished_sib
     assert (failing.parent / "model.pt").is_file() and all((out / s / "model.pt").is_file() for s in STUDENTS)
     code, err = cli("run", "--out", str(out), "--resume", "--quiet", "--set", "specialists.train.lr=0.0001")
     assert code == 2 and "specialists.train.lr cannot change" in err  # finished now: no more changes
+
+
+# ---------------------------------------------------------------- 6. red-team findings: files inside a run's own
+# folders, resuming a folder ensemble-kd did not make, other pixels, unwritable folders, huge models, long values
+
+def test_overwrite_refuses_user_files_inside_the_runs_own_folders(
+        tiny_run: tuple[Path, dict], tmp_path: Path, config_file: Path) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    (run_dir / "generalist" / "notes.txt").write_text("x")
+    (run_dir / "export" / "my_predictions.csv").write_text("p")
+    (run_dir / "specialists" / "specialist_00" / "hard" / "old").mkdir()
+    before = snapshot(run_dir)
+    code, err = run_cli(config_file, run_dir, "--overwrite", "--until", "generalist")
+    assert snapshot(run_dir) == before  # nothing deleted
+    assert code == 2 and len(err.splitlines()) == 1 and "nothing was deleted" in err, err
+    assert "export/my_predictions.csv, generalist/notes.txt, specialists/specialist_00/hard/old/" in err
+
+
+def test_overwrite_still_replaces_a_run_holding_every_file_ensemble_kd_writes(
+        tiny_run: tuple[Path, dict], tmp_path: Path, config_file: Path) -> None:
+    from ensemble_kd.confusion import MATRICES_FILE
+    from ensemble_kd.export import FILE_NAMES, META_FILE
+
+    assert artifacts.EXPORT_FILES == {*FILE_NAMES.values(), META_FILE}
+    assert artifacts.CONFUSION_FILES == {MATRICES_FILE}
+    run_dir = copy_run(tiny_run, tmp_path)
+    extra = ["generalist/events.out.tfevents.1796692279.vm.20478.0", "generalist/checkpoint.pt",
+             "generalist/nonfinite.json", "generalist/.model.pt.0123abcd.tmp", "student/.teachers.json.deadbeef.tmp",
+             "specialists/specialist_01/soft/events.out.tfevents.1.h.2.3",
+             "specialists/specialist_00/hard/checkpoint.pt",
+             "export/student.onnx", "export/student.pt2", "export/..student.ts.0123abcd.tmp.89abcdef.tmp",
+             "confusion/.matrices.npz.0123abcd.tmp", ".report.md.0123abcd.tmp"]
+    for name in extra:
+        (run_dir / name).write_bytes(b"")
+    assert artifacts.foreign_files(run_dir) == []
+    code, err = run_cli(config_file, run_dir, "--overwrite", "--until", "generalist")
+    assert code == 0, err
+    assert not (run_dir / "specialists").exists() and (run_dir / "generalist" / "model.pt").is_file()
+
+
+def test_resume_refuses_a_folder_without_the_marker_that_holds_no_work(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(REPO / "pipelines" / "configs" / "digits.toml", folder / "config.toml")
+    (folder / "report.md").write_text("my report")
+    (folder / "thesis.txt").write_text("years of work")
+    before = snapshot(folder)
+    code, err = cli("run", "--out", str(folder), "--quiet", "--until", "generalist", "--resume")
+    assert snapshot(folder) == before  # no manifest.json, generalist/ or .lock; report.md untouched
+    assert code == 2 and len(err.splitlines()) == 1 and "does not look like an ensemble-kd run" in err, err
+    assert "nothing was written" in err
+    code, err = cli("run", "--out", str(folder), "--quiet", "--until", "generalist")  # without --resume
+    assert snapshot(folder) == before
+    assert code == 2 and "does not look like an ensemble-kd run" in err and "--resume" not in err, err
+
+
+def test_resume_adopts_a_run_made_by_an_older_version_and_marks_it(
+        tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    (run_dir / ".ensemble-kd-run").unlink()  # as runs made by older versions are
+    code, err = cli("run", "--out", str(run_dir), "--quiet", "--until", "generalist", "--resume")
+    assert code == 0, err
+    assert artifacts.is_marked_run(run_dir)
+    assert_same_weights(run_dir / "generalist" / "model.pt", tiny_run[0] / "generalist" / "model.pt")
+
+
+def test_resume_with_other_pixels_of_the_same_classes_and_counts_is_refused(
+        image_run: Path, tmp_path: Path) -> None:
+    import json
+
+    assert "data_digest" in json.loads((image_run / "manifest.json").read_text())
+    other = tmp_path / "other"
+    for split, count in (("train", 8), ("test", 3)):  # as _image_folder, other pixel values
+        for c in range(3):
+            folder = other / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("L", (4, 4), 250 - 40 * c - 5 * i).save(folder / f"{i}.png")
+    config, manifest = (image_run / "config.toml").read_bytes(), (image_run / "manifest.json").read_bytes()
+    code, err = cli("run", "--out", str(image_run), "--resume", "--quiet", "--until", "clusters",
+                    "--set", f"data.root={other}")
+    assert code == 2 and len(err.splitlines()) == 1 and "other data" in err and "nothing was written" in err, err
+    assert str(other) in err
+    assert (image_run / "config.toml").read_bytes() == config and (image_run / "manifest.json").read_bytes() == manifest
+    assert not (image_run / "confusion").exists()
+
+
+def _unwritable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every atomic write fails as on a read-only file system."""
+    import errno
+
+    def refuse(path: Path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    monkeypatch.setattr(artifacts, "new_temp_file", refuse)
+
+
+@pytest.mark.parametrize("command", ["report", "clusters", "export", "export --out"])
+def test_an_unwritable_run_folder_gives_one_line_not_a_traceback(
+        tiny_run: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    _unwritable(monkeypatch)
+    argv = [command.split()[0], str(run_dir)] + (["--out", str(tmp_path / "exported")] if "--out" in command else [])
+    code, err = cli(*argv)
+    assert code == 2 and err.startswith("error: cannot write ") and len(err.splitlines()) == 1, err
+    assert "Read-only file system" in err
+
+
+def test_an_unwritable_out_folder_gives_one_line_not_a_traceback(
+        tmp_path: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args, **kwargs) -> None:
+        if "ro" in self.parts:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, err = run_cli(config_file, tmp_path / "ro" / "sub", "--until", "generalist")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: cannot write {tmp_path / 'ro' / 'sub'}: Permission denied")
+
+
+def test_a_model_too_big_for_memory_is_one_line(tmp_path: Path, config_file: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from ensemble_kd import pipeline
+
+    real = pipeline.build_model
+
+    def build(model, *args):
+        if model.hidden == [100000000] and torch.empty(0).device.type != "meta":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 3200000000000 bytes. Error code 12")
+        return real(model, *args)
+    monkeypatch.setattr(pipeline, "build_model", build)
+    code, err = run_cli(config_file, tmp_path / "run", "--until", "generalist",
+                        "--set", "generalist.model.hidden=[100000000]")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "generalist.model" in err and "1,500,000,006 parameters" in err and "choose a smaller model" in err
+
+
+def test_a_long_value_is_not_echoed_whole(tmp_path: Path) -> None:
+    code, err = cli("run", "--out", str(tmp_path / "run"), "--quiet", "--set", "generalist.train.lr=" + "x" * 100_000)
+    assert code == 2 and len(err.splitlines()) == 1 and "..." in err and len(err) < 300, err
+    code, err = cli("run", "--out", str(tmp_path / "run"), "--quiet", "--set", "x" * 100_000)
+    assert code == 2 and "..." in err and len(err) < 300, err
