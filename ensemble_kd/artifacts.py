@@ -24,7 +24,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -66,6 +66,7 @@ LEARNING_CURVES_FILE = "learning_curves.png"  # every stage's loss and validatio
 LOCK_FILE = ".lock"  # locked (flock) by the process running in the directory; holds its pid
 ACCURACY_VS_SIZE_FILE = "accuracy_vs_size.png"  # report.md's plot of test accuracy against parameter count
 NONFINITE_FILE = "nonfinite.json"  # in a stage's training folder: its loss became NaN or infinite (train.fit)
+TRAINED_DIRS = (GENERALIST_DIR, SPECIALISTS_DIR, *STUDENT_DIRS)  # the folders of the stages that train models
 RUN_MARKER_FILE = ".ensemble-kd-run"  # written when ensemble-kd creates a run directory: --overwrite needs it
 RUN_MARKER_TEXT = ("ensemble-kd run directory\n"
                    "ensemble-kd wrote this file when it created this folder for a run. `ensemble-kd run --overwrite`\n"
@@ -249,7 +250,7 @@ def prepare_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool =
         if overwrite:
             _delete_run_entries(run_dir)
         if not _entries(run_dir):  # new, empty, or emptied by --overwrite: a folder this tool made
-            write_text(run_dir / RUN_MARKER_FILE, RUN_MARKER_TEXT)
+            mark_run(run_dir)
     except BaseException:
         if newly_locked:
             unlock_run_dir(run_dir)
@@ -295,31 +296,41 @@ def is_marked_run(run_dir: str | Path) -> bool:
         return False
 
 
+def mark_run(run_dir: str | Path) -> None:
+    """Write the marker that makes `run_dir` a folder ensemble-kd made (`is_marked_run`)."""
+    write_text(Path(run_dir) / RUN_MARKER_FILE, RUN_MARKER_TEXT)
+
+
 def made_by_ensemble_kd(run_dir: str | Path) -> bool:
     """True when `run_dir`, without the marker (as runs made by older versions are), holds work ensemble-kd
-    made: a valid manifest.json and a model.pt or checkpoint.pt in a stage folder whose saved fingerprint
-    (a dict naming the data and the seed) only ensemble-kd writes."""
+    made: a valid manifest.json and a model.pt or checkpoint.pt (`work_files`) whose saved fingerprint (a dict
+    naming the data and the seed) only ensemble-kd writes."""
     run_dir = Path(run_dir)
     try:
         if not isinstance(json.loads((run_dir / MANIFEST_FILE).read_text()), dict):
             return False
     except (OSError, ValueError):
         return False
-    folders = [run_dir / GENERALIST_DIR, *(run_dir / name for name in STUDENT_DIRS)]
-    folders += sorted((run_dir / SPECIALISTS_DIR).glob("specialist_*")) if (run_dir / SPECIALISTS_DIR).is_dir() else []
-    for folder in folders:
-        for name in (MODEL_FILE, CHECKPOINT_FILE):
-            path = folder / name
-            if not path.is_file() or path.is_symlink():
-                continue
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception:  # noqa: BLE001 - anything torch cannot read is no proof
-                continue
-            fingerprint = saved.get("fingerprint") if isinstance(saved, dict) else None
-            if isinstance(fingerprint, dict) and "data" in fingerprint and "seed" in fingerprint:
-                return True
+    for path in work_files(run_dir):
+        try:
+            fingerprint = saved_fingerprint(path) if not path.is_symlink() else None
+        except ArtifactError:  # anything torch cannot read is no proof
+            continue
+        if isinstance(fingerprint, dict) and "data" in fingerprint and "seed" in fingerprint:
+            return True
     return False
+
+
+def work_files(run_dir: str | Path, folders: Sequence[str] = TRAINED_DIRS) -> list[Path]:
+    """Every model.pt and checkpoint.pt in `folders` of the run (finished and unfinished training)."""
+    return [p for folder in folders for p in sorted((Path(run_dir) / folder).rglob("*.pt"))
+            if p.name in (MODEL_FILE, CHECKPOINT_FILE)]
+
+
+def saved_fingerprint(path: str | Path) -> dict[str, Any]:
+    """The fingerprint of a model.pt or checkpoint.pt (empty if it has none), its weights left unread."""
+    saved = load_torch(path, mmap=True)
+    return saved.get("fingerprint", {}) if isinstance(saved, dict) else {}
 
 
 def foreign_entries(run_dir: str | Path) -> list[str]:

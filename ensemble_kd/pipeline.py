@@ -27,13 +27,13 @@ from .errors import DataError, plural
 from .evaluation import evaluate_run
 from .export import ONNX_EXTRA, export_run, missing_onnx_modules
 from .generalist import load_generalist, train_generalist
-from .models import build_model
+from .models import build_model, count_params
 from .parallel import DASK_EXTRA
 from .precision import autocast_dtype
 from .report import write_heatmap, write_report
-from .resume import STAGE_FOLDERS, check_resume, nonfinite_restarts, record_restarts, work_files
+from .resume import STAGE_FOLDERS, check_resume, nonfinite_restarts, record_restarts
 from .specialists import specialist_model_config, train_all_specialists
-from .train import resolve_device, saved_fingerprint
+from .train import resolve_device
 
 log = logging.getLogger(__name__)
 DATA_DIGEST = "data_digest"  # manifest.json: sha256 of the values of the data the run was made from
@@ -79,8 +79,8 @@ def check_work_data(run_dir: str | Path, data: Splits, root: str) -> None:
     from data.root = `root`), before anything is written: a resume with another data.root is refused here."""
     run_dir = Path(run_dir)
     expected = data.fingerprint()
-    for path in work_files(run_dir):
-        made_from = saved_fingerprint(path).get("data", expected)
+    for path in artifacts.work_files(run_dir):
+        made_from = artifacts.saved_fingerprint(path).get("data", expected)
         if made_from != expected:
             raise artifacts.ArtifactError(
                 f"{path} was made from other data than data.root = {root!r} holds (data fingerprint: file has "
@@ -106,10 +106,10 @@ def save_run_config(cfg: Config, run_dir: str | Path, data: Splits | None = None
     resume), and a run made by an older version (no marker) gets the marker."""
     run_dir = Path(run_dir)
     if artifacts.holds_lock(run_dir) and not artifacts.is_marked_run(run_dir):
-        artifacts.write_text(run_dir / artifacts.RUN_MARKER_FILE, artifacts.RUN_MARKER_TEXT)
+        artifacts.mark_run(run_dir)
     manifest_path = run_dir / artifacts.MANIFEST_FILE
     manifest = artifacts.read_json(manifest_path) if manifest_path.is_file() else {}
-    if data is not None and manifest.get(DATA_DIGEST) != data.content_digest() and not work_files(run_dir):
+    if data is not None and manifest.get(DATA_DIGEST) != data.content_digest() and not artifacts.work_files(run_dir):
         artifacts.write_json(manifest_path, {**manifest, DATA_DIGEST: data.content_digest()})
     path = run_dir / artifacts.CONFIG_FILE
     text = to_toml(cfg)
@@ -252,7 +252,7 @@ def _parameter_count(model: ModelConfig, data: Splits) -> str:
     try:
         with torch.device("meta"):
             built = build_model(model, data.input_shape, data.num_classes, data.mean, data.std)
-        return f"about {sum(p.numel() for p in built.parameters()):,}"
+        return f"about {count_params(built):,}"
     except Exception:  # noqa: BLE001 - the count is only for the message
         return "so many"
 

@@ -109,8 +109,7 @@ def _file_batches(path: str | Path, input_shape: list[int],
     """One file's examples as batches of float32 pixels in [0, 1] (a .npy file read batch by batch), and what
     was changed to fit the student."""
     path = _checked_path(path)
-    if path.suffix.lower() == ".npy":
-        _open_npy(path, list(input_shape))  # its errors before any prediction
+    if path.suffix.lower() == ".npy":  # its shape and dtype are checked when the first batch is read
         return _npy_batches(path, list(input_shape)), {}
     image, changes = _load_image(path, list(input_shape), max_pixels)
     return iter([image]), changes

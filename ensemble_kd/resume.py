@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _STAGE_OF_SECTION = {"clusters": "clusters", "specialists": "specialists", "ensemble": "ensemble",
                      "student": "student"}  # seed, data.* and generalist.* belong to the generalist
-_WORK_FILES = (artifacts.MODEL_FILE, artifacts.CHECKPOINT_FILE)
 # the stages that train models, and the folders that keep them (a resumed run reloads them)
 STAGE_FOLDERS = {"generalist": [artifacts.GENERALIST_DIR], "specialists": [artifacts.SPECIALISTS_DIR],
                  "student": list(artifacts.STUDENT_DIRS)}
@@ -65,7 +64,7 @@ def stages_with_work(run_dir: str | Path) -> dict[str, Path]:
     found = {}
     for stage, folders in STAGE_FOLDERS.items():
         for folder in folders:
-            files = [p for p in sorted((Path(run_dir) / folder).rglob("*.pt")) if p.name in _WORK_FILES]
+            files = artifacts.work_files(run_dir, [folder])
             if files:
                 found[stage] = files[0]
                 break
@@ -76,12 +75,6 @@ def changed_settings(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """{key: (old value, new value)} of every setting that differs."""
     before, after = flatten(old), flatten(new)
     return {key: (value, after[key]) for key, value in before.items() if after[key] != value}
-
-
-def work_files(run_dir: str | Path) -> list[Path]:
-    """Every model.pt and checkpoint.pt in the run's stage folders (finished and unfinished training)."""
-    return [p for folders in STAGE_FOLDERS.values() for folder in folders
-            for p in sorted((Path(run_dir) / folder).rglob("*.pt")) if p.name in _WORK_FILES]
 
 
 def nonfinite_failures(run_dir: str | Path, stage: str) -> list[Path]:

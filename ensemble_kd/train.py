@@ -291,12 +291,6 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], expected: dict[str, An
                             "directory, or --overwrite to replace this run")
 
 
-def saved_fingerprint(path: str | Path) -> dict[str, Any]:
-    """The fingerprint of a model.pt or checkpoint.pt (empty if it has none), its weights left unread."""
-    saved = artifacts.load_torch(path, mmap=True)
-    return saved.get("fingerprint", {}) if isinstance(saved, dict) else {}
-
-
 def load_finished(model: nn.Module, stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
     """Load `stage_dir/model.pt` into `model` if it exists; False when the stage has not finished."""
     path = Path(stage_dir) / artifacts.MODEL_FILE
